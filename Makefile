@@ -1,0 +1,34 @@
+# Two commands: `make run` sets everything up and trains FCE; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch goes in first, so that the project's `torch>=2.3` is already met and
+# pip never pulls a multi-GB CUDA build. Elsewhere, e.g. for a GPU:
+#   make setup TORCH_SPEC='torch' TORCH_INDEX=<your wheel index>
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+PIP_INDEX := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+
+.PHONY: setup run test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet '$(TORCH_SPEC)' $(PIP_INDEX)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip check
+	touch $@
+
+run: setup
+	$(PY) run.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(ARGS)
+
+lint: setup
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

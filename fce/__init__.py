@@ -1,0 +1,1 @@
+"""Flow Contrastive Estimation of energy-based models on 2-D data."""

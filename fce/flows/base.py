@@ -1,0 +1,81 @@
+"""The one interface every flow meets, and the pieces flows are built from."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    """log N(z; 0, I), summed over the last dimension."""
+    return -0.5 * (z.pow(2).sum(-1) + z.shape[-1] * _LOG_2PI)
+
+
+class Transform(nn.Module):
+    """An invertible map x -> z with the log |det| of its Jacobian, per row."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x -> z (the normalising direction) and log|det dz/dx|."""
+        raise NotImplementedError
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """z -> x (the sampling direction) and log|det dx/dz|."""
+        raise NotImplementedError
+
+
+class Flow(nn.Module):
+    """q_alpha(x): a standard normal base pushed through a stack of transforms.
+
+    ``forward`` maps data to noise, ``inverse`` maps noise to data; ``log_prob`` is exact and
+    ``sample_and_log_prob`` returns reparameterised samples with their log-density from the same
+    pass, so gradients flow through both the samples and log q.
+    """
+
+    def __init__(self, transforms: list[Transform], dim: int = 2) -> None:
+        super().__init__()
+        self.dim = dim
+        self.transforms = nn.ModuleList(transforms)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        log_det = x.new_zeros(x.shape[0])
+        for transform in self.transforms:
+            x, ld = transform(x)
+            log_det = log_det + ld
+        return x, log_det
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        log_det = z.new_zeros(z.shape[0])
+        for transform in reversed(self.transforms):
+            z, ld = transform.inverse(z)
+            log_det = log_det + ld
+        return z, log_det
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log q_alpha(x) = log N(f(x)) + log|det df/dx|."""
+        z, log_det = self.forward(x)
+        return standard_normal_log_prob(z) + log_det
+
+    def transform_noise(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """x~ = g(z) and log q_alpha(x~) = log N(z) - log|det dg/dz|, in one pass."""
+        x, log_det = self.inverse(z)
+        return x, standard_normal_log_prob(z) - log_det
+
+    def sample_and_log_prob(
+        self, n: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``n`` reparameterised samples and their log-density."""
+        ref = next(self.parameters())
+        z = torch.randn(n, self.dim, generator=generator, device=ref.device, dtype=ref.dtype)
+        return self.transform_noise(z)
+
+    @torch.no_grad()
+    def data_init(self, x: Tensor) -> None:
+        """Data-dependent initialisation (ActNorm) from a first batch; a no-op for most flows."""
+        for module in self.modules():
+            if hasattr(module, "init_from_data"):
+                module.init_pending = True
+        self.forward(x)

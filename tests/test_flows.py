@@ -1,0 +1,147 @@
+"""Property tests of every flow, in float64 (zuko's tests/test_flows.py is the model)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch.func import jacrev, vmap
+
+from fce.flows import FLOWS, MAF, Glow
+from fce.flows.base import standard_normal_log_prob
+
+SMALL = {"glow": dict(n_steps=3, width=16), "maf": dict(n_blocks=3, hidden=16)}
+
+
+def make_flow(name: str, small: bool = True) -> torch.nn.Module:
+    torch.manual_seed(0)
+    flow = FLOWS[name](**(SMALL[name] if small else {})).double()
+    # Data-dependent init on a non-standard batch, then perturb every parameter so no test
+    # passes by an identity or zero-initialised layer.
+    flow.data_init(1.5 * torch.randn(512, 2, dtype=torch.float64) + 0.3)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return flow
+
+
+@pytest.fixture(params=sorted(FLOWS))
+def flow(request):
+    return make_flow(request.param)
+
+
+def points(n: int = 64) -> torch.Tensor:
+    return 2 * torch.randn(n, 2, dtype=torch.float64)
+
+
+def test_reference_parameter_counts():
+    assert sum(p.numel() for p in Glow().parameters()) == 46_840
+    assert sum(p.numel() for p in MAF().parameters()) == 54_020
+
+
+def test_inverse_of_forward_is_identity(flow):
+    x = points()
+    z, log_det = flow(x)
+    x_back, log_det_back = flow.inverse(z)
+    torch.testing.assert_close(x_back, x, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(
+        log_det + log_det_back, torch.zeros_like(log_det), atol=1e-10, rtol=0
+    )
+
+
+def test_forward_of_inverse_is_identity(flow):
+    z = torch.randn(64, 2, dtype=torch.float64)
+    x, _ = flow.inverse(z)
+    torch.testing.assert_close(flow(x)[0], z, atol=1e-10, rtol=1e-10)
+
+
+def test_log_det_equals_autograd_jacobian(flow):
+    x = points(16)
+    jac = vmap(jacrev(lambda row: flow(row[None])[0][0]))(x)
+    _, log_det = flow(x)
+    torch.testing.assert_close(
+        log_det, torch.linalg.slogdet(jac).logabsdet, atol=1e-10, rtol=1e-10
+    )
+    z = torch.randn(16, 2, dtype=torch.float64)
+    jac_inv = vmap(jacrev(lambda row: flow.inverse(row[None])[0][0]))(z)
+    _, log_det_inv = flow.inverse(z)
+    torch.testing.assert_close(
+        log_det_inv, torch.linalg.slogdet(jac_inv).logabsdet, atol=1e-10, rtol=1e-10
+    )
+
+
+def test_sample_log_prob_equals_log_prob_of_the_sample(flow):
+    x, log_q = flow.sample_and_log_prob(128, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(log_q, flow.log_prob(x), atol=1e-10, rtol=1e-10)
+
+
+def test_log_prob_is_a_density(flow):
+    # Integrates to ~1 over a wide grid (samples stay within it for these small flows).
+    cells, limit = 400, 12.0
+    width = 2 * limit / cells
+    axis = -limit + width * (torch.arange(cells, dtype=torch.float64) + 0.5)
+    with torch.no_grad():
+        mass = flow.log_prob(torch.cartesian_prod(axis, axis)).exp().sum() * width**2
+    assert mass.item() == pytest.approx(1.0, abs=2e-2)
+
+
+def test_gradients_reach_every_parameter_through_samples_and_log_prob(flow):
+    x, log_q = flow.sample_and_log_prob(64)
+    loss = log_q.mean() + x.pow(2).mean() + flow.log_prob(points()).mean()
+    loss.backward()
+    for name, p in flow.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_state_dict_round_trip(flow):
+    buffer = io.BytesIO()
+    torch.save(flow.state_dict(), buffer)
+    buffer.seek(0)
+    name = "glow" if isinstance(flow, Glow) else "maf"
+    other = FLOWS[name](**SMALL[name]).double()
+    other.load_state_dict(torch.load(buffer))
+    x = points()
+    torch.testing.assert_close(other.log_prob(x), flow.log_prob(x), atol=0, rtol=0)
+
+
+def test_base_log_prob_is_standard_normal():
+    z = torch.randn(10, 2, dtype=torch.float64)
+    expected = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+    torch.testing.assert_close(standard_normal_log_prob(z), expected)
+
+
+def test_glow_actnorm_data_init_standardises_the_first_batch():
+    torch.manual_seed(0)
+    flow = Glow(n_steps=1, width=8).double()
+    x = 3 * torch.randn(4096, 2, dtype=torch.float64) + torch.tensor([1.0, -2.0])
+    flow.data_init(x)
+    actnorm = flow.transforms[0]
+    y, _ = actnorm(x)
+    torch.testing.assert_close(y.mean(0), torch.zeros(2, dtype=torch.float64), atol=1e-10, rtol=0)
+    # ActNorm adds 1e-6 to the std so that a constant feature cannot divide by zero.
+    torch.testing.assert_close(
+        y.std(0, unbiased=False), torch.ones(2, dtype=torch.float64), rtol=1e-5, atol=0
+    )
+    assert not actnorm.init_pending
+
+
+def test_maf_is_autoregressive_in_alternating_orders():
+    flow = make_flow("maf")
+    x = points(4)
+    for k, block in enumerate(flow.transforms):
+        jac = vmap(jacrev(lambda row, b=block: b(row[None])[0][0]))(x)
+        # Block 0 has order (0, 1): u_0 depends on x_0 only. Block 1 the reverse.
+        first, second = (0, 1) if k % 2 == 0 else (1, 0)
+        assert torch.all(jac[:, first, second] == 0)
+        assert torch.all(jac[:, second, first] != 0)
+
+
+def test_maf_log_scale_is_bounded():
+    flow = MAF(n_blocks=1, hidden=8, scale_bound=2.0).double()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.mul_(1e3)
+    _, log_det = flow(points(256))
+    assert log_det.abs().max() <= 2 * 2.0 + 1e-9

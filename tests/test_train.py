@@ -1,0 +1,175 @@
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from fce.data import get_dataset, make_generator
+from fce.ebm import EBM
+from fce.flows import FLOWS
+from fce.metrics import Evaluator, Grid
+from fce.threshold import EMAThreshold, FixedThreshold
+from fce.tracking import MemoryTracker
+from fce.train import DivergenceError, FCETrainer, LoopSettings
+
+SMALL = {"glow": dict(n_steps=2, width=16), "maf": dict(n_blocks=2, hidden=16)}
+
+
+def make_trainer(
+    flow_name: str = "glow",
+    seed: int = 0,
+    steps: int = 40,
+    n: int = 2000,
+    batch: int = 100,
+    rule=None,
+    tracker=None,
+    lr: float = 1e-3,
+) -> FCETrainer:
+    torch.manual_seed(seed)
+    ds = get_dataset("8gaussians")
+    data = ds.sample(n, make_generator(seed, "train"))
+    evaluator = Evaluator(ds, ds.sample(500, make_generator(0, "eval")), Grid.make(cells=32))
+    ebm = EBM(hidden=(32, 32))
+    flow = FLOWS[flow_name](**SMALL[flow_name])
+    return FCETrainer(
+        ebm,
+        flow,
+        torch.optim.Adam(ebm.parameters(), lr),
+        torch.optim.Adam(flow.parameters(), lr),
+        data,
+        evaluator,
+        LoopSettings(batch_size=batch, epochs=100, max_steps=steps, eval_every=10, seed=seed),
+        rule=rule,
+        tracker=tracker,
+    )
+
+
+def params(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def fixed_batch(trainer: FCETrainer) -> tuple[torch.Tensor, torch.Tensor]:
+    x = trainer.data[:100]
+    return x, torch.randn(100, 2, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("flow_name", sorted(FLOWS))
+def test_ebm_step_raises_value_and_touches_only_the_ebm(flow_name):
+    trainer = make_trainer(flow_name)
+    trainer.flow.data_init(trainer.data[:100])
+    x, z = fixed_batch(trainer)
+    before, flow_before = trainer.score(x, z)[0], params(trainer.flow)
+    trainer._ebm_step(x, z)
+    assert trainer.score(x, z)[0] > before
+    assert all(torch.equal(a, b) for a, b in zip(flow_before, params(trainer.flow)))
+    assert all(p.grad is None for p in trainer.flow.parameters())
+
+
+@pytest.mark.parametrize("flow_name", sorted(FLOWS))
+def test_flow_step_lowers_value_and_touches_only_the_flow(flow_name):
+    trainer = make_trainer(flow_name)
+    trainer.flow.data_init(trainer.data[:100])
+    x, z = fixed_batch(trainer)
+    before, ebm_before = trainer.score(x, z)[0], params(trainer.ebm)
+    trainer._flow_step(x, z)
+    assert trainer.score(x, z)[0] < before
+    assert all(torch.equal(a, b) for a, b in zip(ebm_before, params(trainer.ebm)))
+    assert all(p.grad is None for p in trainer.ebm.parameters())
+    assert all(p.requires_grad for p in trainer.ebm.parameters())
+
+
+def test_game_starts_with_the_ebm_and_follows_the_threshold():
+    tracker = MemoryTracker()
+    trainer = make_trainer(rule=FixedThreshold(0.45), tracker=tracker, steps=60, lr=1e-2)
+    trainer.run()
+    acc = tracker.history["acc"][1]
+    trained_ebm = tracker.history["trained_ebm"][1]
+    assert len(acc) == len(trained_ebm) == 60
+    assert trained_ebm[0] == 1.0
+    for t in range(59):
+        assert trained_ebm[t + 1] == float(acc[t] <= 0.45)
+    assert 0 < sum(trained_ebm) < 60  # both players moved
+    assert trainer.flow_step_share == pytest.approx(1 - sum(trained_ebm) / 60)
+
+
+def test_evaluations_are_logged_at_their_steps():
+    tracker = MemoryTracker()
+    make_trainer(tracker=tracker, steps=35).run()
+    assert tracker.history["nll_ebm"][0] == [0, 10, 20, 30, 35]
+    assert tracker.history["mse_logp"][0] == [0, 10, 20, 30, 35]
+    assert tracker.history["value"][0] == list(range(1, 36))
+    assert "curves.png" in tracker.figures
+    assert "densities/step_0000035.png" in tracker.figures
+
+
+@pytest.mark.parametrize("flow_name", sorted(FLOWS))
+def test_same_seed_same_run(flow_name):
+    a, b = make_trainer(flow_name), make_trainer(flow_name)
+    out_a, out_b = a.run(), b.run()
+    assert out_a == out_b
+    assert a.history.history["value"] == b.history.history["value"]
+    assert all(torch.equal(p, q) for p, q in zip(params(a.flow), params(b.flow)))
+    c = make_trainer(flow_name, seed=1)
+    assert c.run() != out_a
+
+
+@pytest.mark.parametrize("rule", [FixedThreshold, EMAThreshold])
+def test_resume_from_a_checkpoint_is_bit_identical(rule):
+    full = make_trainer(rule=rule(0.6), steps=50)
+    full_metrics = full.run()
+
+    saved: dict[int, bytes] = {}
+
+    def keep(trainer: FCETrainer) -> None:
+        buffer = io.BytesIO()
+        torch.save(trainer.state_dict(), buffer)
+        saved[trainer.step] = buffer.getvalue()
+
+    make_trainer(rule=rule(0.6), steps=50).run(on_checkpoint=keep, checkpoint_every=17)
+    assert sorted(saved) == [17, 34, 50]
+
+    resumed = make_trainer(seed=0, rule=rule(0.6), steps=50)
+    torch.manual_seed(999)  # a different global RNG must not matter
+    resumed.load_state_dict(torch.load(io.BytesIO(saved[34])))
+    assert resumed.run() == full_metrics
+    assert resumed.history.history["value"] == full.history.history["value"]
+    assert all(torch.equal(p, q) for p, q in zip(params(resumed.ebm), params(full.ebm)))
+
+
+def test_batch_larger_than_data_is_rejected():
+    with pytest.raises(ValueError, match=r"train.batch_size=300.*200 points"):
+        make_trainer(n=200, batch=300)
+
+
+def test_total_steps_counts_whole_batches_per_epoch():
+    trainer = make_trainer(n=1050, batch=100, steps=None)
+    assert trainer.batches_per_epoch == 10
+    assert trainer.total_steps == 100 * 10
+
+
+def test_epoch_reshuffles_and_covers_the_data():
+    trainer = make_trainer(n=1000, batch=100)
+    epoch0 = torch.cat([trainer._batch(s) for s in range(10)])
+    epoch1 = torch.cat([trainer._batch(s) for s in range(10, 20)])
+    assert torch.equal(epoch0.sort(0).values, trainer.data.sort(0).values)
+    assert not torch.equal(epoch0, epoch1)
+
+
+def test_divergence_is_caught_at_the_step_it_happens():
+    trainer = make_trainer(steps=30)
+    trainer.run()
+    trainer.total_steps = 40
+    with torch.no_grad():
+        next(trainer.ebm.parameters()).fill_(float("nan"))
+    with pytest.raises(DivergenceError, match="diverged at step 31: the FCE value"):
+        trainer.run()
+
+
+def test_state_dict_is_a_deep_snapshot():
+    trainer = make_trainer(steps=10)
+    trainer.run()
+    state = copy.deepcopy(trainer.state_dict())
+    assert state["step"] == 10
+    assert set(state) >= {"ebm", "flow", "opt_ebm", "opt_flow", "rule", "train_ebm_next"}
