@@ -66,3 +66,106 @@ class MemoryTracker:
 
     def last(self, name: str) -> float:
         return self.history[name][1][-1]
+
+
+def default_tracking_uri(project_root: Path) -> str:
+    """The project's store: an absolute SQLite URI, whatever the working directory."""
+    return f"sqlite:///{(project_root / 'mlflow.db').resolve()}"
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"dataset.name": "8gaussians", ...}; MLflow would stringify dicts."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = "null" if value is None else str(value)
+    return flat
+
+
+class MLflowTracker:
+    """One MLflow run, written through ``MlflowClient`` (no fluent global state, so it is safe
+    in parallel processes), metrics in batches. The only module that imports mlflow.
+    """
+
+    _BATCH = 1000  # MLflow's limit of metrics per log_batch call
+
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        run_name: str | None = None,
+        run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri)
+        if run_id is not None:
+            # Resume: the same run continues; it must exist in this store.
+            self.run_id = self.client.get_run(run_id).info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            experiment_id = self._experiment_id(uri, experiment)
+            run = self.client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
+            self.run_id = run.info.run_id
+        if tags and run_id is not None:
+            self.set_tags(tags)
+
+    def _experiment_id(self, uri: str, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if uri.startswith("sqlite:///"):
+            # Artifacts beside the database, not in the working directory.
+            root = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+            location = (root / name).as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            # Another process created it between our lookup and our create.
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self.log_history([step], {name: [value] for name, value in metrics.items()})
+
+    def log_history(self, steps: Sequence[int], metrics: Mapping[str, Sequence[float]]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        rows = [
+            Metric(name, float(value), now, int(step))
+            for name, values in metrics.items()
+            for step, value in zip(steps, values, strict=True)
+        ]
+        for start in range(0, len(rows), self._BATCH):
+            self.client.log_batch(self.run_id, metrics=rows[start : start + self._BATCH])
+
+    def log_figure(self, figure: Figure, name: str) -> None:
+        self.client.log_figure(self.run_id, figure, name)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, status: str) -> None:
+        """FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(self.run_id, status=status)

@@ -1,0 +1,298 @@
+"""One FCE run from a validated config: build, track, train, checkpoint, and end cleanly.
+
+The entry points (run.py, the sweep driver) compose and validate the config and pass it here
+with the run's output directory; nothing here reads Hydra's global state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fce import checkpoint
+from fce.config import ConfigError
+from fce.data import get_dataset, make_generator
+from fce.ebm import EBM
+from fce.metrics import Evaluator, Grid
+from fce.threshold import THRESHOLD_RULES
+from fce.tracking import MLflowTracker, default_tracking_uri, flatten
+from fce.train import DivergenceError, FCETrainer, LoopSettings
+
+log = logging.getLogger("fce")
+
+# Keys that define the models, the data and the randomness: a checkpoint resumes only a run
+# that agrees on all of them (epochs, max_steps, eval and logging settings may change).
+RESUME_KEYS = (
+    "dataset",
+    "flow",
+    "ebm",
+    "seed",
+    "optimizer.name",
+    "threshold.name",
+    "train.batch_size",
+    "eval",
+)
+
+
+class RunInterrupted(BaseException):
+    """SIGINT or SIGTERM arrived; carries the exit code the shell expects (130 or 143)."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__(exit_code)
+        self.exit_code = exit_code
+
+
+@dataclass
+class RunContext:
+    """What the entry point knows and the run needs: where things go and how it was called."""
+
+    output_dir: Path
+    project_root: Path
+    overrides: list[str] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda': no CUDA GPU is available here; use device=cpu or auto")
+    return torch.device(name)
+
+
+def git_commit(root: Path) -> str:
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+def _select(cfg: DictConfig, key: str) -> Any:
+    value = OmegaConf.select(cfg, key)
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def load_resume(cfg: DictConfig) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint named by ``train.resume``, checked against this run's config."""
+    if cfg.train.resume is None:
+        return None
+    try:
+        path, state, warnings = checkpoint.resolve(Path(cfg.train.resume).expanduser())
+    except checkpoint.CheckpointError as error:
+        raise ConfigError(f"train.resume={cfg.train.resume}: {error}") from None
+    for warning in warnings:
+        log.warning(warning)
+    saved = OmegaConf.create(state["config"])
+    for key in RESUME_KEYS:
+        if _select(saved, key) != _select(cfg, key):
+            raise ConfigError(
+                f"train.resume={cfg.train.resume}: the checkpoint has {key}="
+                f"{_select(saved, key)}, this run {key}={_select(cfg, key)}; they must match"
+            )
+    return path, state
+
+
+@contextlib.contextmanager
+def interrupts_as_exceptions() -> Iterator[None]:
+    """SIGINT/SIGTERM -> RunInterrupted, so the run can checkpoint and mark itself KILLED."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise RunInterrupted(128 + signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def build_trainer(cfg: DictConfig, device: torch.device) -> FCETrainer:
+    """The models, optimisers, data and evaluator of ``cfg``, on ``device``."""
+    dataset = get_dataset(cfg.dataset.name)
+    train_data = dataset.sample(cfg.dataset.n_samples, make_generator(cfg.seed, "train"))
+    eval_points = dataset.sample(cfg.eval.n_points, make_generator(cfg.eval.seed, "eval"))
+    grid = Grid.make(cfg.eval.grid_limit, cfg.eval.grid_cells, device=device)
+    evaluator = Evaluator(dataset, eval_points.to(device), grid)
+
+    torch.manual_seed(cfg.seed)  # parameter initialisation only; data and noise have streams
+    ebm = EBM(
+        hidden=list(cfg.ebm.hidden),
+        negative_slope=cfg.ebm.negative_slope,
+        log_z_init=cfg.ebm.log_z_init,
+    ).to(device)
+    flow_kwargs = {k: v for k, v in cfg.flow.items() if k != "name"}
+    flow = instantiate(flow_kwargs).to(device)
+    optimizer_kwargs = {
+        k: v for k, v in cfg.optimizer.items() if k not in ("name", "lr_ebm", "lr_flow")
+    }
+    make_optimizer = instantiate(optimizer_kwargs, betas=tuple(cfg.optimizer.betas))
+    opt_ebm = make_optimizer(ebm.parameters(), lr=cfg.optimizer.lr_ebm)
+    opt_flow = make_optimizer(flow.parameters(), lr=cfg.optimizer.lr_flow)
+
+    threshold = {k: v for k, v in cfg.threshold.items() if k != "name"}
+    rule = THRESHOLD_RULES[cfg.threshold.name](**threshold)
+    settings = LoopSettings(
+        batch_size=cfg.train.batch_size,
+        epochs=cfg.train.epochs,
+        max_steps=cfg.train.max_steps,
+        eval_every=cfg.train.eval_every,
+        plot_every=cfg.train.plot_every,
+        seed=cfg.seed,
+    )
+    return FCETrainer(
+        ebm, flow, opt_ebm, opt_flow, train_data.to(device), evaluator, settings, rule
+    )
+
+
+def run(cfg: DictConfig, context: RunContext) -> dict[str, float]:
+    """Train FCE as ``cfg`` says, logged to MLflow; return the final metrics.
+
+    Raises:
+        ConfigError: bad input found after composition (device, resume); no run is created.
+        DivergenceError: a non-finite value; the run is marked FAILED, checkpoints kept.
+        RunInterrupted: SIGINT/SIGTERM; a checkpoint is written and the run marked KILLED.
+    """
+    started = time.perf_counter()
+    resume = load_resume(cfg)
+    torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    trainer = build_trainer(cfg, device)
+    # A resumed run keeps writing into the directory it started in.
+    output_dir = resume[0].parent.parent if resume else context.output_dir
+    checkpoint_dir = output_dir / "checkpoints"
+    if resume:
+        trainer.load_state_dict(resume[1]["trainer"])
+        log.info("resuming from %s at step %d", resume[0], trainer.step)
+
+    uri = cfg.tracking.uri or default_tracking_uri(context.project_root)
+    tags = {
+        "git_commit": git_commit(context.project_root),
+        "overrides": " ".join(context.overrides),
+        "device": str(device),
+        "output_dir": str(output_dir),
+        **context.tags,
+    }
+    tracker = MLflowTracker(
+        uri,
+        cfg.tracking.experiment,
+        run_name=cfg.tracking.run_name or f"{cfg.dataset.name}-{cfg.flow.name}-s{cfg.seed}",
+        run_id=resume[1]["mlflow_run_id"] if resume else None,
+        tags=tags,
+    )
+    trainer.tracker = tracker
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    status = "FAILED"
+    try:
+        if not resume:
+            tracker.log_params(flatten(resolved))
+            config_file = output_dir / "config.yaml"
+            output_dir.mkdir(parents=True, exist_ok=True)
+            config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            tracker.log_artifact(config_file)
+
+        def save_checkpoint(t: FCETrainer) -> Path:
+            state = {
+                "trainer": t.state_dict(),
+                "config": resolved,
+                "mlflow_run_id": tracker.run_id,
+            }
+            return checkpoint.save(state, checkpoint_dir, t.step)
+
+        progress = Progress(cfg.progress, trainer.total_steps, trainer.step)
+        with interrupts_as_exceptions():
+            try:
+                final = trainer.run(
+                    on_checkpoint=save_checkpoint,
+                    checkpoint_every=cfg.train.checkpoint_every,
+                    on_step=progress.update,
+                )
+            except RunInterrupted:
+                status = "KILLED"
+                path = save_checkpoint(trainer)
+                log.warning("interrupted at step %d; checkpoint %s", trainer.step, path)
+                raise
+            finally:
+                progress.close()
+        final_path = checkpoint.list_checkpoints(checkpoint_dir)[-1]
+        tracker.log_artifact(final_path, "checkpoints")
+        tracker.log_metrics({"wall_time_s": time.perf_counter() - started}, trainer.step)
+        status = "FINISHED"
+        return final
+    except DivergenceError as error:
+        log.error("%s; last good checkpoint kept in %s", error, checkpoint_dir)
+        raise
+    finally:
+        tracker.finish(status)
+
+
+class Progress:
+    """A tqdm bar on a terminal, plain log lines otherwise (or nothing)."""
+
+    def __init__(self, mode: str, total: int, start: int) -> None:
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "log"
+        self.mode = mode
+        self.total = total
+        self.bar = None
+        self.every = max(1, total // 20)
+        self.last_time = time.perf_counter()
+        self.last_step = start
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, value: float, accuracy: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if step % 10 == 0:
+                self.bar.set_postfix(acc=f"{accuracy:.3f}", value=f"{value:.4f}", refresh=False)
+        elif self.mode == "log" and (step % self.every == 0 or step == self.total):
+            now = time.perf_counter()
+            rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+            eta = (self.total - step) / rate if rate > 0 else math.inf
+            log.info(
+                "step %d/%d  acc %.3f  value %.4f  %.0f steps/s  eta %.0fs",
+                step,
+                self.total,
+                accuracy,
+                value,
+                rate,
+                eta,
+            )
+            self.last_time, self.last_step = now, step
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

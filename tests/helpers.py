@@ -1,0 +1,67 @@
+"""Shared helpers of the end-to-end tests: run the real commands against a temp MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A run of a few seconds that still exercises every part: evals, panels, checkpoints.
+TINY = [
+    "dataset.n_samples=5000",
+    "train.batch_size=100",
+    "train.max_steps=60",
+    "train.eval_every=20",
+    "train.plot_every=40",
+    "train.checkpoint_every=20",
+    "eval.n_points=1000",
+    "eval.grid_cells=32",
+    "ebm.hidden=[32,32]",
+    "progress=log",
+]
+TINY_FLOW = {
+    "glow": ["flow.n_steps=2", "flow.width=16"],
+    "maf": ["flow.n_blocks=2", "flow.hidden=16"],
+}
+
+
+def store_uri(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def run_cli(
+    args: list[str], cwd: Path, timeout: float = 300, script: str = "run.py"
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def start_cli(args: list[str], cwd: Path, script: str = "run.py") -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def runs(uri: str, experiment: str = "fce"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return client, []
+    return client, client.search_runs([found.experiment_id], max_results=1000)

@@ -1,0 +1,93 @@
+"""Every option of every config group composes, validates and builds (lightning-hydra style)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from fce.cli import group_options
+from fce.config import DATASET_NAMES, FLOW_NAMES, ConfigError, register_configs, validate
+from fce.experiment import build_trainer
+from tests.helpers import ROOT, TINY, TINY_FLOW
+
+CONF = ROOT / "conf"
+register_configs()
+
+
+def compose_cfg(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def test_groups_hold_exactly_the_documented_options():
+    assert group_options(CONF, "dataset") == sorted(DATASET_NAMES)
+    assert group_options(CONF, "flow") == sorted(FLOW_NAMES)
+    assert "adam" in group_options(CONF, "optimizer")
+    assert {"fixed", "ema"} <= set(group_options(CONF, "threshold"))
+    assert "reference" in group_options(CONF, "experiment")
+
+
+def test_defaults_are_the_reference_values():
+    cfg = compose_cfg([])
+    validate(cfg)
+    assert (cfg.dataset.name, cfg.flow.name, cfg.threshold.name) == ("8gaussians", "glow", "fixed")
+    assert cfg.seed == 42 and cfg.train.batch_size == 1000 and cfg.dataset.n_samples == 500_000
+    assert (cfg.optimizer.lr_ebm, cfg.optimizer.lr_flow) == (1e-3, 7e-4)
+    assert list(cfg.optimizer.betas) == [0.9, 0.999] and cfg.threshold.value == 0.6
+    assert cfg.device == "auto" and cfg.threads == 1
+    for key in (
+        "train.epochs",
+        "train.max_steps",
+        "train.eval_every",
+        "train.checkpoint_every",
+        "train.resume",
+        "tracking.uri",
+        "tracking.experiment",
+    ):
+        assert OmegaConf.select(cfg, key, default="absent") != "absent", key
+
+
+def test_reference_experiment_pins_100_epochs():
+    cfg = compose_cfg(["experiment=reference"])
+    assert cfg.train.epochs == 100 and cfg.flow.n_steps == 10 and cfg.flow.width == 64
+
+
+GROUP_OPTIONS = [
+    (group, option)
+    for group in ("dataset", "flow", "optimizer", "threshold", "experiment")
+    for option in group_options(CONF, group)
+]
+
+
+@pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
+def test_every_option_composes_validates_and_builds(group, option):
+    flow = option if group == "flow" else "glow"
+    cfg = compose_cfg([f"{group}={option}", *TINY, *TINY_FLOW[flow], "device=cpu"])
+    validate(cfg)
+    trainer = build_trainer(cfg, torch.device("cpu"))
+    assert trainer.data.shape == (cfg.dataset.n_samples, 2)
+    assert type(trainer.flow).__name__.lower() == cfg.flow.name
+    assert type(trainer.opt_ebm).__name__.lower() == cfg.optimizer.name
+    assert trainer.opt_flow.param_groups[0]["lr"] == cfg.optimizer.lr_flow
+    assert trainer.rule.name == cfg.threshold.name
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("threshold.value=0", r"threshold.value=0.0: must be in \(0, 1\)"),
+        ("optimizer.lr_ebm=-1", r"optimizer.lr_ebm=-1.0: must be a positive number"),
+        ("train.batch_size=0", r"train.batch_size=0: must be a positive integer"),
+        ("dataset.n_samples=10", r"train.batch_size=1000: larger than dataset.n_samples=10"),
+        ("dataset.name=moons", r"dataset.name='moons': unknown; choose one of"),
+        ("device=tpu", r"device='tpu': unknown; choose one of: auto, cpu, cuda"),
+        ("threads=0", r"threads=0: must be a positive integer"),
+    ],
+)
+def test_validation_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_cfg([override]))

@@ -1,0 +1,161 @@
+"""run.py end to end, in a temp dir against a temp MLflow store: what was logged, not only
+the exit code."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import TINY, TINY_FLOW, run_cli, runs, start_cli, store_uri
+
+
+def tiny(tmp_path: Path, flow: str = "glow", *extra: str) -> list[str]:
+    return [f"flow={flow}", *TINY, *TINY_FLOW[flow], f"tracking.uri={store_uri(tmp_path)}", *extra]
+
+
+@pytest.mark.parametrize("flow", ["glow", "maf"])
+def test_run_logs_params_metrics_artifacts_and_finishes(tmp_path, flow):
+    result = run_cli(tiny(tmp_path, flow, "dataset=checkerboard"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    client, found = runs(store_uri(tmp_path))
+    assert len(found) == 1
+    run = found[0]
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["dataset.name"] == "checkerboard"
+    assert params["flow.name"] == flow
+    assert params["threshold.value"] == "0.6"
+    assert params["optimizer.lr_ebm"] == "0.001"
+    assert params["train.max_steps"] == "60"
+    assert run.data.tags["git_commit"]
+    assert "dataset=checkerboard" in run.data.tags["overrides"]
+
+    def history(name):
+        return [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, name)]
+
+    assert [s for s, _ in history("value")] == list(range(1, 61))
+    assert len(history("acc")) == len(history("trained_ebm")) == 60
+    assert history("trained_ebm")[0] == (1, 1.0)  # the game starts with the EBM
+    for name in ("nll_ebm", "nll_flow", "logz_gap", "mse_logp", "kl_data_ebm"):
+        assert [s for s, _ in history(name)] == [0, 20, 40, 60], name
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "curves.png", "densities", "checkpoints"} <= artifacts
+    panels = {a.path for a in client.list_artifacts(run.info.run_id, "densities")}
+    assert panels == {"densities/step_0000040.png", "densities/step_0000060.png"}
+    ckpts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
+    assert ckpts == ["checkpoints/step_0000060.pt"]
+
+
+def test_datasets_without_density_log_model_metrics_only(tmp_path):
+    result = run_cli(tiny(tmp_path, "glow", "dataset=spiral"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    client, (run,) = runs(store_uri(tmp_path))
+    assert {"nll_ebm", "nll_flow", "logz_gap"} <= set(run.data.metrics)
+    assert "mse_logp" not in run.data.metrics
+
+
+BAD_INPUTS = [
+    (["dataset=moons"], "dataset=moons: unknown dataset; choose one of"),
+    (["flow=realnvp"], "flow=realnvp: unknown flow; choose one of: glow, maf"),
+    (["optimizer=sgdx"], "optimizer=sgdx: unknown optimizer"),
+    (["threshold=median"], "threshold=median: unknown threshold"),
+    (["train.batch_size=abc"], "train.batch_size=abc"),
+    (["threshold.value=1.5"], "threshold.value=1.5: must be in (0, 1)"),
+    (["optimizer.lr_flow=0"], "optimizer.lr_flow=0.0: must be a positive number"),
+    (["train.batch_size=-5"], "train.batch_size=-5: must be a positive integer"),
+    (["dataset.n_samples=0"], "dataset.n_samples=0: must be a positive integer"),
+    (["dataset.n_samples=500"], "train.batch_size=1000: larger than dataset.n_samples=500"),
+    (["train.resume=/nonexistent/run"], "train.resume=/nonexistent/run"),
+    (["device=cuda"], "device='cuda': no CUDA GPU is available"),
+    (["train.bogus=1"], "train.bogus"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS)
+def test_bad_input_is_one_line_nonzero_and_leaves_no_run(tmp_path, args, message):
+    if args == ["device=cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: device=cuda is valid here")
+    result = run_cli([*args, f"tracking.uri={store_uri(tmp_path)}"], cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and message in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+    _, found = runs(store_uri(tmp_path))
+    assert found == []
+
+
+def _run_dir(tmp_path: Path) -> Path:
+    (run_dir,) = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    return run_dir
+
+
+def _wait_for(path_glob, root: Path, proc, timeout: float = 120) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        hits = sorted(root.glob(path_glob))
+        if hits:
+            return hits[0]
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"{path_glob} never appeared")
+
+
+SLOW_TINY = ["train.max_steps=400", "train.eval_every=100", "train.checkpoint_every=100"]
+
+
+def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path):
+    reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
+    reference_dir.mkdir(), killed_dir.mkdir()
+    args = [*tiny(tmp_path), *SLOW_TINY]
+    assert run_cli([*args, "tracking.experiment=ref"], cwd=reference_dir).returncode == 0
+
+    proc = start_cli([*args, "tracking.experiment=resumed"], cwd=killed_dir)
+    _wait_for("outputs/*/*/checkpoints/step_0000200.pt", killed_dir, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_dir = _run_dir(killed_dir)
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+    result = run_cli([*args, "tracking.experiment=resumed", f"train.resume={run_dir}"], killed_dir)
+    assert result.returncode == 0, result.stderr
+    client, (ref,) = runs(store_uri(tmp_path), "ref")
+    _, resumed_runs = runs(store_uri(tmp_path), "resumed")
+    assert len(resumed_runs) == 1  # the resumed run logs into the same MLflow run
+    resumed = resumed_runs[0]
+    assert resumed.info.status == "FINISHED"
+    for name in ("nll_ebm", "nll_flow", "logz_gap", "mse_logp", "kl_data_ebm", "value", "acc"):
+        assert resumed.data.metrics[name] == pytest.approx(ref.data.metrics[name], abs=1e-6)
+    resumed_values = {
+        m.step: m.value for m in client.get_metric_history(resumed.info.run_id, "value")
+    }
+    ref_values = {m.step: m.value for m in client.get_metric_history(ref.info.run_id, "value")}
+    assert resumed_values == ref_values
+
+
+def test_sigint_marks_killed_writes_a_checkpoint_and_exits_130(tmp_path):
+    proc = start_cli(
+        [*tiny(tmp_path), "train.max_steps=100000", "train.checkpoint_every=0"], tmp_path
+    )
+    _wait_for("outputs/*/*/config.yaml", tmp_path, proc)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    _, (run,) = runs(store_uri(tmp_path))
+    assert run.info.status == "KILLED"
+    assert list((_run_dir(tmp_path) / "checkpoints").glob("step_*.pt"))
+
+
+def test_resume_rejects_a_checkpoint_of_another_run(tmp_path):
+    assert run_cli(tiny(tmp_path), cwd=tmp_path).returncode == 0
+    run_dir = _run_dir(tmp_path)
+    result = run_cli([*tiny(tmp_path), "seed=7", f"train.resume={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "the checkpoint has seed=42, this run seed=7" in result.stderr
+    _, found = runs(store_uri(tmp_path))
+    assert [r.info.status for r in found] == ["FINISHED"]
