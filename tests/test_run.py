@@ -53,7 +53,7 @@ def test_run_logs_params_metrics_artifacts_and_finishes(tmp_path, flow):
 def test_datasets_without_density_log_model_metrics_only(tmp_path):
     result = run_cli(tiny(tmp_path, "glow", "dataset=spiral"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    client, (run,) = runs(store_uri(tmp_path))
+    _, (run,) = runs(store_uri(tmp_path))
     assert {"nll_ebm", "nll_flow", "logz_gap"} <= set(run.data.metrics)
     assert "mse_logp" not in run.data.metrics
 
