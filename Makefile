@@ -24,8 +24,10 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(PY) run.py $(ARGS)
 
+# Every test, the slow ones too (about 10 minutes on 2 cores). `.venv/bin/pytest` alone runs
+# the fast default suite (about 3 minutes).
 test: setup
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -m "slow or not slow" $(ARGS)
 
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

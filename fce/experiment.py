@@ -229,6 +229,14 @@ def run(cfg: DictConfig, context: RunContext) -> dict[str, float]:
             }
             return checkpoint.save(state, checkpoint_dir, t.step)
 
+        log.info(
+            "ready in %.1fs: %s on %s, %s steps, MLflow run %s",
+            time.perf_counter() - started,
+            cfg.flow.name,
+            cfg.dataset.name,
+            trainer.total_steps,
+            tracker.run_id,
+        )
         progress = Progress(cfg.progress, trainer.total_steps, trainer.step)
         with interrupts_as_exceptions():
             try:
@@ -248,6 +256,12 @@ def run(cfg: DictConfig, context: RunContext) -> dict[str, float]:
         tracker.log_artifact(final_path, "checkpoints")
         tracker.log_metrics({"wall_time_s": time.perf_counter() - started}, trainer.step)
         status = "FINISHED"
+        log.info(
+            "finished %d steps in %.0fs: %s",
+            trainer.step,
+            time.perf_counter() - started,
+            "  ".join(f"{k} {v:.4g}" for k, v in final.items()),
+        )
         return final
     except DivergenceError as error:
         log.error("%s; last good checkpoint kept in %s", error, checkpoint_dir)
