@@ -34,9 +34,8 @@ def main(cfg: DictConfig) -> float:
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode.name == "MULTIRUN"
-    tags = (
-        {"sweep_dir": hydra_cfg.sweep.dir, "job_num": str(hydra_cfg.job.num)} if multirun else {}
-    )
+    # A grid's runs share its sweep_id, so MLflow and pandas can group them.
+    tags = {"sweep_id": hydra_cfg.sweep.dir, "job_num": str(hydra_cfg.job.num)} if multirun else {}
     context = RunContext(
         output_dir=Path(hydra_cfg.runtime.output_dir),
         project_root=ROOT,

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from fce.ebm import EBM
 from fce.metrics import Evaluator, Grid
 from fce.threshold import THRESHOLD_RULES
 from fce.tracking import MLflowTracker, default_tracking_uri, flatten
-from fce.train import DivergenceError, FCETrainer, LoopSettings
+from fce.train import DivergenceError, FCETrainer, LoopSettings, StopRun
 
 log = logging.getLogger("fce")
 
@@ -48,8 +48,12 @@ RESUME_KEYS = (
 )
 
 
-class RunInterrupted(BaseException):
-    """SIGINT or SIGTERM arrived; carries the exit code the shell expects (130 or 143)."""
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; carries the exit code the shell expects (130 or 143).
+
+    A KeyboardInterrupt, so that callers treating Ctrl-C specially (Optuna marks the trial
+    FAIL and stops the study) treat SIGTERM the same way.
+    """
 
     def __init__(self, exit_code: int) -> None:
         super().__init__(exit_code)
@@ -64,6 +68,8 @@ class RunContext:
     project_root: Path
     overrides: list[str] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
+    on_eval: Callable[[int, dict[str, float]], None] | None = None
+    on_run_created: Callable[[str], None] | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -182,6 +188,8 @@ def run(cfg: DictConfig, context: RunContext) -> dict[str, float]:
         ConfigError: bad input found after composition (device, resume); no run is created.
         DivergenceError: a non-finite value; the run is marked FAILED, checkpoints kept.
         RunInterrupted: SIGINT/SIGTERM; a checkpoint is written and the run marked KILLED.
+        StopRun: raised by ``context.on_eval`` (a pruned trial); the run is marked KILLED
+            and tagged ``stopped_early``.
     """
     started = time.perf_counter()
     resume = load_resume(cfg)
@@ -211,6 +219,8 @@ def run(cfg: DictConfig, context: RunContext) -> dict[str, float]:
         tags=tags,
     )
     trainer.tracker = tracker
+    if context.on_run_created is not None:
+        context.on_run_created(tracker.run_id)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     status = "FAILED"
     try:
@@ -244,7 +254,12 @@ def run(cfg: DictConfig, context: RunContext) -> dict[str, float]:
                     on_checkpoint=save_checkpoint,
                     checkpoint_every=cfg.train.checkpoint_every,
                     on_step=progress.update,
+                    on_eval=context.on_eval,
                 )
+            except StopRun:
+                status = "KILLED"
+                tracker.set_tags({"stopped_early": "true"})
+                raise
             except RunInterrupted:
                 status = "KILLED"
                 path = save_checkpoint(trainer)

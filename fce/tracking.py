@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -73,6 +75,21 @@ def default_tracking_uri(project_root: Path) -> str:
     return f"sqlite:///{(project_root / 'mlflow.db').resolve()}"
 
 
+def set_run_status(
+    uri: str, run_id: str, status: str | None, tags: Mapping[str, str] | None = None
+) -> None:
+    """Tag a run and/or end it with ``status`` (e.g. a sweep trial whose worker died)."""
+    from mlflow.entities import RunTag
+    from mlflow.tracking import MlflowClient
+
+    with store_lock(uri):
+        client = MlflowClient(tracking_uri=uri)
+    if tags:
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    if status is not None:
+        client.set_terminated(run_id, status=status)
+
+
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, str]:
     """Nested config -> {"dataset.name": "8gaussians", ...}; MLflow would stringify dicts."""
     flat: dict[str, str] = {}
@@ -83,6 +100,27 @@ def flatten(tree: Mapping, prefix: str = "") -> dict[str, str]:
         else:
             flat[name] = "null" if value is None else str(value)
     return flat
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Serialise first contact with a SQLite store across processes.
+
+    The first client of a new SQLite file creates MLflow's tables; two processes doing it at
+    once (a parallel grid, sweep workers) fail with "table already exists". Other stores
+    handle their own concurrency.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(uri.removeprefix("sqlite:///") + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class MLflowTracker:
@@ -102,15 +140,18 @@ class MLflowTracker:
     ) -> None:
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=uri)
-        if run_id is not None:
-            # Resume: the same run continues; it must exist in this store.
-            self.run_id = self.client.get_run(run_id).info.run_id
-            self.client.update_run(self.run_id, status="RUNNING")
-        else:
-            experiment_id = self._experiment_id(uri, experiment)
-            run = self.client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
-            self.run_id = run.info.run_id
+        with store_lock(uri):
+            self.client = MlflowClient(tracking_uri=uri)
+            if run_id is not None:
+                # Resume: the same run continues; it must exist in this store.
+                self.run_id = self.client.get_run(run_id).info.run_id
+                self.client.update_run(self.run_id, status="RUNNING")
+            else:
+                experiment_id = self._experiment_id(uri, experiment)
+                run = self.client.create_run(
+                    experiment_id, run_name=run_name, tags=dict(tags or {})
+                )
+                self.run_id = run.info.run_id
         if tags and run_id is not None:
             self.set_tags(tags)
 

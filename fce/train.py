@@ -36,6 +36,10 @@ class DivergenceError(RuntimeError):
         self.quantity = quantity
 
 
+class StopRun(Exception):
+    """Raised by an ``on_eval`` callback to end a run early (e.g. a pruned sweep trial)."""
+
+
 @dataclass(frozen=True)
 class LoopSettings:
     """How long and how often.
@@ -108,6 +112,7 @@ class FCETrainer:
         self._permutation: Tensor | None = None
         self._epoch_of_permutation = -1
         self._generator = torch.Generator(device=self.device)
+        self._on_eval: Callable[[int, dict[str, float]], None] | None = None
 
     # --- randomness ---------------------------------------------------------------------------
 
@@ -176,8 +181,18 @@ class FCETrainer:
         on_checkpoint: Callable[[FCETrainer], None] | None = None,
         checkpoint_every: int = 0,
         on_step: Callable[[int, float, float], None] | None = None,
+        on_eval: Callable[[int, dict[str, float]], None] | None = None,
     ) -> dict[str, float]:
-        """Play from ``self.step`` to ``self.total_steps``; return the final metrics."""
+        """Play from ``self.step`` to ``self.total_steps``; return the final metrics.
+
+        Args:
+            on_checkpoint: called with the trainer every ``checkpoint_every`` steps and at the
+                end, after the per-step history has been flushed.
+            on_step: called with (step, value, accuracy) after every step.
+            on_eval: called with (step, metrics) after every evaluation; may raise
+                ``StopRun`` to end the run early.
+        """
+        self._on_eval = on_eval
         if not self.flow_initialised:
             self.flow.data_init(self._batch(0))
             self.flow_initialised = True
@@ -243,6 +258,8 @@ class FCETrainer:
         self.tracker.log_metrics(metrics, step=self.step)
         self.history.log_metrics(metrics, step=self.step)
         self.last_metrics = metrics
+        if self._on_eval is not None:
+            self._on_eval(self.step, metrics)
 
     def _log_panel(self) -> None:
         log_q, log_p = self.evaluator.grid_log_densities(self.ebm, self.flow)

@@ -1,0 +1,96 @@
+"""python sweeps/tune.py sweep=<space> [run overrides ...] [sweep.<key>=<value> ...]
+
+An Optuna study whose trials are FCE runs, each logged to MLflow under one parent run:
+
+    python sweeps/tune.py sweep=threshold_lr dataset=spiral flow=maf train.max_steps=2000
+    python sweeps/tune.py sweep=threshold_lr sweep.n_trials=40 sweep.n_jobs=2  # continue it
+
+Search spaces are sweeps/spaces/<space>.yaml; study settings are sweeps/defaults.yaml.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from fce.cli import check_group_choices, fail, one_line  # noqa: E402
+from fce.config import ConfigError  # noqa: E402
+
+CONF = ROOT / "conf"
+SPACES = ROOT / "sweeps" / "spaces"
+DEFAULTS = ROOT / "sweeps" / "defaults.yaml"
+
+
+_composer = None
+
+
+def make_composer():
+    """Hydra's compose API, initialised once for this process (it cannot be re-initialised
+    from other threads: DESIGN §6)."""
+    global _composer
+    if _composer is None:
+        from hydra import compose, initialize_config_dir
+
+        from fce.config import register_configs
+
+        register_configs()
+        initialize_config_dir(str(CONF), version_base="1.3").__enter__()
+        _composer = lambda overrides: compose("config", overrides=list(overrides))  # noqa: E731
+    return _composer
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s"
+    )
+
+
+def worker_entry(plan, worker: int, n_trials: int) -> None:
+    """One worker process of a parallel study (spawned: a fresh interpreter)."""
+    setup_logging()
+    from fce.sweep import run_worker
+
+    run_worker(plan, worker, n_trials, make_composer())
+
+
+def main(argv: list[str]) -> None:
+    names = [a.split("=", 1)[1] for a in argv if a.startswith("sweep=")]
+    sweep_overrides = [a.removeprefix("sweep.") for a in argv if a.startswith("sweep.")]
+    run_overrides = [a for a in argv if not a.startswith(("sweep=", "sweep."))]
+    if len(names) != 1:
+        spaces = ", ".join(sorted(p.stem for p in SPACES.glob("*.yaml")))
+        fail(f"sweep=<space> is required once; choose one of: {spaces}")
+    check_group_choices(run_overrides, CONF)
+    setup_logging()
+    try:
+        from fce.sweep_space import check_space_against_run, load_sweep
+
+        settings = load_sweep(names[0], SPACES, DEFAULTS, sweep_overrides)
+        compose = make_composer()
+        try:
+            compose(run_overrides)
+        except Exception as error:  # composition: unknown key, wrong type
+            raise ConfigError(one_line(error)) from None
+        check_space_against_run(settings, compose, run_overrides)
+        # Only now the heavy imports (torch, optuna, mlflow).
+        from fce.sweep import run_study
+
+        # Trial output directories sit under the working directory, as Hydra's do.
+        sweep_root = Path.cwd().resolve() / "multirun" / "optuna"
+        run_study(settings, run_overrides, compose, ROOT, CONF, sweep_root, worker_entry)
+    except ConfigError as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        print(
+            "interrupted: finished trials are kept; rerun the command to continue", file=sys.stderr
+        )
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
