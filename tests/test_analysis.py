@@ -1,0 +1,132 @@
+"""analysis/: the loader and aggregation on a small store made by short real runs, and every
+notebook executed headless against it."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from analysis.loader import aggregate, cast, format_table, load_history, load_runs
+from tests.helpers import ROOT, TINY, run_cli, store_uri
+
+GRID_TINY = [a for a in TINY if not a.startswith("ebm.")] + ["train.max_steps=30"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """A grid of 2 datasets x 2 flows x 2 seeds and a 3-trial study, all tiny."""
+    path = tmp_path_factory.mktemp("store")
+    grid = [
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "dataset=8gaussians,pinwheel",
+        "flow=glow,maf",
+        "seed=0,1",
+        *GRID_TINY,
+        f"tracking.uri={store_uri(path)}",
+    ]
+    result = run_cli(grid, cwd=path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = [
+        "sweep=threshold_lr",
+        "sweep.n_trials=3",
+        f"sweep.storage=sqlite:///{path / 'optuna.db'}",
+        f"tracking.uri={store_uri(path)}",
+        *GRID_TINY,
+        "tracking.experiment=study",
+    ]
+    result = run_cli(study, cwd=path, timeout=900, script="sweeps/tune.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return path
+
+
+def test_cast_restores_param_types():
+    assert cast("42") == 42 and isinstance(cast("42"), int)
+    assert cast("0.001") == 0.001
+    assert cast("null") is None and cast("True") is True
+    assert cast("8gaussians") == "8gaussians"
+
+
+def test_load_runs_one_typed_row_per_run(store):
+    runs = load_runs(store_uri(store), ["fce"])
+    assert len(runs) == 8
+    assert set(runs["status"]) == {"FINISHED"}
+    assert runs["seed"].dtype.kind == "i"
+    assert runs["optimizer.lr_ebm"].dtype.kind == "f"
+    assert set(runs["dataset.name"]) == {"8gaussians", "pinwheel"}
+    assert runs["sweep_id"].nunique() == 1
+    assert runs.loc[runs["dataset.name"] == "pinwheel", "mse_logp"].isna().all()
+    assert runs.loc[runs["dataset.name"] == "8gaussians", "mse_logp"].notna().all()
+
+
+def test_study_runs_carry_study_and_trial_tags(store):
+    runs = load_runs(store_uri(store), ["study"])
+    children = runs[runs["parent_run_id"].notna()]
+    assert len(children) == 3
+    assert set(children["optuna.study"]) == {"threshold_lr-8gaussians-glow"}
+    assert sorted(children["optuna.trial"].astype(int)) == [0, 1, 2]
+
+
+def test_history_is_long_and_complete(store):
+    runs = load_runs(store_uri(store), ["fce"])
+    history = load_history(runs["run_id"][:2], ["value", "nll_ebm"], store_uri(store))
+    assert list(history.columns) == ["run_id", "metric", "step", "value"]
+    per_run = history[history.metric == "value"].groupby("run_id")["step"].apply(list)
+    assert all(steps == list(range(1, 31)) for steps in per_run)
+
+
+def test_aggregate_over_seeds(store):
+    runs = load_runs(store_uri(store), ["fce"])
+    table = aggregate(runs)
+    assert len(table) == 4 and set(table["n_seeds"]) == {2}
+    row = table[(table["dataset.name"] == "8gaussians") & (table["flow.name"] == "glow")].iloc[0]
+    values = runs[(runs["dataset.name"] == "8gaussians") & (runs["flow.name"] == "glow")][
+        "nll_ebm"
+    ]
+    assert row["nll_ebm_mean"] == pytest.approx(values.mean())
+    assert row["nll_ebm_std"] == pytest.approx(values.std())
+    text = format_table(table, ["nll_ebm", "mse_logp"])
+    assert " ± " in text["nll_ebm"].iloc[0]
+    pinwheel = text[text["dataset.name"] == "pinwheel"]["mse_logp"]
+    assert set(pinwheel) == {"-"}
+    assert not math.isnan(row["nll_flow_mean"])
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "analysis").glob("*.ipynb")))
+def test_notebook_runs_headless(store, name, monkeypatch):
+    path = ROOT / "analysis" / f"{name}.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri(store))
+    monkeypatch.setenv("OPTUNA_STORAGE", f"sqlite:///{store / 'optuna.db'}")
+    monkeypatch.setenv("FCE_EXPERIMENT", "study" if name == "optuna_study" else "fce")
+    # Run from analysis/, as `jupyter lab analysis/` would.
+    resources = {"metadata": {"path": str(ROOT / "analysis")}}
+    NotebookClient(notebook, timeout=300, resources=resources).execute()
+    outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs) or name == "optuna_study"
+
+
+def test_figures_command_regenerates_figures_and_table(store, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store_uri(store)}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "analysis" / "figures.py"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("fce-glow.png", "fce-maf.png", "curves-8gaussians.png", "results.md"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    table = (tmp_path / "results.md").read_text()
+    assert "| 8gaussians | glow | fixed |" in table and "| 2 |" in table
