@@ -29,7 +29,17 @@ from analysis.loader import _client, aggregate, format_table, load_history, load
 
 PANEL_DATASETS = ("8gaussians", "pinwheel", "2spirals")
 FLOW_TITLES = {"glow": "Glow", "maf": "MAF"}
-TABLE_METRICS = ("nll_ebm", "nll_flow", "kl_data_ebm", "mse_logp", "logz_gap", "flow_step_share")
+TABLE_METRICS = (
+    "nll_ebm",
+    "nll_data",
+    "kl_data_ebm",
+    "kl_data_flow",
+    "tv_ebm",
+    "mse_logp",
+    "mse_logp_centered",
+    "logz_gap",
+    "flow_step_share",
+)
 
 
 def panel_row(run_id: str, uri: str | None):

@@ -16,7 +16,17 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP_BY = ("dataset.name", "flow.name", "threshold.name")
-FINAL_METRICS = ("nll_ebm", "nll_flow", "kl_data_ebm", "mse_logp", "logz_gap", "flow_step_share")
+FINAL_METRICS = (
+    "nll_ebm",
+    "nll_data",
+    "kl_data_ebm",
+    "kl_data_flow",
+    "tv_ebm",
+    "mse_logp",
+    "mse_logp_centered",
+    "logz_gap",
+    "flow_step_share",
+)
 TAGS = ("sweep_id", "job_num", "optuna.study", "optuna.trial", "optuna.state", "git_commit")
 
 

@@ -8,6 +8,7 @@ decide whose turn is next, and now and then evaluate on fixed held-out points.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -113,6 +114,8 @@ class FCETrainer:
         self._epoch_of_permutation = -1
         self._generator = torch.Generator(device=self.device)
         self._on_eval: Callable[[int, dict[str, float]], None] | None = None
+        # Wall time spent outside the training steps, for the speed benchmark and the logs.
+        self.seconds = {"eval": 0.0, "plots": 0.0}
 
     # --- randomness ---------------------------------------------------------------------------
 
@@ -249,7 +252,9 @@ class FCETrainer:
             self._pending = {name: [] for name in self._pending}
 
     def _evaluate(self) -> None:
+        started = time.perf_counter()
         metrics = self.evaluator(self.ebm, self.flow)
+        self.seconds["eval"] += time.perf_counter() - started
         for name, value in metrics.items():
             if not math.isfinite(value):
                 raise DivergenceError(self.step, f"the evaluation metric {name}")
@@ -262,10 +267,12 @@ class FCETrainer:
             self._on_eval(self.step, metrics)
 
     def _log_panel(self) -> None:
+        started = time.perf_counter()
         log_q, log_p = self.evaluator.grid_log_densities(self.ebm, self.flow)
         row = PanelRow(self.evaluator.dataset.name, self.data[:PANEL_SAMPLES], log_q, log_p)
         figure = density_panel([row], limit=self.evaluator.grid.limit)
         self.tracker.log_figure(figure, f"densities/step_{self.step:07d}.png")
+        self.seconds["plots"] += time.perf_counter() - started
 
     # --- checkpoints --------------------------------------------------------------------------
 

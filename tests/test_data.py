@@ -65,51 +65,6 @@ def test_unknown_dataset_names_the_choices():
         get_dataset("moons")
 
 
-def test_datasets_without_density_say_so():
-    with pytest.raises(NotImplementedError, match="spiral"):
-        get_dataset("spiral").log_prob(torch.zeros(1, 2))
-
-
-ANALYTIC = [name for name, ds in DATASETS.items() if ds.has_log_prob]
-
-
-def test_analytic_datasets_are_the_documented_ones():
-    assert ANALYTIC == ["8gaussians", "checkerboard"]
-
-
-@pytest.mark.parametrize("name", ANALYTIC)
-def test_analytic_density_integrates_to_one(name):
-    # Midpoint rule on [-6, 6]^2; the 8gaussians mass beyond it is below 1e-12.
-    cells = 1200
-    width = 12 / cells
-    axis = -6 + width * (torch.arange(cells, dtype=torch.float64) + 0.5)
-    grid = torch.cartesian_prod(axis, axis)
-    mass = get_dataset(name).log_prob(grid).exp().sum() * width**2
-    assert mass.item() == pytest.approx(1.0, abs=2e-3)
-
-
-@pytest.mark.parametrize("name", ANALYTIC)
-def test_analytic_density_matches_a_sample_histogram(name):
-    ds = get_dataset(name)
-    n, bins, limit = 400_000, 16, 4.0
-    x = ds.sample(n, make_generator(1, "hist"), dtype=torch.float64)
-    inside = ((x >= -limit) & (x < limit)).all(1)
-    width = 2 * limit / bins
-    idx = ((x[inside] + limit) / width).long()
-    counts = torch.zeros(bins, bins, dtype=torch.float64)
-    counts.index_put_((idx[:, 0], idx[:, 1]), torch.ones(len(idx), dtype=torch.float64), True)
-    # Expected mass per bin from the density, by a fine midpoint rule inside each bin.
-    sub = 20
-    fine = -limit + (width / sub) * (torch.arange(bins * sub, dtype=torch.float64) + 0.5)
-    density = ds.log_prob(torch.cartesian_prod(fine, fine)).exp().view(bins * sub, bins * sub)
-    expected = density.view(bins, sub, bins, sub).sum((1, 3)) * (width / sub) ** 2 * n
-    # Pearson chi-square over bins with enough expected counts: mean ~ 1 if the shapes agree.
-    keep = expected > 50
-    chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).mean()
-    assert chi2.item() < 2.0
-    assert counts[~keep].sum() < 0.01 * n
-
-
 def test_checkerboard_density_is_exactly_log_32_on_support_and_zero_off():
     lp = get_dataset("checkerboard").log_prob(
         torch.tensor([[-3.0, -3.0], [-3.0, -1.0], [1.0, 1.0], [5.0, 5.0]])

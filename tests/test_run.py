@@ -50,12 +50,15 @@ def test_run_logs_params_metrics_artifacts_and_finishes(tmp_path, flow):
     assert ckpts == ["checkpoints/step_0000060.pt"]
 
 
-def test_datasets_without_density_log_model_metrics_only(tmp_path):
+def test_every_dataset_logs_the_metrics_against_its_density(tmp_path):
     result = run_cli(tiny(tmp_path, "glow", "dataset=spiral"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     _, (run,) = runs(store_uri(tmp_path))
-    assert {"nll_ebm", "nll_flow", "logz_gap"} <= set(run.data.metrics)
-    assert "mse_logp" not in run.data.metrics
+    metrics = run.data.metrics
+    for name in ("kl_data_ebm", "kl_data_flow", "tv_ebm", "mse_logp", "mse_logp_centered"):
+        assert name in metrics, name
+    assert metrics["kl_data_ebm"] == pytest.approx(metrics["nll_ebm"] - metrics["nll_data"])
+    assert 0 <= metrics["tv_ebm"] <= 1
 
 
 BAD_INPUTS = [

@@ -196,7 +196,8 @@ SWEEP_BAD_INPUTS = [
     (["sweep=threshold_lr", "sweep.n_trials=0"], "sweep.n_trials=0: must be an integer >= 1"),
     (["sweep=threshold_lr", "sweep.pruner=magic"], "sweep.pruner='magic': choose one of"),
     (["sweep=threshold_lr", "dataset=moons"], "dataset=moons: unknown dataset"),
-    (["sweep=threshold_lr", "dataset=spiral", "sweep.objective=mse_logp"], "needs an analytic"),
+    (["sweep=threshold_lr", "sweep.objective=accuracy"], "sweep.objective='accuracy': choose"),
+    (["sweep=threshold_lr", "sweep.bogus.key=1"], "sweep param"),
 ]
 
 

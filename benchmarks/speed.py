@@ -1,0 +1,214 @@
+"""Training speed against this CPU's FLOP rate, evaluation overhead, and the default run's cost.
+
+    python benchmarks/speed.py                 # a table
+    python benchmarks/speed.py --json          # one JSON object
+    python benchmarks/speed.py --skip-run      # without timing the default `python run.py`
+
+For each flow at the reference sizes (EBM 2-128-128-1; Glow 10 steps of width 64; MAF 5
+blocks of 100 with two hidden layers), batch 1000, 8gaussians, the default config otherwise:
+
+- steps_per_s: training steps only (evaluation and plots excluded), after a warm-up;
+- ebm_step_flops, flow_step_flops: FlopCounterMode over one real step of each kind;
+- ebm_step_share: the share of EBM steps in the timed window; flops_per_step their mix;
+- matmul_flops_per_s: a float32 (1000, 64) @ (64, 64) matmul, same process, same threads;
+- efficiency = steps_per_s * flops_per_step / matmul_flops_per_s;
+- eval_overhead: share of wall time spent evaluating at the default eval_every.
+And the default `python run.py`: wall time, time to the first training step, peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def compose_default(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fce.config import register_configs, validate
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides)
+    validate(cfg)
+    return cfg
+
+
+def matmul_flops_per_s(repeats: int = 2000) -> float:
+    import torch
+
+    a, b = torch.randn(1000, 64), torch.randn(64, 64)
+    for _ in range(50):
+        a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * 1000 * 64 * 64 * repeats / (time.perf_counter() - started)
+
+
+def step_flops(trainer) -> tuple[int, int]:
+    """FLOPs of one real EBM step and one real flow step (forward, backward, update)."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    probe = copy.deepcopy(trainer)  # the timed trainer's state is left untouched
+    x = probe._batch(0)
+    z = probe._noise(0, x)
+    counts = []
+    for step in (probe._ebm_step, probe._flow_step):
+        with FlopCounterMode(display=False) as counter:
+            step(x, z)
+        counts.append(counter.get_total_flops())
+    return counts[0], counts[1]
+
+
+def measure_flow(flow: str, threads: int, steps: int, warmup: int) -> dict:
+    import torch
+
+    from fce.experiment import build_trainer
+
+    torch.set_num_threads(threads)
+    cfg = compose_default([f"flow={flow}", "device=cpu", f"threads={threads}"])
+    trainer = build_trainer(cfg, torch.device("cpu"))
+    params = sum(p.numel() for p in trainer.ebm.parameters())
+    params_flow = sum(p.numel() for p in trainer.flow.parameters())
+    ebm_flops, flow_flops = step_flops(trainer)
+
+    # Warm up, then time training steps only: no evaluation inside the window.
+    trainer.settings = type(trainer.settings)(
+        **{**trainer.settings.__dict__, "eval_every": 10**9, "plot_every": 0}
+    )
+    trainer.total_steps = warmup
+    trainer.run()
+    flow_steps_before = trainer.flow_steps
+    trainer.total_steps = warmup + steps
+    eval_before = trainer.seconds["eval"] + trainer.seconds["plots"]
+    started = time.perf_counter()
+    trainer.run()
+    wall = time.perf_counter() - started
+    outside = trainer.seconds["eval"] + trainer.seconds["plots"] - eval_before
+    steps_per_s = steps / (wall - outside)
+    ebm_share = 1 - (trainer.flow_steps - flow_steps_before) / steps
+    matmul = matmul_flops_per_s()
+    flops_per_step = ebm_share * ebm_flops + (1 - ebm_share) * flow_flops
+
+    # Evaluation overhead at the default eval_every: the cost of one evaluation against the
+    # training time between two of them.
+    started = time.perf_counter()
+    for _ in range(5):
+        trainer.evaluator(trainer.ebm, trainer.flow)
+    eval_s = (time.perf_counter() - started) / 5
+    between = cfg.train.eval_every / steps_per_s
+    return {
+        "flow": flow,
+        "params": params_flow,
+        "params_ebm": params,
+        "threads": threads,
+        "batch_size": cfg.train.batch_size,
+        "steps_per_s": steps_per_s,
+        "ebm_step_flops": ebm_flops,
+        "flow_step_flops": flow_flops,
+        "ebm_step_share": ebm_share,
+        "flops_per_step": flops_per_step,
+        "matmul_flops_per_s": matmul,
+        "efficiency": steps_per_s * flops_per_step / matmul,
+        "eval_seconds": eval_s,
+        "eval_overhead": eval_s / (eval_s + between),
+    }
+
+
+def measure_default_run() -> dict:
+    """`python run.py` as a user types it, in a temp dir against a temp store.
+
+    The time to the first training step is when the run's "ready" line appears, counted from
+    the launch of the process (imports, data, models and the step-0 evaluation included).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "run.py"),
+                f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+                "progress=log",
+            ],
+            cwd=tmp,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        first_step, lines = None, []
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if first_step is None and "ready in" in line:
+                first_step = time.perf_counter() - started
+        proc.wait()
+        wall = time.perf_counter() - started
+        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if proc.returncode != 0:
+        raise SystemExit("error: python run.py failed:\n" + "\n".join(lines[-20:]))
+    return {
+        "run_wall_s": wall,
+        "run_time_to_first_step_s": first_step,
+        "run_peak_rss_gib": peak_kib / 2**20,
+        "run_final": next((line for line in reversed(lines) if "finished" in line), lines[-1]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=400, help="timed training steps per flow")
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--skip-run", action="store_true", help="do not time `python run.py`")
+    args = parser.parse_args()
+    flows = [measure_flow(f, args.threads, args.steps, args.warmup) for f in ("glow", "maf")]
+    report: dict = {"flows": {f["flow"]: f for f in flows}}
+    if not args.skip_run:
+        report["default_run"] = measure_default_run()
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    keys = (
+        "params",
+        "threads",
+        "steps_per_s",
+        "ebm_step_flops",
+        "flow_step_flops",
+        "ebm_step_share",
+        "flops_per_step",
+        "matmul_flops_per_s",
+        "efficiency",
+        "eval_overhead",
+    )
+    print(f"{'':22s}" + "".join(f"{f['flow']:>14s}" for f in flows))
+    for key in keys:
+        cells = []
+        for f in flows:
+            v = f[key]
+            cells.append(f"{v:14.3g}" if isinstance(v, float) else f"{v:14d}")
+        print(f"{key:22s}" + "".join(cells))
+    if "default_run" in report:
+        run = report["default_run"]
+        print(
+            f"\npython run.py: {run['run_wall_s']:.0f} s wall, first step after "
+            f"{run['run_time_to_first_step_s']} s, peak RSS {run['run_peak_rss_gib']:.2f} GiB"
+        )
+
+
+if __name__ == "__main__":
+    main()
