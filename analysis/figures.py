@@ -25,21 +25,18 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from analysis.loader import _client, aggregate, format_table, load_history, load_runs  # noqa: E402
+from analysis.loader import (  # noqa: E402
+    FINAL_METRICS,
+    _client,
+    aggregate,
+    format_table,
+    load_history,
+    load_runs,
+)
 
 PANEL_DATASETS = ("8gaussians", "pinwheel", "2spirals")
 FLOW_TITLES = {"glow": "Glow", "maf": "MAF"}
-TABLE_METRICS = (
-    "nll_ebm",
-    "nll_data",
-    "kl_data_ebm",
-    "kl_data_flow",
-    "tv_ebm",
-    "mse_logp",
-    "mse_logp_centered",
-    "logz_gap",
-    "flow_step_share",
-)
+TABLE_METRICS = FINAL_METRICS
 
 
 def panel_row(run_id: str, uri: str | None):

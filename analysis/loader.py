@@ -14,19 +14,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from fce.config import EVAL_METRICS
+
 ROOT = Path(__file__).resolve().parents[1]
 GROUP_BY = ("dataset.name", "flow.name", "threshold.name")
-FINAL_METRICS = (
-    "nll_ebm",
-    "nll_data",
-    "kl_data_ebm",
-    "kl_data_flow",
-    "tv_ebm",
-    "mse_logp",
-    "mse_logp_centered",
-    "logz_gap",
-    "flow_step_share",
-)
+FINAL_METRICS = EVAL_METRICS
 TAGS = ("sweep_id", "job_num", "optuna.study", "optuna.trial", "optuna.state", "git_commit")
 
 

@@ -19,6 +19,19 @@ FLOW_NAMES = ("glow", "maf")
 OPTIMIZER_NAMES = ("adam", "adamw")
 THRESHOLD_NAMES = ("fixed", "ema")
 DEVICES = ("auto", "cpu", "cuda")
+# What an evaluation logs (fce/metrics.py), in the order tables show them.
+EVAL_METRICS = (
+    "nll_ebm",
+    "nll_flow",
+    "nll_data",
+    "kl_data_ebm",
+    "kl_data_flow",
+    "tv_ebm",
+    "mse_logp",
+    "mse_logp_centered",
+    "logz_gap",
+    "flow_step_share",
+)
 
 
 class ConfigError(ValueError):

@@ -10,21 +10,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from fce.config import ConfigError, validate
+from fce.config import EVAL_METRICS, ConfigError, validate
 
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
 DIRECTIONS = ("minimize", "maximize")
-METRICS = (
-    "nll_ebm",
-    "nll_flow",
-    "kl_data_ebm",
-    "kl_data_flow",
-    "tv_ebm",
-    "mse_logp",
-    "mse_logp_centered",
-    "logz_gap",
-)
+METRICS = EVAL_METRICS
 PARAM_TYPES = ("float", "int", "categorical")
 
 Composer = Callable[[list[str]], DictConfig]

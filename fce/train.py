@@ -289,6 +289,9 @@ class FCETrainer:
             "flow_initialised": self.flow_initialised,
             "history": {k: (list(s), list(v)) for k, (s, v) in self.history.history.items()},
             "last_metrics": dict(self.last_metrics),
+            # Data and noise come from counter-based streams; the global RNG is saved anyway
+            # so that anything drawing from it later (dropout, a new sampler) resumes exactly.
+            "torch_rng": torch.get_rng_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -305,3 +308,4 @@ class FCETrainer:
         for name, (steps, values) in state["history"].items():
             self.history.history[name] = (list(steps), list(values))
         self.last_metrics = dict(state["last_metrics"])
+        torch.set_rng_state(state["torch_rng"])

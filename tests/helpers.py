@@ -22,6 +22,8 @@ TINY = [
     "ebm.hidden=[32,32]",
     "progress=log",
 ]
+# Tiny runs with the default flow and EBM sizes, so that a grid over flows stays valid.
+GRID_TINY = [a for a in TINY if not a.startswith("ebm.")] + ["train.max_steps=30"]
 TINY_FLOW = {
     "glow": ["flow.n_steps=2", "flow.width=16"],
     "maf": ["flow.n_blocks=2", "flow.hidden=16"],

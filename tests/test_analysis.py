@@ -14,9 +14,7 @@ import pytest
 from nbclient import NotebookClient
 
 from analysis.loader import aggregate, cast, format_table, load_history, load_runs
-from tests.helpers import ROOT, TINY, run_cli, store_uri
-
-GRID_TINY = [a for a in TINY if not a.startswith("ebm.")] + ["train.max_steps=30"]
+from tests.helpers import GRID_TINY, ROOT, run_cli, store_uri
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from fce.config import register_configs
-from tests.helpers import ROOT, TINY, run_cli, runs, start_cli, store_uri
+from tests.helpers import GRID_TINY, ROOT, TINY, run_cli, runs, start_cli, store_uri
 
-# Tiny runs with the default flow sizes, so that a grid over flows stays valid.
-GRID_TINY = [a for a in TINY if not a.startswith("ebm.")] + ["train.max_steps=30"]
 STUDY_TINY = [*TINY, "flow.n_steps=2", "flow.width=16"]
 
 
