@@ -16,6 +16,9 @@ from nbclient import NotebookClient
 from analysis.loader import aggregate, cast, format_table, load_history, load_runs
 from tests.helpers import GRID_TINY, ROOT, run_cli, store_uri
 
+# These tests read one store made by 8 runs and a study (about a minute to make).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:

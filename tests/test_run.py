@@ -111,6 +111,7 @@ def _wait_for(path_glob, root: Path, proc, timeout: float = 120) -> Path:
 SLOW_TINY = ["train.max_steps=400", "train.eval_every=100", "train.checkpoint_every=100"]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path):
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
     reference_dir.mkdir(), killed_dir.mkdir()

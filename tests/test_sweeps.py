@@ -38,6 +38,7 @@ def write_space(tmp_path: Path, params: str, name: str = "space") -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_multirun_grid_with_joblib_logs_every_job_with_one_sweep_id(tmp_path):
     args = [
         "-m",
@@ -69,6 +70,7 @@ def test_slurm_launcher_config_composes():
     assert launcher.cpus_per_task == 1 and launcher.timeout_min == 120
 
 
+@pytest.mark.slow
 def test_study_runs_trials_as_mlflow_children_and_continues_to_a_larger_total(tmp_path):
     result = run_cli(
         study_args(tmp_path, "threshold_lr", "sweep.n_trials=3"), tmp_path, script="sweeps/tune.py"
@@ -107,6 +109,7 @@ def test_study_runs_trials_as_mlflow_children_and_continues_to_a_larger_total(tm
         )
 
 
+@pytest.mark.slow
 def test_parallel_workers_share_one_study(tmp_path):
     args = study_args(tmp_path, "threshold_lr", "sweep.n_trials=4", "sweep.n_jobs=2")
     result = run_cli(args, tmp_path, script="sweeps/tune.py")
@@ -118,6 +121,7 @@ def test_parallel_workers_share_one_study(tmp_path):
     assert len([r for r in found if "mlflow.parentRunId" in r.data.tags]) == 4
 
 
+@pytest.mark.slow
 def test_poor_trials_are_pruned_and_marked_in_mlflow(tmp_path):
     space = write_space(
         tmp_path, "  optimizer.lr_ebm: {type: categorical, choices: [1.0e-2, 1.0e-9]}\n"
@@ -166,6 +170,7 @@ def test_divergent_trials_fail_and_the_study_goes_on(tmp_path):
     assert statuses.count("FAILED") == sum(t.state.name == "FAIL" for t in done)
 
 
+@pytest.mark.slow
 def test_killed_sweep_leaves_nothing_running_after_the_next_start(tmp_path):
     slow = ["train.max_steps=100000", "train.epochs=100000", "sweep.heartbeat_s=1"]
     args = study_args(tmp_path, "threshold_lr", "sweep.n_trials=1", *slow)
