@@ -39,25 +39,47 @@ FLOW_TITLES = {"glow": "Glow", "maf": "MAF"}
 TABLE_METRICS = FINAL_METRICS
 
 
-def panel_row(run_id: str, uri: str | None):
-    """Rebuild a run's models from its final checkpoint and evaluate them on the grid."""
+def load_trainer(run_id: str, uri: str | None):
+    """A run's models, data and evaluator, rebuilt from its final checkpoint artifact."""
     import torch
     from omegaconf import OmegaConf
 
     from fce.experiment import build_trainer
-    from fce.plots import PanelRow
-    from fce.train import PANEL_SAMPLES
 
     client = _client(uri)
     (artifact,) = [a.path for a in client.list_artifacts(run_id, "checkpoints")]
     with tempfile.TemporaryDirectory() as tmp:
         path = client.download_artifacts(run_id, artifact, tmp)
         state = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = OmegaConf.create(state["config"])
-    trainer = build_trainer(cfg, torch.device("cpu"))
+    trainer = build_trainer(OmegaConf.create(state["config"]), torch.device("cpu"))
     trainer.load_state_dict(state["trainer"])
+    return trainer
+
+
+def panel_row(run_id: str, uri: str | None):
+    """One Data | Flow | EBM row from a run's final models."""
+    from fce.plots import PanelRow
+    from fce.train import PANEL_SAMPLES
+
+    trainer = load_trainer(run_id, uri)
     log_q, log_p = trainer.evaluator.grid_log_densities(trainer.ebm, trainer.flow)
-    return PanelRow(cfg.dataset.name, trainer.data[:PANEL_SAMPLES], log_q, log_p)
+    return PanelRow(trainer.evaluator.dataset.name, trainer.data[:PANEL_SAMPLES], log_q, log_p)
+
+
+def reevaluate(runs: pd.DataFrame, uri: str | None) -> pd.DataFrame:
+    """Final metrics recomputed from each run's final checkpoint with today's evaluator.
+
+    Runs logged before a metric existed (or with another eval setting) get every metric, on
+    the same held-out points; the logged values stay in MLflow as they were.
+    """
+    rows = []
+    for run_id in runs["run_id"]:
+        trainer = load_trainer(run_id, uri)
+        metrics = trainer.evaluator(trainer.ebm, trainer.flow)
+        rows.append({"run_id": run_id, **metrics, "flow_step_share": trainer.flow_step_share})
+    fresh = pd.DataFrame(rows)
+    keep = [c for c in runs.columns if c not in fresh.columns or c == "run_id"]
+    return runs[keep].merge(fresh, on="run_id")
 
 
 def reference_figure(runs: pd.DataFrame, flow: str, uri: str | None) -> Figure | None:
@@ -128,6 +150,12 @@ def main() -> None:
     )
     parser.add_argument("--experiment", default="fce")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "figures")
+    parser.add_argument(
+        "--reevaluate",
+        action="store_true",
+        help="recompute the table's metrics from each run's final checkpoint (all metrics of "
+        "today's evaluator) instead of reading the logged ones",
+    )
     args = parser.parse_args()
     runs = load_runs(args.uri, [args.experiment])
     runs = runs[runs["status"] == "FINISHED"] if len(runs) else runs
@@ -139,7 +167,7 @@ def main() -> None:
         if figure is not None:
             figure.savefig(args.out / f"fce-{flow}.png", dpi=110)
     curves_figure(runs, args.uri).savefig(args.out / "curves-8gaussians.png", dpi=110)
-    table = results_table(runs)
+    table = results_table(reevaluate(runs, args.uri) if args.reevaluate else runs)
     (args.out / "results.md").write_text(table + "\n")
     print(table)
     print(f"figures and table in {args.out}")
