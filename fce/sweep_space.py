@@ -47,7 +47,7 @@ def load_sweep(name: str, space_dir: Path, defaults: Path, overrides: list[str])
         )
     except Exception as error:
         raise ConfigError(f"sweep overrides {overrides}: {str(error).splitlines()[0]}") from None
-    validate_sweep(settings, path)
+    validate_sweep(settings, path, known=tuple(OmegaConf.load(defaults)))
     return settings
 
 
@@ -57,7 +57,14 @@ def _int_at_least(settings: DictConfig, key: str, low: int) -> None:
         raise ConfigError(f"sweep.{key}={value!r}: must be an integer >= {low}")
 
 
-def validate_sweep(settings: DictConfig, path: Path) -> None:
+SPACE_KEYS = ("name", "objective", "direction", "params", "description")
+
+
+def validate_sweep(settings: DictConfig, path: Path, known: tuple[str, ...] = ()) -> None:
+    unknown = sorted(set(settings) - set(known) - set(SPACE_KEYS))
+    if unknown:
+        allowed = ", ".join(sorted({*known, *SPACE_KEYS} - {"name"}))
+        raise ConfigError(f"sweep.{unknown[0]}: unknown setting; the settings are: {allowed}")
     _int_at_least(settings, "n_trials", 1)
     _int_at_least(settings, "n_jobs", 1)
     _int_at_least(settings, "pruner_startup_trials", 0)

@@ -141,15 +141,15 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path):
     assert resumed_values == ref_values
 
 
-def test_sigint_marks_killed_writes_a_checkpoint_and_exits_130(tmp_path):
-    proc = start_cli(
-        [*tiny(tmp_path), "train.max_steps=100000", "train.checkpoint_every=0"], tmp_path
-    )
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_marks_killed_writes_a_checkpoint_and_exits_128_plus_signal(tmp_path, sig, code):
+    args = [*tiny(tmp_path), "train.max_steps=100000", "train.epochs=100000"]
+    proc = start_cli([*args, "train.checkpoint_every=0"], tmp_path)
     _wait_for("outputs/*/*/config.yaml", tmp_path, proc)
     time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == code, stderr
     _, (run,) = runs(store_uri(tmp_path))
     assert run.info.status == "KILLED"
     assert list((_run_dir(tmp_path) / "checkpoints").glob("step_*.pt"))

@@ -200,7 +200,7 @@ SWEEP_BAD_INPUTS = [
     (["sweep=threshold_lr", "sweep.pruner=magic"], "sweep.pruner='magic': choose one of"),
     (["sweep=threshold_lr", "dataset=moons"], "dataset=moons: unknown dataset"),
     (["sweep=threshold_lr", "sweep.objective=accuracy"], "sweep.objective='accuracy': choose"),
-    (["sweep=threshold_lr", "sweep.bogus.key=1"], "sweep param"),
+    (["sweep=threshold_lr", "sweep.bogus.key=1"], "sweep.bogus: unknown setting"),
 ]
 
 
