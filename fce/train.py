@@ -308,4 +308,5 @@ class FCETrainer:
         for name, (steps, values) in state["history"].items():
             self.history.history[name] = (list(steps), list(values))
         self.last_metrics = dict(state["last_metrics"])
-        torch.set_rng_state(state["torch_rng"])
+        if "torch_rng" in state:  # absent from checkpoints of fce before 0.1.0's release
+            torch.set_rng_state(state["torch_rng"])
