@@ -19,6 +19,7 @@ And the default `python run.py`: wall time, time to the first training step, pea
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import subprocess
@@ -60,8 +61,6 @@ def matmul_flops_per_s(repeats: int = 2000) -> float:
 
 def step_flops(trainer) -> tuple[int, int]:
     """FLOPs of one real EBM step and one real flow step (forward, backward, update)."""
-    import copy
-
     from torch.utils.flop_counter import FlopCounterMode
 
     probe = copy.deepcopy(trainer)  # the timed trainer's state is left untouched
@@ -75,17 +74,37 @@ def step_flops(trainer) -> tuple[int, int]:
     return counts[0], counts[1]
 
 
-def measure_flow(flow: str, threads: int, steps: int, warmup: int) -> dict:
+def step_milliseconds(trainer, repeats: int = 60, rounds: int = 5) -> tuple[float, float]:
+    """Median-free, noise-robust cost of one EBM step and one flow step: the best of a few
+    rounds of ``repeats`` steps on one batch (the other process on the machine only adds)."""
+    x = trainer._batch(0)
+    z = trainer._noise(0, x)
+    best = []
+    for step in (trainer._ebm_step, trainer._flow_step):
+        times = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            for _ in range(repeats):
+                step(x, z)
+            times.append((time.perf_counter() - started) / repeats * 1e3)
+        best.append(min(times))
+    return best[0], best[1]
+
+
+def measure_flow(
+    flow: str, threads: int, steps: int, warmup: int, overrides: list[str] = ()
+) -> dict:
     import torch
 
     from fce.experiment import build_trainer
 
     torch.set_num_threads(threads)
-    cfg = compose_default([f"flow={flow}", "device=cpu", f"threads={threads}"])
+    cfg = compose_default([f"flow={flow}", "device=cpu", f"threads={threads}", *overrides])
     trainer = build_trainer(cfg, torch.device("cpu"))
     params = sum(p.numel() for p in trainer.ebm.parameters())
     params_flow = sum(p.numel() for p in trainer.flow.parameters())
     ebm_flops, flow_flops = step_flops(trainer)
+    ebm_ms, flow_ms = step_milliseconds(copy.deepcopy(trainer))
 
     # Warm up, then time training steps only: no evaluation inside the window.
     trainer.settings = type(trainer.settings)(
@@ -125,6 +144,8 @@ def measure_flow(flow: str, threads: int, steps: int, warmup: int) -> dict:
         "flops_per_step": flops_per_step,
         "matmul_flops_per_s": matmul,
         "efficiency": steps_per_s * flops_per_step / matmul,
+        "ebm_step_ms": ebm_ms,
+        "flow_step_ms": flow_ms,
         "eval_seconds": eval_s,
         "eval_overhead": eval_s / (eval_s + between),
     }
@@ -175,8 +196,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="timed training steps per flow")
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--skip-run", action="store_true", help="do not time `python run.py`")
+    parser.add_argument("--flows", nargs="+", default=["glow", "maf"], choices=["glow", "maf"])
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides, e.g. optimizer.fused=false"
+    )
     args = parser.parse_args()
-    flows = [measure_flow(f, args.threads, args.steps, args.warmup) for f in ("glow", "maf")]
+    flows = [
+        measure_flow(f, args.threads, args.steps, args.warmup, args.overrides) for f in args.flows
+    ]
     report: dict = {"flows": {f["flow"]: f for f in flows}}
     if not args.skip_run:
         report["default_run"] = measure_default_run()
@@ -184,6 +211,8 @@ def main() -> None:
         print(json.dumps(report, indent=1))
         return
     keys = (
+        "ebm_step_ms",
+        "flow_step_ms",
         "params",
         "threads",
         "steps_per_s",

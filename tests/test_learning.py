@@ -31,4 +31,7 @@ def test_fce_reaches_mse_005_within_5000_steps(flow):
     # And it stays there: the last evaluations are all close to the bar.
     assert max(mse[-4:]) <= 0.1, list(zip(steps, mse))
     assert final["kl_data_ebm"] < 0.05
-    assert abs(final["logz_gap"]) < 0.1  # c has learned the normaliser
+    # c has learned the normaliser: |c - log Z| over the last evaluations, started from ~1.
+    gaps = trainer.history.history["logz_gap"][1]
+    assert abs(gaps[0]) > 0.5
+    assert sum(abs(g) for g in gaps[-4:]) / 4 < 0.1, gaps[-4:]

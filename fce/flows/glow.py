@@ -65,11 +65,11 @@ class InvertibleLinearLU(Transform):
         self.log_s = nn.Parameter(torch.log(s.abs()))
 
     def weight(self) -> Tensor:
+        # L U = [[s0, u], [l s0, l u + s1]], written out: four scalars, no tiny matmuls (which
+        # cost more in dispatch than in arithmetic); P only reorders the rows.
         s = self.sign_s * torch.exp(self.log_s)
-        one, zero = torch.ones_like(self.lower), torch.zeros_like(self.lower)
-        lower = torch.stack([torch.stack([one, zero]), torch.stack([self.lower, one])])
-        upper = torch.stack([torch.stack([s[0], self.upper]), torch.stack([zero, s[1]])])
-        return self.perm @ lower @ upper
+        lu = torch.stack([s[0], self.upper, self.lower * s[0], self.lower * self.upper + s[1]])
+        return lu.view(2, 2)[self.perm.argmax(dim=1)]  # P @ M == M[P.argmax(1)]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return x @ self.weight().T, self.log_s.sum().expand(x.shape[0])
@@ -104,8 +104,16 @@ class AffineCoupling(Transform):
     def _shift_and_log_scale(self, x_b: Tensor) -> tuple[Tensor, Tensor]:
         h = x_b
         for linear, norm in zip(self.hidden, self.norms):
-            h = F.relu(norm(linear(h))[0])
-        h = self.out(h) * torch.exp(self.log_scale_factor)
+            if norm.init_pending:
+                norm.init_from_data(linear(h))
+            # ActNorm folded into the linear layer: (W h + b - loc) / scale is one affine map,
+            # so the (batch, width) tensor is touched once, not three times (and its backward).
+            inv_scale = torch.exp(-norm.log_scale)
+            weight = linear.weight * inv_scale[:, None]
+            bias = (linear.bias - norm.loc) * inv_scale
+            h = F.relu(F.linear(h, weight, bias))
+        factor = torch.exp(self.log_scale_factor)
+        h = F.linear(h, self.out.weight * factor[:, None], self.out.bias * factor)
         shift, raw_scale = h[:, :1], h[:, 1:]
         return shift, F.logsigmoid(raw_scale + 2.0)
 
