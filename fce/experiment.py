@@ -29,7 +29,7 @@ from fce.data import get_dataset, make_generator
 from fce.ebm import EBM
 from fce.metrics import Evaluator, Grid
 from fce.threshold import THRESHOLD_RULES
-from fce.tracking import MLflowTracker, default_tracking_uri, flatten
+from fce.tracking import MLflowTracker, TrackingError, default_tracking_uri, flatten
 from fce.train import DivergenceError, FCETrainer, LoopSettings, StopRun
 
 log = logging.getLogger("fce")
@@ -211,13 +211,16 @@ def run(cfg: DictConfig, context: RunContext) -> dict[str, float]:
         "output_dir": str(output_dir),
         **context.tags,
     }
-    tracker = MLflowTracker(
-        uri,
-        cfg.tracking.experiment,
-        run_name=cfg.tracking.run_name or f"{cfg.dataset.name}-{cfg.flow.name}-s{cfg.seed}",
-        run_id=resume[1]["mlflow_run_id"] if resume else None,
-        tags=tags,
-    )
+    try:
+        tracker = MLflowTracker(
+            uri,
+            cfg.tracking.experiment,
+            run_name=cfg.tracking.run_name or f"{cfg.dataset.name}-{cfg.flow.name}-s{cfg.seed}",
+            run_id=resume[1]["mlflow_run_id"] if resume else None,
+            tags=tags,
+        )
+    except TrackingError as error:
+        raise ConfigError(str(error)) from None
     trainer.tracker = tracker
     if context.on_run_created is not None:
         context.on_run_created(tracker.run_id)

@@ -123,6 +123,10 @@ def store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+class TrackingError(ValueError):
+    """The MLflow store cannot be opened, or the run to resume is not in it."""
+
+
 class MLflowTracker:
     """One MLflow run, written through ``MlflowClient`` (no fluent global state, so it is safe
     in parallel processes), metrics in batches. The only module that imports mlflow.
@@ -140,18 +144,25 @@ class MLflowTracker:
     ) -> None:
         from mlflow.tracking import MlflowClient
 
-        with store_lock(uri):
-            self.client = MlflowClient(tracking_uri=uri)
-            if run_id is not None:
-                # Resume: the same run continues; it must exist in this store.
-                self.run_id = self.client.get_run(run_id).info.run_id
-                self.client.update_run(self.run_id, status="RUNNING")
-            else:
-                experiment_id = self._experiment_id(uri, experiment)
-                run = self.client.create_run(
-                    experiment_id, run_name=run_name, tags=dict(tags or {})
-                )
-                self.run_id = run.info.run_id
+        try:
+            with store_lock(uri):
+                self.client = MlflowClient(tracking_uri=uri)
+                if run_id is not None:
+                    # Resume: the same run continues; it must exist in this store.
+                    self.run_id = self.client.get_run(run_id).info.run_id
+                    self.client.update_run(self.run_id, status="RUNNING")
+                else:
+                    experiment_id = self._experiment_id(uri, experiment)
+                    run = self.client.create_run(
+                        experiment_id, run_name=run_name, tags=dict(tags or {})
+                    )
+                    self.run_id = run.info.run_id
+        except Exception as error:  # any store failure: one line for the user, not a trace
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            what = f"run {run_id} to resume" if run_id else "store"
+            raise TrackingError(
+                f"tracking.uri={uri}: cannot open the MLflow {what} ({reason})"
+            ) from None
         if tags and run_id is not None:
             self.set_tags(tags)
 

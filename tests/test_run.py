@@ -75,6 +75,7 @@ BAD_INPUTS = [
     (["train.resume=/nonexistent/run"], "train.resume=/nonexistent/run"),
     (["device=cuda"], "device='cuda': no CUDA GPU is available"),
     (["train.bogus=1"], "train.bogus"),
+    (["tracking.uri=sqlite:////proc/no/such/mlflow.db"], "cannot open the MLflow store"),
 ]
 
 
@@ -82,7 +83,12 @@ BAD_INPUTS = [
 def test_bad_input_is_one_line_nonzero_and_leaves_no_run(tmp_path, args, message):
     if args == ["device=cuda"] and torch.cuda.is_available():
         pytest.skip("this machine has a GPU: device=cuda is valid here")
-    result = run_cli([*args, f"tracking.uri={store_uri(tmp_path)}"], cwd=tmp_path)
+    uri = (
+        []
+        if any(a.startswith("tracking.uri=") for a in args)
+        else [f"tracking.uri={store_uri(tmp_path)}"]
+    )
+    result = run_cli([*args, *uri], cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
