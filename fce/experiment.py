@@ -125,19 +125,35 @@ def load_resume(cfg: DictConfig) -> tuple[Path, dict[str, Any]] | None:
     return path, state
 
 
+class StopRequest:
+    """SIGINT/SIGTERM noted by a handler and acted on at the next step boundary.
+
+    Raising from the handler itself could land inside an MLflow/SQLite write and leave the
+    store locked for the KILLED status that follows; so the handler only records the signal,
+    and ``check`` (called after every step) raises ``RunInterrupted`` there.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise RunInterrupted(128 + self.signum)
+
+
 @contextlib.contextmanager
-def interrupts_as_exceptions() -> Iterator[None]:
-    """SIGINT/SIGTERM -> RunInterrupted, so the run can checkpoint and mark itself KILLED."""
+def deferred_interrupts() -> Iterator[StopRequest]:
+    request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield request  # signals only reach the main thread
         return
 
     def handler(signum: int, _frame: Any) -> None:
-        raise RunInterrupted(128 + signum)
+        request.signum = signum
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield request
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -251,12 +267,17 @@ def run(cfg: DictConfig, context: RunContext) -> dict[str, float]:
             tracker.run_id,
         )
         progress = Progress(cfg.progress, trainer.total_steps, trainer.step)
-        with interrupts_as_exceptions():
+        with deferred_interrupts() as stop:
+
+            def after_step(step: int, value: float, accuracy: float) -> None:
+                progress.update(step, value, accuracy)
+                stop.check()
+
             try:
                 final = trainer.run(
                     on_checkpoint=save_checkpoint,
                     checkpoint_every=cfg.train.checkpoint_every,
-                    on_step=progress.update,
+                    on_step=after_step,
                     on_eval=context.on_eval,
                 )
             except StopRun:
