@@ -242,32 +242,34 @@ def run(cfg: DictConfig, context: RunContext) -> dict[str, float]:
         context.on_run_created(tracker.run_id)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     status = "FAILED"
-    try:
-        if not resume:
-            tracker.log_params(flatten(resolved))
-            config_file = output_dir / "config.yaml"
-            output_dir.mkdir(parents=True, exist_ok=True)
-            config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-            tracker.log_artifact(config_file)
+    # From here on the run exists in MLflow: a signal is acted on at a step boundary, never
+    # in the middle of a store write, so the run always ends with a status.
+    with deferred_interrupts() as stop:
+        try:
+            if not resume:
+                tracker.log_params(flatten(resolved))
+                config_file = output_dir / "config.yaml"
+                output_dir.mkdir(parents=True, exist_ok=True)
+                config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+                tracker.log_artifact(config_file)
 
-        def save_checkpoint(t: FCETrainer) -> Path:
-            state = {
-                "trainer": t.state_dict(),
-                "config": resolved,
-                "mlflow_run_id": tracker.run_id,
-            }
-            return checkpoint.save(state, checkpoint_dir, t.step)
+            def save_checkpoint(t: FCETrainer) -> Path:
+                state = {
+                    "trainer": t.state_dict(),
+                    "config": resolved,
+                    "mlflow_run_id": tracker.run_id,
+                }
+                return checkpoint.save(state, checkpoint_dir, t.step)
 
-        log.info(
-            "ready in %.1fs: %s on %s, %s steps, MLflow run %s",
-            time.perf_counter() - started,
-            cfg.flow.name,
-            cfg.dataset.name,
-            trainer.total_steps,
-            tracker.run_id,
-        )
-        progress = Progress(cfg.progress, trainer.total_steps, trainer.step)
-        with deferred_interrupts() as stop:
+            log.info(
+                "ready in %.1fs: %s on %s, %s steps, MLflow run %s",
+                time.perf_counter() - started,
+                cfg.flow.name,
+                cfg.dataset.name,
+                trainer.total_steps,
+                tracker.run_id,
+            )
+            progress = Progress(cfg.progress, trainer.total_steps, trainer.step)
 
             def after_step(step: int, value: float, accuracy: float) -> None:
                 progress.update(step, value, accuracy)
@@ -291,22 +293,22 @@ def run(cfg: DictConfig, context: RunContext) -> dict[str, float]:
                 raise
             finally:
                 progress.close()
-        final_path = checkpoint.list_checkpoints(checkpoint_dir)[-1]
-        tracker.log_artifact(final_path, "checkpoints")
-        tracker.log_metrics({"wall_time_s": time.perf_counter() - started}, trainer.step)
-        status = "FINISHED"
-        log.info(
-            "finished %d steps in %.0fs: %s",
-            trainer.step,
-            time.perf_counter() - started,
-            "  ".join(f"{k} {v:.4g}" for k, v in final.items()),
-        )
-        return final
-    except DivergenceError as error:
-        log.error("%s; last good checkpoint kept in %s", error, checkpoint_dir)
-        raise
-    finally:
-        tracker.finish(status)
+            final_path = checkpoint.list_checkpoints(checkpoint_dir)[-1]
+            tracker.log_artifact(final_path, "checkpoints")
+            tracker.log_metrics({"wall_time_s": time.perf_counter() - started}, trainer.step)
+            status = "FINISHED"
+            log.info(
+                "finished %d steps in %.0fs: %s",
+                trainer.step,
+                time.perf_counter() - started,
+                "  ".join(f"{k} {v:.4g}" for k, v in final.items()),
+            )
+            return final
+        except DivergenceError as error:
+            log.error("%s; last good checkpoint kept in %s", error, checkpoint_dir)
+            raise
+        finally:
+            tracker.finish(status)
 
 
 class Progress:
