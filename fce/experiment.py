@@ -35,7 +35,8 @@ from fce.train import DivergenceError, FCETrainer, LoopSettings, StopRun
 log = logging.getLogger("fce")
 
 # Keys that define the models, the data and the randomness: a checkpoint resumes only a run
-# that agrees on all of them (epochs, max_steps, eval and logging settings may change).
+# that agrees on all of them (epochs, max_steps, eval_every, plotting and checkpointing may
+# change; the held-out set, eval.*, may not, so metrics stay comparable across the resume).
 RESUME_KEYS = (
     "dataset",
     "flow",
