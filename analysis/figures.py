@@ -13,6 +13,7 @@ Data | Flow | EBM, as the reference's figure, from each run's final checkpoint),
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
@@ -49,6 +50,7 @@ TABLE_METRICS = (
 )
 
 
+@functools.cache  # panels and --reevaluate need the same runs
 def load_trainer(run_id: str, uri: str | None):
     """A run's models, data and evaluator, rebuilt from its final checkpoint artifact."""
     import torch

@@ -75,8 +75,8 @@ def preflight(argv: Sequence[str], conf_dir: Path, config_name: str = "config") 
     if any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c") for a in argv):
         return
     check_group_choices(overrides, conf_dir)
-    if any(a.startswith("hydra") or a.startswith("+hydra") for a in overrides):
-        overrides = [a for a in overrides if not a.lstrip("+").startswith("hydra")]
+    # Launcher and other hydra.* settings are Hydra's own; the job config is checked here.
+    overrides = [a for a in overrides if not a.lstrip("+").startswith("hydra")]
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 

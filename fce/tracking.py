@@ -66,9 +66,6 @@ class MemoryTracker:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.artifacts.append((Path(path), artifact_path))
 
-    def last(self, name: str) -> float:
-        return self.history[name][1][-1]
-
 
 def default_tracking_uri(project_root: Path) -> str:
     """The project's store: an absolute SQLite URI, whatever the working directory."""
