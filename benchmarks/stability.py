@@ -126,10 +126,17 @@ def main() -> None:
     jobs = [
         (f, d, s, args.overrides) for f in args.flows for d in args.datasets for s in args.seeds
     ]
-    with mp.get_context("spawn").Pool(args.jobs) as pool:
-        records = pool.map(one_job, jobs, chunksize=1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"overrides": args.overrides, "runs": records}, indent=1))
+    records: list[dict] = []
+    with mp.get_context("spawn").Pool(args.jobs) as pool:
+        # Written after every job, so a sweep stopped half-way keeps what it measured.
+        for record in pool.imap_unordered(one_job, jobs, chunksize=1):
+            records.append(record)
+            partial = args.out.with_suffix(".tmp")
+            partial.write_text(
+                json.dumps({"overrides": args.overrides, "runs": records}, indent=1)
+            )
+            partial.replace(args.out)
     print()
     print(summary_table(records))
     failed = [r for r in records if r["diverged"] or not r["samples_finite"]]
