@@ -53,7 +53,7 @@ def main(cfg: DictConfig) -> float:
         return math.nan  # the grid goes on; the run is FAILED in MLflow
     except RunInterrupted as interrupt:
         raise SystemExit(interrupt.exit_code) from None
-    return metrics["nll_ebm"]
+    return metrics["nll_flow" if cfg.estimator.name == "flow_mle" else "nll_ebm"]
 
 
 if __name__ == "__main__":

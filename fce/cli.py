@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-USER_GROUPS = ("dataset", "flow", "optimizer", "threshold", "experiment")
+USER_GROUPS = ("dataset", "flow", "optimizer", "threshold", "estimator", "experiment")
 EXIT_BAD_INPUT = 2
 _NOISE = ("Set the environment variable HYDRA_FULL_ERROR", "reference_type=", "object_type=")
 

@@ -18,6 +18,8 @@ DATASET_NAMES = ("8gaussians", "spiral", "2spirals", "checkerboard", "rings", "p
 FLOW_NAMES = ("glow", "maf")
 OPTIMIZER_NAMES = ("adam", "adamw")
 THRESHOLD_NAMES = ("fixed", "ema")
+ESTIMATOR_NAMES = ("fce", "nce", "flow_mle")
+NOISE_NAMES = ("gaussian", "flow")  # NCE's fixed noise: a fitted Gaussian or a frozen flow
 DEVICES = ("auto", "cpu", "cuda")
 # What an evaluation logs (fce/metrics.py), in the order tables show them.
 EVAL_METRICS = (
@@ -96,6 +98,23 @@ class EMAThresholdConfig:
 
 
 @dataclass
+class FCEEstimatorConfig:
+    name: str = "fce"
+
+
+@dataclass
+class NCEEstimatorConfig:
+    name: str = "nce"
+    noise: str = "gaussian"
+    noise_checkpoint: str | None = None  # noise=flow: a checkpoint (or run dir) with a flow
+
+
+@dataclass
+class FlowMLEEstimatorConfig:
+    name: str = "flow_mle"
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 1000
     epochs: int = 10
@@ -127,6 +146,7 @@ class FCEConfig:
     flow: Any = MISSING
     optimizer: OptimizerConfig = MISSING
     threshold: Any = MISSING
+    estimator: Any = MISSING
     ebm: EBMConfig = field(default_factory=EBMConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -150,6 +170,9 @@ def register_configs() -> None:
     store.store(group="schema/optimizer", name="optimizer", node=OptimizerConfig)
     store.store(group="schema/threshold", name="fixed", node=FixedThresholdConfig)
     store.store(group="schema/threshold", name="ema", node=EMAThresholdConfig)
+    store.store(group="schema/estimator", name="fce", node=FCEEstimatorConfig)
+    store.store(group="schema/estimator", name="nce", node=NCEEstimatorConfig)
+    store.store(group="schema/estimator", name="flow_mle", node=FlowMLEEstimatorConfig)
 
 
 def _positive_int(cfg: DictConfig, key: str) -> None:
@@ -188,6 +211,14 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "flow.name", FLOW_NAMES)
     _choice(cfg, "optimizer.name", OPTIMIZER_NAMES)
     _choice(cfg, "threshold.name", THRESHOLD_NAMES)
+    _choice(cfg, "estimator.name", ESTIMATOR_NAMES)
+    if cfg.estimator.name == "nce":
+        _choice(cfg, "estimator.noise", NOISE_NAMES)
+        if cfg.estimator.noise == "flow" and not cfg.estimator.noise_checkpoint:
+            raise ConfigError(
+                "estimator.noise_checkpoint=None: estimator.noise=flow needs the checkpoint "
+                "(file or run directory) of a trained flow"
+            )
     _choice(cfg, "device", DEVICES)
     _choice(cfg, "progress", ("auto", "bar", "log", "none"))
     for key in ("dataset.n_samples", "train.batch_size", "train.epochs", "train.eval_every"):

@@ -27,6 +27,7 @@ from fce import checkpoint
 from fce.config import ConfigError
 from fce.data import get_dataset, make_generator
 from fce.ebm import EBM
+from fce.flows import Flow, Gaussian
 from fce.metrics import Evaluator, Grid
 from fce.threshold import THRESHOLD_RULES
 from fce.tracking import MLflowTracker, TrackingError, default_tracking_uri, flatten
@@ -44,6 +45,7 @@ RESUME_KEYS = (
     "seed",
     "optimizer.name",
     "threshold.name",
+    "estimator",
     "train.batch_size",
     "eval",
 )
@@ -174,8 +176,7 @@ def build_trainer(cfg: DictConfig, device: torch.device) -> FCETrainer:
         negative_slope=cfg.ebm.negative_slope,
         log_z_init=cfg.ebm.log_z_init,
     ).to(device)
-    flow_kwargs = {k: v for k, v in cfg.flow.items() if k != "name"}
-    flow = instantiate(flow_kwargs).to(device)
+    flow = build_flow(cfg, train_data).to(device)
     optimizer_kwargs = {
         k: v for k, v in cfg.optimizer.items() if k not in ("name", "lr_ebm", "lr_flow")
     }
@@ -194,8 +195,50 @@ def build_trainer(cfg: DictConfig, device: torch.device) -> FCETrainer:
         seed=cfg.seed,
     )
     return FCETrainer(
-        ebm, flow, opt_ebm, opt_flow, train_data.to(device), evaluator, settings, rule
+        ebm,
+        flow,
+        opt_ebm,
+        opt_flow,
+        train_data.to(device),
+        evaluator,
+        settings,
+        rule,
+        estimator=cfg.estimator.name,
     )
+
+
+def build_flow(cfg: DictConfig, train_data: torch.Tensor) -> Flow:
+    """The flow of ``cfg``; for NCE, the fixed noise model instead (frozen)."""
+    estimator = cfg.estimator
+    if estimator.name == "nce" and estimator.noise == "gaussian":
+        return Gaussian.fit(train_data)
+    flow_kwargs = {k: v for k, v in cfg.flow.items() if k != "name"}
+    flow = instantiate(flow_kwargs)
+    if estimator.name == "nce":  # noise=flow: a trained flow, loaded and frozen
+        where = f"estimator.noise_checkpoint={estimator.noise_checkpoint}"
+        try:
+            _, state, _ = checkpoint.resolve(Path(estimator.noise_checkpoint).expanduser())
+        except checkpoint.CheckpointError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        saved_flow = state["config"]["flow"]
+        if saved_flow != _select(cfg, "flow"):
+            raise ConfigError(
+                f"{where}: its flow is {saved_flow}, this run's flow={_select(cfg, 'flow')}; "
+                "choose the same flow group and sizes"
+            )
+        flow.load_state_dict(state["trainer"]["flow"])
+        flow.requires_grad_(False)
+    return flow
+
+
+def run_name(cfg: DictConfig) -> str:
+    """``<dataset>-<flow>-s<seed>`` for FCE; the baselines say which they are."""
+    name = cfg.estimator.name
+    if name == "nce":
+        model = "gaussian" if cfg.estimator.noise == "gaussian" else cfg.flow.name
+        return f"{cfg.dataset.name}-nce-{model}-s{cfg.seed}"
+    prefix = "mle-" if name == "flow_mle" else ""
+    return f"{cfg.dataset.name}-{prefix}{cfg.flow.name}-s{cfg.seed}"
 
 
 def run(cfg: DictConfig, context: RunContext) -> dict[str, float]:

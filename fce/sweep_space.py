@@ -104,7 +104,7 @@ def check_space_against_run(settings: DictConfig, compose: Composer, base: list[
     """Every searched key exists and one trial's config validates."""
     cfg = compose(base)
     validate(cfg)
-    groups = ("dataset", "flow", "optimizer", "threshold")
+    groups = ("dataset", "flow", "optimizer", "threshold", "estimator")
     for key in settings.params:
         if key not in groups and OmegaConf.select(cfg, key, default="<absent>") == "<absent>":
             raise ConfigError(f"sweep param {key}: no such key in the run config")

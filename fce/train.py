@@ -3,6 +3,10 @@
 Plain PyTorch, no Hydra, no MLflow: metrics leave through a ``Tracker``. One step reads
 top to bottom: take a batch and noise, score both models, step the one whose turn it is,
 decide whose turn is next, and now and then evaluate on fixed held-out points.
+
+The two baselines FCE is compared with run in the same loop, so they share the data stream,
+the evaluation and the logging: ``nce`` steps only the EBM against a fixed noise model (the
+"flow" it is given, frozen), and ``flow_mle`` steps only the flow, by maximum likelihood.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from fce.threshold import FixedThreshold
 from fce.tracking import MemoryTracker, NullTracker, Tracker
 
 PANEL_SAMPLES = 100_000
+ESTIMATORS = ("fce", "nce", "flow_mle")
+# What an evaluation reports for an estimator that never trains the EBM.
+FLOW_METRICS = ("nll_flow", "nll_data", "kl_data_flow")
 
 
 class DivergenceError(RuntimeError):
@@ -83,7 +90,10 @@ class FCETrainer:
         settings: LoopSettings,
         rule: FixedThreshold | None = None,
         tracker: Tracker | None = None,
+        estimator: str = "fce",
     ) -> None:
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator={estimator!r}: choose one of {', '.join(ESTIMATORS)}")
         if settings.batch_size > train_data.shape[0]:
             raise ValueError(
                 f"train.batch_size={settings.batch_size} is larger than the training set "
@@ -96,6 +106,7 @@ class FCETrainer:
         self.settings = settings
         self.rule = rule if rule is not None else FixedThreshold()
         self.tracker = tracker if tracker is not None else NullTracker()
+        self.estimator = estimator
         self.device = train_data.device
         self.batches_per_epoch = train_data.shape[0] // settings.batch_size
         total = settings.epochs * self.batches_per_epoch
@@ -108,7 +119,8 @@ class FCETrainer:
         self.last_metrics: dict[str, float] = {}
         # Per-step signals, kept whole for the curves figure, flushed to the tracker in batches.
         self.history = MemoryTracker()
-        self._pending: dict[str, list[float]] = {"value": [], "acc": [], "trained_ebm": []}
+        signals = ("loss",) if estimator == "flow_mle" else ("value", "acc", "trained_ebm")
+        self._pending: dict[str, list[float]] = {name: [] for name in signals}
         self._pending_steps: list[int] = []
         self._permutation: Tensor | None = None
         self._epoch_of_permutation = -1
@@ -170,6 +182,21 @@ class FCETrainer:
         self.opt_flow.step()
         return value.detach(), fce_accuracy(log_p_data, log_q_data, log_p_noise, log_q_noise)
 
+    def _mle_step(self, x: Tensor) -> Tensor:
+        """Gradient descent on the flow's negative log-likelihood of the batch."""
+        loss = -self.flow.log_prob(x).mean()
+        self.opt_flow.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_flow.step()
+        return loss.detach()
+
+    def _check_parameters(self, model: torch.nn.Module, total: float, name: str) -> None:
+        """Raise naming the first non-finite parameter, if ``total`` (their norm) is not finite."""
+        if math.isfinite(total):
+            return
+        bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), "norm")
+        raise DivergenceError(self.step, f"the {name} parameter {bad}")
+
     @torch.no_grad()
     def score(self, x: Tensor, z: Tensor) -> tuple[float, float]:
         """(V, accuracy) of the current models on data ``x`` and noise ``z``, no step taken."""
@@ -197,30 +224,48 @@ class FCETrainer:
         """
         self._on_eval = on_eval
         if not self.flow_initialised:
-            self.flow.data_init(self._batch(0))
+            if self.estimator != "nce":  # NCE's noise is fixed: fitted or loaded as it is
+                self.flow.data_init(self._batch(0))
             self.flow_initialised = True
         if self.step == 0:
             self._evaluate()
         settings = self.settings
         while self.step < self.total_steps:
             x = self._batch(self.step)
-            z = self._noise(self.step, x)
-            trained_ebm = self.train_ebm_next
-            if trained_ebm:
-                value, accuracy = self._ebm_step(x, z)
+            if self.estimator == "flow_mle":
+                trained_ebm = False
+                value, accuracy = self._mle_step(x), None
             else:
-                value, accuracy = self._flow_step(x, z)
+                z = self._noise(self.step, x)
+                trained_ebm = self.estimator == "nce" or self.train_ebm_next
+                step = self._ebm_step if trained_ebm else self._flow_step
+                value, accuracy = step(x, z)
+            stepped = self.ebm if trained_ebm else self.flow
+            if not trained_ebm:
                 self.flow_steps += 1
             self.step += 1
-            # One host sync per step: the rule needs the accuracy to choose the next move.
-            value_f, accuracy_f = torch.stack([value, accuracy.to(value.dtype)]).tolist()
+            # One host sync per step, for the signal, the accuracy the rule needs to choose the
+            # next move, and the norm of the parameters just updated (a NaN or Inf parameter
+            # is caught at the step that made it, even when the loss was still finite).
+            param_norm = torch.nn.utils.get_total_norm(stepped.parameters())
+            synced = [value, param_norm.to(value.dtype)]
+            if accuracy is not None:
+                synced.append(accuracy.to(value.dtype))
+            value_f, norm_f, *rest = torch.stack(synced).tolist()
+            accuracy_f = rest[0] if rest else math.nan
             if not math.isfinite(value_f):
-                raise DivergenceError(self.step, "the FCE value")
-            self.train_ebm_next = not self.rule.train_flow_next(accuracy_f)
+                quantity = "loss (-log q)" if self.estimator == "flow_mle" else "value"
+                raise DivergenceError(self.step, f"the {self.estimator.upper()} {quantity}")
+            self._check_parameters(stepped, norm_f, "EBM" if trained_ebm else "flow")
+            if self.estimator == "fce":
+                self.train_ebm_next = not self.rule.train_flow_next(accuracy_f)
             self._pending_steps.append(self.step)
-            self._pending["value"].append(value_f)
-            self._pending["acc"].append(accuracy_f)
-            self._pending["trained_ebm"].append(float(trained_ebm))
+            if self.estimator == "flow_mle":
+                self._pending["loss"].append(value_f)
+            else:
+                self._pending["value"].append(value_f)
+                self._pending["acc"].append(accuracy_f)
+                self._pending["trained_ebm"].append(float(trained_ebm))
             if on_step is not None:
                 on_step(self.step, value_f, accuracy_f)
 
@@ -237,7 +282,13 @@ class FCETrainer:
         if self.step == self.total_steps:
             self._flush()
             self._log_panel()
-            self.tracker.log_figure(training_curves(self.history.history), "curves.png")
+            names = (
+                ("loss", "nll_flow", "kl_data_flow")
+                if self.estimator == "flow_mle"
+                else ("value", "acc", "mse_logp", "nll_ebm", "nll_flow", "logz_gap")
+            )
+            curves = training_curves(self.history.history, names=names)
+            self.tracker.log_figure(curves, "curves.png")
         return {**self.last_metrics, "flow_step_share": self.flow_step_share}
 
     @property
@@ -254,6 +305,8 @@ class FCETrainer:
     def _evaluate(self) -> None:
         started = time.perf_counter()
         metrics = self.evaluator(self.ebm, self.flow)
+        if self.estimator == "flow_mle":  # the EBM is never trained: its numbers mean nothing
+            metrics = {k: v for k, v in metrics.items() if k in FLOW_METRICS}
         self.seconds["eval"] += time.perf_counter() - started
         for name, value in metrics.items():
             if not math.isfinite(value):
@@ -270,7 +323,14 @@ class FCETrainer:
         started = time.perf_counter()
         log_q, log_p = self.evaluator.grid_log_densities(self.ebm, self.flow)
         row = PanelRow(self.evaluator.dataset.name, self.data[:PANEL_SAMPLES], log_q, log_p)
-        figure = density_panel([row], limit=self.evaluator.grid.limit)
+        titles = {
+            "fce": ("Flow", "EBM"),
+            "nce": ("Noise (fixed)", "EBM"),
+            "flow_mle": ("Flow (MLE)", "EBM (not trained)"),
+        }[self.estimator]
+        figure = density_panel(
+            [row], limit=self.evaluator.grid.limit, flow_title=titles[0], ebm_title=titles[1]
+        )
         self.tracker.log_figure(figure, f"densities/step_{self.step:07d}.png")
         self.seconds["plots"] += time.perf_counter() - started
 

@@ -167,6 +167,21 @@ def test_divergence_is_caught_at_the_step_it_happens():
         trainer.run()
 
 
+@pytest.mark.parametrize("model", ["ebm", "flow"])
+def test_a_non_finite_parameter_is_caught_at_the_step_that_made_it(model):
+    # An infinite gradient leaves the loss of its step finite but turns Adam's update into
+    # NaN: the check must name that step and the parameter, not wait for the next loss.
+    trainer = make_trainer(steps=30, rule=FixedThreshold(0.001 if model == "flow" else 0.999))
+    trainer.run()
+    trainer.total_steps = 40
+    name, parameter = next(iter(getattr(trainer, model).named_parameters()))
+    parameter.register_hook(lambda grad: grad * float("inf"))
+    label = "EBM" if model == "ebm" else "flow"
+    with pytest.raises(DivergenceError, match=f"at step 31: the {label} parameter {name}"):
+        trainer.run()
+    assert trainer.step == 31
+
+
 def test_state_dict_is_a_deep_snapshot():
     trainer = make_trainer(steps=10)
     trainer.run()

@@ -1,0 +1,166 @@
+"""The baselines FCE is compared with: NCE against fixed noise, and the flow by maximum likelihood.
+
+Known answers: on Gaussian data, NCE recovers the Gaussian's log-density *and* its
+log-normaliser (c -> log Z), and the MLE flow recovers the Gaussian itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import MultivariateNormal
+
+from fce.data import Dataset
+from fce.ebm import EBM
+from fce.flows import Gaussian, Glow
+from fce.metrics import Evaluator, Grid
+from fce.train import FLOW_METRICS, FCETrainer, LoopSettings
+from tests.helpers import TINY, run_cli, runs, store_uri
+
+MEAN = torch.tensor([0.5, -0.3])
+COV = torch.tensor([[0.8, 0.3], [0.3, 0.5]])
+TRUTH = MultivariateNormal(MEAN, COV)
+
+
+def gaussian_dataset() -> Dataset:
+    def sample(n: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+        z = torch.randn(n, 2, generator=gen, dtype=dtype)
+        return MEAN.to(dtype) + z @ torch.linalg.cholesky(COV).to(dtype).T
+
+    return Dataset("gaussian", sample, lambda x: TRUTH.log_prob(x.float()).to(x.dtype))
+
+
+def make_trainer(estimator: str, flow, steps: int, lr_ebm: float = 3e-3) -> FCETrainer:
+    torch.manual_seed(0)
+    ds = gaussian_dataset()
+    data = ds.sample(20_000, torch.Generator().manual_seed(1))
+    evaluator = Evaluator(ds, ds.sample(4000, torch.Generator().manual_seed(2)), Grid.make())
+    ebm = EBM(hidden=(32, 32))
+    return FCETrainer(
+        ebm,
+        flow,
+        torch.optim.Adam(ebm.parameters(), lr_ebm),
+        torch.optim.Adam([p for p in flow.parameters() if p.requires_grad] or [torch.zeros(1)]),
+        data,
+        evaluator,
+        LoopSettings(batch_size=500, epochs=1000, max_steps=steps, eval_every=100, seed=0),
+        estimator=estimator,
+    )
+
+
+def snapshot(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def test_fitted_gaussian_is_the_maximum_likelihood_gaussian():
+    x = gaussian_dataset().sample(50_000, torch.Generator().manual_seed(3), torch.float64)
+    noise = Gaussian.fit(x)
+    fitted = MultivariateNormal(x.mean(0), torch.cov(x.T, correction=0))
+    points = torch.randn(100, 2, dtype=torch.float64)
+    torch.testing.assert_close(noise.log_prob(points), fitted.log_prob(points))
+    samples, log_q = noise.sample_and_log_prob(7, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(log_q, fitted.log_prob(samples))
+    assert not any(p.requires_grad for p in noise.parameters())
+
+
+def test_nce_recovers_the_gaussian_log_density_and_its_normaliser():
+    # Noise that is *not* the data distribution: wider and off-centre.
+    noise = Gaussian(torch.tensor([-0.5, 0.5]), 1.5 * torch.eye(2))
+    trainer = make_trainer("nce", noise, steps=1500, lr_ebm=1e-3)
+    noise_before = snapshot(noise)
+    ebm_before = snapshot(trainer.ebm)
+    first = trainer.evaluator(trainer.ebm, trainer.flow)
+    final = trainer.run()
+    # log p_theta = -E - c against the true log-density, c included: shape and normaliser.
+    assert final["mse_logp"] < 0.02 and first["mse_logp"] > 1.0
+    assert final["kl_data_ebm"] < 0.01
+    # c tracks log Z up to SGD noise of a few hundredths: average the last evaluations.
+    gaps = trainer.history.history["logz_gap"][1][-5:]
+    assert abs(sum(gaps) / len(gaps)) < 0.1
+    assert trainer.flow_steps == 0 and final["flow_step_share"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(noise_before, snapshot(noise)))
+    assert not all(torch.equal(a, b) for a, b in zip(ebm_before, snapshot(trainer.ebm)))
+
+
+def test_flow_mle_recovers_the_gaussian_and_leaves_the_ebm_alone():
+    flow = Glow(n_steps=2, width=16)
+    trainer = make_trainer("flow_mle", flow, steps=600)
+    ebm_before = snapshot(trainer.ebm)
+    final = trainer.run()
+    assert final["kl_data_flow"] < 0.01
+    assert math.isclose(final["nll_flow"], final["nll_data"], abs_tol=0.01)
+    # The EBM is never trained, so none of its metrics are reported.
+    assert set(final) == {*FLOW_METRICS, "flow_step_share"}
+    assert final["flow_step_share"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(ebm_before, snapshot(trainer.ebm)))
+    losses = trainer.history.history["loss"][1]
+    assert len(losses) == 600 and sum(losses[-50:]) < sum(losses[:50])
+
+
+@pytest.mark.parametrize("estimator", ["nce", "flow_mle"])
+def test_run_py_logs_each_estimator_to_mlflow(tmp_path, estimator):
+    uri = store_uri(tmp_path)
+    done = run_cli([f"estimator={estimator}", *TINY, f"tracking.uri={uri}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    _, found = runs(uri)
+    (run,) = found
+    assert run.info.status == "FINISHED"
+    assert run.data.params["estimator.name"] == estimator
+    metrics = set(run.data.metrics)
+    if estimator == "nce":
+        assert {"nll_ebm", "mse_logp", "nll_flow", "value", "acc"} <= metrics
+        assert run.info.run_name.startswith("8gaussians-nce-gaussian-s")
+    else:
+        assert {"nll_flow", "kl_data_flow", "loss"} <= metrics
+        assert not metrics & {"nll_ebm", "mse_logp", "value"}
+
+
+def test_nce_with_a_frozen_flow_from_a_checkpoint(tmp_path):
+    uri = store_uri(tmp_path)
+    common = [*TINY, f"tracking.uri={uri}", "flow.n_steps=2", "flow.width=16"]
+    mle_dir = tmp_path / "mle"
+    done = run_cli(["estimator=flow_mle", *common, f"hydra.run.dir={mle_dir}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    nce = ["estimator=nce", "estimator.noise=flow", f"estimator.noise_checkpoint={mle_dir}"]
+    done = run_cli([*nce, *common, f"hydra.run.dir={tmp_path / 'nce'}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    client, found = runs(uri)
+    by_estimator = {r.data.params["estimator.name"]: r for r in found}
+    # The noise is the MLE flow, unchanged: the same flow metrics at every evaluation.
+    mle_nll = by_estimator["flow_mle"].data.metrics["nll_flow"]
+    history = client.get_metric_history(by_estimator["nce"].info.run_id, "nll_flow")
+    assert [m.value for m in history] == pytest.approx([mle_nll] * len(history), abs=1e-6)
+
+    # A flow of other sizes cannot load those weights: one line, no run created.
+    other = [*nce, *TINY, f"tracking.uri={uri}", "flow.n_steps=3", "flow.width=16"]
+    done = run_cli(other, cwd=tmp_path)
+    assert done.returncode == 2
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: estimator.noise_checkpoint={mle_dir}: its flow is")
+    )
+    assert len(runs(uri)[1]) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["estimator=mle"], "estimator=mle: unknown estimator; choose one of: fce, flow_mle, nce"),
+        (
+            ["estimator=nce", "estimator.noise=uniform"],
+            "estimator.noise='uniform': unknown; choose one of: gaussian, flow",
+        ),
+        (
+            ["estimator=nce", "estimator.noise=flow"],
+            "estimator.noise_checkpoint=None: estimator.noise=flow needs the checkpoint",
+        ),
+    ],
+)
+def test_bad_estimator_settings_are_one_line(tmp_path, args, message):
+    done = run_cli([*args, *TINY, f"tracking.uri={store_uri(tmp_path)}"], cwd=tmp_path)
+    assert done.returncode == 2
+    assert message in done.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in done.stderr
