@@ -17,7 +17,7 @@ import pandas as pd
 from fce.config import EVAL_METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
-GROUP_BY = ("dataset.name", "flow.name", "threshold.name")
+GROUP_BY = ("dataset.name", "estimator.name", "flow.name", "threshold.name")
 FINAL_METRICS = EVAL_METRICS
 TAGS = ("sweep_id", "job_num", "optuna.study", "optuna.trial", "optuna.state", "git_commit")
 
@@ -91,7 +91,13 @@ def load_runs(
         if not page_token:
             break
     frame = pd.DataFrame(rows)
-    return frame.sort_values("start_time", ignore_index=True) if len(frame) else frame
+    if not len(frame):
+        return frame
+    # Runs logged before the estimator group existed were all FCE.
+    frame["estimator.name"] = frame.get("estimator.name", pd.Series(index=frame.index)).fillna(
+        "fce"
+    )
+    return frame.sort_values("start_time", ignore_index=True)
 
 
 def load_history(

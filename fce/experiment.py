@@ -275,7 +275,7 @@ def run(cfg: DictConfig, context: RunContext) -> dict[str, float]:
         tracker = MLflowTracker(
             uri,
             cfg.tracking.experiment,
-            run_name=cfg.tracking.run_name or f"{cfg.dataset.name}-{cfg.flow.name}-s{cfg.seed}",
+            run_name=cfg.tracking.run_name or run_name(cfg),
             run_id=resume[1]["mlflow_run_id"] if resume else None,
             tags=tags,
         )

@@ -1,0 +1,159 @@
+"""FCE vs NCE (the EBM) and FCE vs maximum likelihood (the flow): table and figure.
+
+    from analysis.compare import load_comparison, comparison_table
+    runs = load_comparison(experiment="compare")   # newest FINISHED run per cell and seed
+    table = comparison_table(runs)                  # one row per dataset, mean ± std
+
+``python sweeps/compare.py`` runs the grid and calls ``write_report``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis.loader import load_runs
+
+CELL = ("dataset.name", "estimator.name", "flow.name", "seed")
+# (metric, estimator) columns of the table: the EBMs of FCE and NCE, then the two flows.
+EBM_COLUMNS = [
+    (metric, estimator)
+    for metric in ("nll_ebm", "kl_data_ebm", "mse_logp")
+    for estimator in ("fce", "nce")
+]
+FLOW_COLUMNS = [
+    (metric, estimator)
+    for metric in ("nll_flow", "kl_data_flow")
+    for estimator in ("fce", "flow_mle")
+]
+LABELS = {"fce": "FCE", "nce": "NCE", "flow_mle": "MLE"}
+
+
+def load_comparison(
+    uri: str | None = None, experiment: str = "compare", flow: str | None = None
+) -> pd.DataFrame:
+    """The newest FINISHED run of each dataset x estimator x flow x seed in ``experiment``."""
+    runs = load_runs(uri, [experiment])
+    if not len(runs):
+        return runs
+    runs = runs[runs["status"] == "FINISHED"]
+    if flow is not None:
+        runs = runs[runs["flow.name"] == flow]
+    return runs.sort_values("start_time").drop_duplicates(list(CELL), keep="last")
+
+
+def _stats(runs: pd.DataFrame, dataset: str, estimator: str, metric: str) -> pd.Series:
+    part = runs[(runs["dataset.name"] == dataset) & (runs["estimator.name"] == estimator)]
+    values = part[metric].dropna() if metric in part else pd.Series(dtype=float)
+    return pd.Series({"mean": values.mean(), "std": values.std(), "n": len(values)})
+
+
+def verdict(a: pd.Series, b: pd.Series, names: tuple[str, str]) -> str:
+    """The lower mean wins if it is lower by more than twice the difference's standard error."""
+    if a["n"] < 2 or b["n"] < 2:
+        return "-"
+    se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
+    if abs(a["mean"] - b["mean"]) <= 2 * se:
+        return "tie"
+    return names[0] if a["mean"] < b["mean"] else names[1]
+
+
+def comparison_table(runs: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """One row per dataset: each metric for each estimator as mean ± std, and who wins.
+
+    "EBM" compares nll_ebm of FCE and NCE, "flow" nll_flow of FCE's flow and the MLE flow.
+    """
+    rows = []
+    for dataset in sorted(runs["dataset.name"].unique()):
+        row: dict[str, object] = {"dataset": dataset}
+        nll_data = runs.loc[runs["dataset.name"] == dataset, "nll_data"].dropna()
+        row["nll_data"] = f"{nll_data.mean():.{digits}f}" if len(nll_data) else "-"
+        for metric, estimator in EBM_COLUMNS + FLOW_COLUMNS:
+            s = _stats(runs, dataset, estimator, metric)
+            text = "-" if s["n"] == 0 else f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+            row[f"{metric} {LABELS[estimator]}"] = text
+        stats = {e: _stats(runs, dataset, e, "nll_ebm") for e in ("fce", "nce")}
+        row["EBM winner"] = verdict(stats["fce"], stats["nce"], ("FCE", "NCE"))
+        stats = {e: _stats(runs, dataset, e, "nll_flow") for e in ("fce", "flow_mle")}
+        row["flow winner"] = verdict(stats["fce"], stats["flow_mle"], ("FCE", "MLE"))
+        seeds = runs.loc[runs["dataset.name"] == dataset].groupby("estimator.name")["seed"]
+        row["seeds"] = int(seeds.nunique().min())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    header = "| " + " | ".join(map(str, table.columns)) + " |"
+    rule = "|" + "---|" * len(table.columns)
+    body = ["| " + " | ".join(map(str, row)) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def comparison_figure(
+    runs: pd.DataFrame, uri: str | None, datasets: Sequence[str], limit: float = 4.0
+) -> Figure:
+    """Rows of Data | EBM (FCE) | EBM (NCE) | Flow (FCE) | Flow (MLE), each run's lowest seed."""
+    from analysis.figures import load_trainer
+
+    columns = [("fce", "ebm"), ("nce", "ebm"), ("fce", "flow"), ("flow_mle", "flow")]
+    titles = ["Data", "EBM (FCE)", "EBM (NCE)", "Flow (FCE)", "Flow (MLE)"]
+    present = [d for d in datasets if d in set(runs["dataset.name"])]
+    fig = Figure(figsize=(12.5, 2.6 * len(present)), layout="constrained")
+    axes = fig.subplots(len(present), len(titles), squeeze=False)
+    extent = (-limit, limit, -limit, limit)
+    for dataset, row_axes in zip(present, axes):
+        samples = None
+        for ax, (estimator, model) in zip(row_axes[1:], columns):
+            match = runs[(runs["dataset.name"] == dataset) & (runs["estimator.name"] == estimator)]
+            if not len(match):
+                ax.set_facecolor("0.9")
+                continue
+            trainer = load_trainer(match.sort_values("seed").iloc[0]["run_id"], uri)
+            samples = trainer.data[:100_000]
+            log_q, log_p = trainer.evaluator.grid_log_densities(trainer.ebm, trainer.flow)
+            density = (log_p if model == "ebm" else log_q).double().exp().numpy()
+            ax.imshow(density, origin="lower", extent=extent, cmap="jet", interpolation="nearest")
+        if samples is not None:
+            points = samples.double().numpy()
+            row_axes[0].hist2d(
+                points[:, 0], points[:, 1], bins=256, range=[[-limit, limit]] * 2, cmap="jet"
+            )
+        row_axes[0].set_ylabel(dataset, fontsize=12)
+    for ax, title in zip(axes[0], titles):
+        ax.set_title(title, fontsize=13)
+    for ax in axes.flat:
+        ax.set_xlim(-limit, limit)
+        ax.set_ylim(-limit, limit)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return fig
+
+
+def write_report(
+    uri: str | None,
+    experiment: str,
+    out: Path,
+    flow: str | None = None,
+    datasets: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """compare.md, compare.csv and compare.png in ``out``, from the runs of ``experiment``."""
+    runs = load_comparison(uri, experiment, flow)
+    if not len(runs):
+        raise SystemExit(f"error: no FINISHED run in MLflow experiment {experiment!r}")
+    if datasets is not None:
+        runs = runs[runs["dataset.name"].isin(list(datasets))]
+    out.mkdir(parents=True, exist_ok=True)
+    table = comparison_table(runs)
+    text = markdown(table)
+    (out / "compare.md").write_text(text + "\n")
+    table.to_csv(out / "compare.csv", index=False)
+    order = [d for d in (datasets or sorted(runs["dataset.name"].unique()))]
+    comparison_figure(runs, uri, order).savefig(out / "compare.png", dpi=90)
+    print(text)
+    print(f"table and figure in {out}")
+    return table
