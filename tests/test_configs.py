@@ -9,7 +9,14 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from fce.cli import group_options
-from fce.config import DATASET_NAMES, FLOW_NAMES, ConfigError, register_configs, validate
+from fce.config import (
+    DATASET_NAMES,
+    ESTIMATOR_NAMES,
+    FLOW_NAMES,
+    ConfigError,
+    register_configs,
+    validate,
+)
 from fce.experiment import build_trainer
 from tests.helpers import ROOT, TINY, TINY_FLOW
 
@@ -26,6 +33,7 @@ def compose_cfg(overrides: list[str]):
 def test_groups_hold_exactly_the_documented_options():
     assert group_options(CONF, "dataset") == sorted(DATASET_NAMES)
     assert group_options(CONF, "flow") == sorted(FLOW_NAMES)
+    assert group_options(CONF, "estimator") == sorted(ESTIMATOR_NAMES)
     assert "adam" in group_options(CONF, "optimizer")
     assert {"fixed", "ema"} <= set(group_options(CONF, "threshold"))
     assert "reference" in group_options(CONF, "experiment")
@@ -35,6 +43,7 @@ def test_defaults_are_the_reference_values():
     cfg = compose_cfg([])
     validate(cfg)
     assert (cfg.dataset.name, cfg.flow.name, cfg.threshold.name) == ("8gaussians", "glow", "fixed")
+    assert cfg.estimator.name == "fce"
     assert cfg.seed == 42 and cfg.train.batch_size == 1000 and cfg.dataset.n_samples == 500_000
     assert (cfg.optimizer.lr_ebm, cfg.optimizer.lr_flow) == (1e-3, 7e-4)
     assert list(cfg.optimizer.betas) == [0.9, 0.999] and cfg.threshold.value == 0.6
@@ -58,7 +67,7 @@ def test_reference_experiment_pins_100_epochs():
 
 GROUP_OPTIONS = [
     (group, option)
-    for group in ("dataset", "flow", "optimizer", "threshold", "experiment")
+    for group in ("dataset", "flow", "optimizer", "threshold", "estimator", "experiment")
     for option in group_options(CONF, group)
 ]
 
@@ -70,7 +79,9 @@ def test_every_option_composes_validates_and_builds(group, option):
     validate(cfg)
     trainer = build_trainer(cfg, torch.device("cpu"))
     assert trainer.data.shape == (cfg.dataset.n_samples, 2)
-    assert type(trainer.flow).__name__.lower() == cfg.flow.name
+    noise = cfg.estimator.name == "nce"  # NCE's default noise: a Gaussian fitted to the data
+    assert type(trainer.flow).__name__.lower() == ("gaussian" if noise else cfg.flow.name)
+    assert trainer.estimator == cfg.estimator.name
     assert type(trainer.opt_ebm).__name__.lower() == cfg.optimizer.name
     assert trainer.opt_flow.param_groups[0]["lr"] == cfg.optimizer.lr_flow
     assert trainer.rule.name == cfg.threshold.name
