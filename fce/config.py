@@ -34,6 +34,8 @@ EVAL_METRICS = (
     "logz_gap",
     "flow_step_share",
 )
+# What an evaluation reports for an estimator that never trains the EBM (flow_mle).
+FLOW_METRICS = ("nll_flow", "nll_data", "kl_data_flow")
 
 
 class ConfigError(ValueError):

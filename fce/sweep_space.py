@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from fce.config import EVAL_METRICS, ConfigError, validate
+from fce.config import EVAL_METRICS, FLOW_METRICS, ConfigError, validate
 
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
@@ -104,6 +104,11 @@ def check_space_against_run(settings: DictConfig, compose: Composer, base: list[
     """Every searched key exists and one trial's config validates."""
     cfg = compose(base)
     validate(cfg)
+    if cfg.estimator.name == "flow_mle" and settings.objective not in FLOW_METRICS:
+        raise ConfigError(
+            f"sweep.objective={settings.objective}: estimator=flow_mle trains no EBM; "
+            f"choose one of: {', '.join(FLOW_METRICS)}"
+        )
     groups = ("dataset", "flow", "optimizer", "threshold", "estimator")
     for key in settings.params:
         if key not in groups and OmegaConf.select(cfg, key, default="<absent>") == "<absent>":

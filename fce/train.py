@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fce.config import FLOW_METRICS
 from fce.data import stream_seed
 from fce.ebm import EBM
 from fce.flows import Flow
@@ -31,8 +32,6 @@ from fce.tracking import MemoryTracker, NullTracker, Tracker
 
 PANEL_SAMPLES = 100_000
 ESTIMATORS = ("fce", "nce", "flow_mle")
-# What an evaluation reports for an estimator that never trains the EBM.
-FLOW_METRICS = ("nll_flow", "nll_data", "kl_data_flow")
 
 
 class DivergenceError(RuntimeError):

@@ -164,3 +164,18 @@ def test_bad_estimator_settings_are_one_line(tmp_path, args, message):
     assert done.returncode == 2
     assert message in done.stderr.strip().splitlines()[-1]
     assert "Traceback" not in done.stderr
+
+
+def test_a_study_of_flow_mle_needs_an_objective_the_flow_reports(tmp_path):
+    args = [
+        "sweep=threshold_lr",
+        "estimator=flow_mle",
+        f"sweep.storage=sqlite:///{tmp_path / 'optuna.db'}",
+        f"tracking.uri={store_uri(tmp_path)}",
+    ]
+    done = run_cli(args, cwd=tmp_path, script="sweeps/tune.py")
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "error: sweep.objective=nll_ebm: estimator=flow_mle trains no EBM; "
+        "choose one of: nll_flow, nll_data, kl_data_flow"
+    )
