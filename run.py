@@ -53,6 +53,8 @@ def main(cfg: DictConfig) -> float:
         return math.nan  # the grid goes on; the run is FAILED in MLflow
     except RunInterrupted as interrupt:
         raise SystemExit(interrupt.exit_code) from None
+    except KeyboardInterrupt:  # before the MLflow run existed: nothing to end or save
+        fail("interrupted before the run started", code=130)
     return metrics["nll_flow" if cfg.estimator.name == "flow_mle" else "nll_ebm"]
 
 

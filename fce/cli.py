@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -79,17 +80,58 @@ def preflight(argv: Sequence[str], conf_dir: Path, config_name: str = "config") 
     overrides = [a for a in overrides if not a.lstrip("+").startswith("hydra")]
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf, open_dict
 
     from fce.config import ConfigError, validate
+    from fce.tracking import TrackingError
 
     try:
         with initialize_config_dir(str(conf_dir.resolve()), version_base="1.3"):
-            cfg = compose(config_name, overrides=first_of_each_sweep(overrides))
+            cfg = compose(
+                config_name, overrides=first_of_each_sweep(overrides), return_hydra_config=True
+            )
     except Exception as error:  # composition: unknown key, wrong type, bad syntax
         fail(one_line(error))
     finally:
         GlobalHydra.instance().clear()
+    key = "hydra.sweep.dir" if any(a in ("-m", "--multirun") for a in argv) else "hydra.run.dir"
+    given = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith(f"{key}=")]
+    node = cfg.hydra.sweep if key == "hydra.sweep.dir" else cfg.hydra.run
+    run_dir = given[-1] if given else OmegaConf.to_container(node)["dir"]
+    check_writable_dir(f"{key}={run_dir}", run_dir)
+    with open_dict(cfg):
+        del cfg["hydra"]
     try:
         validate(cfg)
-    except ConfigError as error:
+        check_store(cfg.tracking.uri)
+    except (ConfigError, TrackingError) as error:
         fail(str(error))
+
+
+def check_store(uri: str | None) -> None:
+    """A SQLite store's directory must be writable; an HTTP server must answer (in seconds,
+    not MLflow's minutes of retries)."""
+    from fce.tracking import check_reachable
+
+    if uri and uri.startswith("sqlite:///"):
+        check_writable_dir(f"tracking.uri={uri}", str(Path(uri.removeprefix("sqlite:///")).parent))
+    elif uri:
+        check_reachable(uri)
+
+
+def check_writable_dir(setting: str, directory: str) -> None:
+    """Fail unless ``directory`` (interpolations allowed) can be created and written in.
+
+    Hydra would otherwise fail with a traceback when it creates the run's directory. The part
+    before the first interpolation is checked: its deepest existing ancestor must be a
+    directory we can write a file in (a write test, since permissions do not stop root).
+    """
+    fixed = Path(directory.split("${", 1)[0] or ".").absolute()
+    existing = next(p for p in (fixed, *fixed.parents) if p.exists())
+    if not existing.is_dir():
+        fail(f"{setting}: {existing} is a file, not a directory; choose a writable directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        fail(f"{setting}: cannot write in {existing} ({error.strerror}); choose another")

@@ -25,7 +25,14 @@ from omegaconf import DictConfig, OmegaConf
 from fce.config import ConfigError, validate
 from fce.experiment import RunContext, run
 from fce.sweep_space import Composer
-from fce.tracking import MLflowTracker, default_tracking_uri, flatten, set_run_status
+from fce.tracking import (
+    MLflowTracker,
+    TrackingError,
+    check_reachable,
+    default_tracking_uri,
+    flatten,
+    set_run_status,
+)
 from fce.train import DivergenceError, StopRun
 
 log = logging.getLogger("fce.sweep")
@@ -194,13 +201,22 @@ def run_study(
     storage_url = settings.storage or f"sqlite:///{(project_root / 'optuna.db').resolve()}"
     study_name = settings.study_name or f"{settings.name}-{cfg.dataset.name}-{cfg.flow.name}"
     tracking_uri = cfg.tracking.uri or default_tracking_uri(project_root)
-    storage = make_storage(storage_url, settings.heartbeat_s, tracking_uri)
-    study = optuna.create_study(
-        study_name=study_name,
-        storage=storage,
-        direction=settings.direction,
-        load_if_exists=True,
-    )
+    try:
+        check_reachable(tracking_uri)  # before the study is touched
+        storage = make_storage(storage_url, settings.heartbeat_s, tracking_uri)
+        study = optuna.create_study(
+            study_name=study_name,
+            storage=storage,
+            direction=settings.direction,
+            load_if_exists=True,
+        )
+    except TrackingError as error:
+        raise ConfigError(str(error)) from None
+    except Exception as error:  # a bad URL, an unwritable file, a server that is down
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise ConfigError(
+            f"sweep.storage={storage_url}: cannot open the Optuna storage ({reason})"
+        ) from None
     if study.direction.name.lower() != settings.direction:
         raise ConfigError(
             f"sweep.direction={settings.direction}: study {study_name} already exists with "
@@ -209,13 +225,16 @@ def run_study(
     fail_stale_trials(study, storage, wait_s=3 * settings.heartbeat_s + 2)
 
     parent_id = study.user_attrs.get("mlflow_parent_run_id")
-    parent = MLflowTracker(
-        tracking_uri,
-        cfg.tracking.experiment,
-        run_name=f"study-{study_name}",
-        run_id=parent_id,
-        tags={"optuna.study": study_name, "optuna.storage": storage_url.split("@")[-1]},
-    )
+    try:
+        parent = MLflowTracker(
+            tracking_uri,
+            cfg.tracking.experiment,
+            run_name=f"study-{study_name}",
+            run_id=parent_id,
+            tags={"optuna.study": study_name, "optuna.storage": storage_url.split("@")[-1]},
+        )
+    except TrackingError as error:
+        raise ConfigError(str(error)) from None
     if parent_id is None:
         study.set_user_attr("mlflow_parent_run_id", parent.run_id)
         parent.log_params(

@@ -18,8 +18,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fce.cli import check_group_choices, fail, one_line  # noqa: E402
+from fce.cli import (  # noqa: E402
+    check_group_choices,
+    check_store,
+    check_writable_dir,
+    fail,
+    one_line,
+)
 from fce.config import ConfigError  # noqa: E402
+from fce.tracking import TrackingError  # noqa: E402
 
 CONF = ROOT / "conf"
 SPACES = ROOT / "sweeps" / "spaces"
@@ -77,13 +84,17 @@ def main(argv: list[str]) -> None:
         except Exception as error:  # composition: unknown key, wrong type
             raise ConfigError(one_line(error)) from None
         check_space_against_run(settings, compose, run_overrides)
+        check_store(compose(run_overrides).tracking.uri)
+        if str(settings.storage).startswith("sqlite:///"):
+            database = Path(settings.storage.removeprefix("sqlite:///"))
+            check_writable_dir(f"sweep.storage={settings.storage}", str(database.parent))
         # Only now the heavy imports (torch, optuna, mlflow).
         from fce.sweep import run_study
 
         # Trial output directories sit under the working directory, as Hydra's do.
         sweep_root = Path.cwd().resolve() / "multirun" / "optuna"
         run_study(settings, run_overrides, compose, ROOT, CONF, sweep_root, worker_entry)
-    except ConfigError as error:
+    except (ConfigError, TrackingError) as error:
         fail(str(error))
     except KeyboardInterrupt:
         print(

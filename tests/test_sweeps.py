@@ -191,36 +191,3 @@ def test_killed_sweep_leaves_nothing_running_after_the_next_start(tmp_path):
     assert states == ["FAIL", "COMPLETE"]
     _, found = runs(store_uri(tmp_path))
     assert "RUNNING" not in {r.info.status for r in found}
-
-
-SWEEP_BAD_INPUTS = [
-    ([], "sweep=<space> is required"),
-    (["sweep=nosuch"], "sweep=nosuch: no search space"),
-    (["sweep=threshold_lr", "sweep.n_trials=0"], "sweep.n_trials=0: must be an integer >= 1"),
-    (["sweep=threshold_lr", "sweep.pruner=magic"], "sweep.pruner='magic': choose one of"),
-    (["sweep=threshold_lr", "dataset=moons"], "dataset=moons: unknown dataset"),
-    (["sweep=threshold_lr", "sweep.objective=accuracy"], "sweep.objective='accuracy': choose"),
-    (["sweep=threshold_lr", "sweep.bogus.key=1"], "sweep.bogus: unknown setting"),
-]
-
-
-@pytest.mark.parametrize(("args", "message"), SWEEP_BAD_INPUTS)
-def test_sweep_bad_input_is_one_line(tmp_path, args, message):
-    extra = [
-        f"sweep.storage=sqlite:///{tmp_path / 'optuna.db'}",
-        f"tracking.uri={store_uri(tmp_path)}",
-    ]
-    result = run_cli([*args, *extra] if args else [], tmp_path, script="sweeps/tune.py")
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    _, found = runs(store_uri(tmp_path))
-    assert found == []
-
-
-def test_malformed_search_space_names_the_file_and_key(tmp_path):
-    space = write_space(tmp_path, "  optimizer.lr_ebm: {type: float, low: 1.0, high: 0.1}\n")
-    result = run_cli(study_args(tmp_path, space), tmp_path, script="sweeps/tune.py")
-    assert result.returncode == 2
-    assert "params.optimizer.lr_ebm: low=1.0 must be < high=0.1" in result.stderr
-    assert "space.yaml" in result.stderr
