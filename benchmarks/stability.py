@@ -2,6 +2,8 @@
 
     python benchmarks/stability.py                      # seeds 0-9, six datasets, both flows
     python benchmarks/stability.py --flows maf --seeds 0 1 2 --jobs 2 train.max_steps=1000
+    python benchmarks/stability.py --resume --out benchmarks/results/stability_glow.json
+    python benchmarks/stability.py --report benchmarks/results/stability_*.json
 
 Each job composes the default config (plus any overrides given), trains without MLflow, and
 records the final metrics, whether anything diverged, and the largest flow sample. Prints a
@@ -121,13 +123,36 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "stability.json"
     )
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the jobs already in --out; run the rest"
+    )
+    parser.add_argument(
+        "--report", nargs="+", type=Path, help="only print the table of these result files"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. train.max_steps=1000")
     args = parser.parse_args()
+    if args.report:
+        records = [r for path in args.report for r in json.loads(path.read_text())["runs"]]
+        print(summary_table(records))
+        return
+    records: list[dict] = []
+    if args.resume and args.out.exists():
+        saved = json.loads(args.out.read_text())
+        if saved["overrides"] != args.overrides:
+            raise SystemExit(
+                f"error: --resume: {args.out} was made with overrides {saved['overrides']}, "
+                f"not {args.overrides}"
+            )
+        records = saved["runs"]
+    done = {(r["flow"], r["dataset"], r["seed"]) for r in records}
     jobs = [
-        (f, d, s, args.overrides) for f in args.flows for d in args.datasets for s in args.seeds
+        (f, d, s, args.overrides)
+        for f in args.flows
+        for d in args.datasets
+        for s in args.seeds
+        if (f, d, s) not in done
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    records: list[dict] = []
     with mp.get_context("spawn").Pool(args.jobs) as pool:
         # Written after every job, so a sweep stopped half-way keeps what it measured.
         for record in pool.imap_unordered(one_job, jobs, chunksize=1):

@@ -2,7 +2,8 @@
 
 Files are ``<dir>/step_<N>.pt``; each is written to a temporary file in the same directory,
 flushed to disk, then renamed over its final name (atomic on POSIX). The two newest are kept,
-so that if the newest is unreadable the one before it is still there.
+so that if the newest is unreadable the one before it is still there. A temporary file left by
+a writer killed mid-save is removed by the next save.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ def save(state: dict[str, Any], directory: Path, step: int) -> Path:
         raise
     for old in list_checkpoints(directory)[:-KEEP]:
         old.unlink(missing_ok=True)
+    # A writer killed with SIGKILL mid-save leaves its temporary file; one process writes a
+    # run's checkpoints, so any other temporary file here is such a leftover.
+    for leftover in directory.glob(".step_*.pt.tmp"):
+        leftover.unlink(missing_ok=True)
     return path
 
 

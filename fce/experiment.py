@@ -108,24 +108,52 @@ def _select(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
-def load_resume(cfg: DictConfig) -> tuple[Path, dict[str, Any]] | None:
+@dataclass
+class Resume:
+    """Where a resumed run continues: its directory, and the checkpoint to load.
+
+    ``path`` and ``state`` are None for a run killed before its first checkpoint: it starts
+    again from step 0 in the same directory, as a new MLflow run.
+    """
+
+    output_dir: Path
+    path: Path | None = None
+    state: dict[str, Any] | None = None
+
+
+def _check_same_run(cfg: DictConfig, saved: DictConfig, source: str) -> None:
+    for key in RESUME_KEYS:
+        if _select(saved, key) != _select(cfg, key):
+            raise ConfigError(
+                f"train.resume={cfg.train.resume}: {source} has {key}="
+                f"{_select(saved, key)}, this run {key}={_select(cfg, key)}; they must match"
+            )
+
+
+def load_resume(cfg: DictConfig) -> Resume | None:
     """The checkpoint named by ``train.resume``, checked against this run's config."""
     if cfg.train.resume is None:
         return None
+    target = Path(cfg.train.resume).expanduser()
+    never_checkpointed = (
+        target.is_dir()
+        and (target / "config.yaml").is_file()
+        and not checkpoint.list_checkpoints(target / "checkpoints")
+        and not checkpoint.list_checkpoints(target)
+    )
+    if never_checkpointed:
+        saved = OmegaConf.load(target / "config.yaml")
+        _check_same_run(cfg, saved, str(target / "config.yaml"))
+        log.warning("%s has no checkpoint yet: starting again from step 0 there", target)
+        return Resume(target)
     try:
-        path, state, warnings = checkpoint.resolve(Path(cfg.train.resume).expanduser())
+        path, state, warnings = checkpoint.resolve(target)
     except checkpoint.CheckpointError as error:
         raise ConfigError(f"train.resume={cfg.train.resume}: {error}") from None
     for warning in warnings:
         log.warning(warning)
-    saved = OmegaConf.create(state["config"])
-    for key in RESUME_KEYS:
-        if _select(saved, key) != _select(cfg, key):
-            raise ConfigError(
-                f"train.resume={cfg.train.resume}: the checkpoint has {key}="
-                f"{_select(saved, key)}, this run {key}={_select(cfg, key)}; they must match"
-            )
-    return path, state
+    _check_same_run(cfg, OmegaConf.create(state["config"]), "the checkpoint")
+    return Resume(path.parent.parent, path, state)
 
 
 class StopRequest:
@@ -253,15 +281,20 @@ def run(cfg: DictConfig, context: RunContext) -> dict[str, float]:
     """
     started = time.perf_counter()
     resume = load_resume(cfg)
+    continued = resume is not None and resume.state is not None
     torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     trainer = build_trainer(cfg, device)
     # A resumed run keeps writing into the directory it started in.
-    output_dir = resume[0].parent.parent if resume else context.output_dir
+    output_dir = resume.output_dir if resume else context.output_dir
     checkpoint_dir = output_dir / "checkpoints"
-    if resume:
-        trainer.load_state_dict(resume[1]["trainer"])
-        log.info("resuming from %s at step %d", resume[0], trainer.step)
+    if continued:
+        trainer.load_state_dict(resume.state["trainer"])
+        log.info("resuming from %s at step %d", resume.path, trainer.step)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"output directory {output_dir}: {error.strerror}") from None
 
     uri = cfg.tracking.uri or default_tracking_uri(context.project_root)
     tags = {
@@ -276,7 +309,7 @@ def run(cfg: DictConfig, context: RunContext) -> dict[str, float]:
             uri,
             cfg.tracking.experiment,
             run_name=cfg.tracking.run_name or run_name(cfg),
-            run_id=resume[1]["mlflow_run_id"] if resume else None,
+            run_id=resume.state["mlflow_run_id"] if continued else None,
             tags=tags,
         )
     except TrackingError as error:
@@ -290,11 +323,12 @@ def run(cfg: DictConfig, context: RunContext) -> dict[str, float]:
     # in the middle of a store write, so the run always ends with a status.
     with deferred_interrupts() as stop:
         try:
-            if not resume:
-                tracker.log_params(flatten(resolved))
+            if not continued:
+                # First: a run dir with config.yaml and no checkpoint is one killed early,
+                # which ``train.resume`` starts again in place.
                 config_file = output_dir / "config.yaml"
-                output_dir.mkdir(parents=True, exist_ok=True)
                 config_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+                tracker.log_params(flatten(resolved))
                 tracker.log_artifact(config_file)
 
             def save_checkpoint(t: FCETrainer) -> Path:

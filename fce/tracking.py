@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
+import os
+import socket
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # matplotlib loads only where a figure is drawn
     from matplotlib.figure import Figure
+
+log = logging.getLogger("fce")
 
 
 class Tracker(Protocol):
@@ -152,6 +157,69 @@ def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
         ) from None
 
 
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) of a process, from Linux's /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], fields[19]
+
+
+def process_identity() -> dict[str, str]:
+    """Run tags that let a later process tell whether this one is still alive."""
+    stat = _proc_stat(os.getpid())
+    return {
+        "fce.host": socket.gethostname(),
+        "fce.pid": str(os.getpid()),
+        "fce.pid_start": stat[1] if stat else "",
+    }
+
+
+def process_gone(pid: int, started: str) -> bool:
+    """True when ``pid`` has exited (a zombie counts) or now names another process."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, owned by another user
+    stat = _proc_stat(pid)
+    if stat is None:
+        return False  # no /proc here: trust the signal check
+    state, start = stat
+    return state == "Z" or (bool(started) and start != started)
+
+
+def reconcile_dead_runs(client: Any, experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of this host whose process is gone; return their ids.
+
+    A run killed with SIGKILL (or by the out-of-memory killer, or a lost node) never ends its
+    MLflow run; without this it would stay RUNNING for ever. Only runs of this host can be
+    checked: a pid means nothing elsewhere.
+    """
+    host = socket.gethostname()
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`fce.host` = '{host}'",
+        max_results=1000,
+    )
+    ended = []
+    for run in found:
+        pid, started = run.data.tags.get("fce.pid"), run.data.tags.get("fce.pid_start", "")
+        if not pid or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        if not process_gone(int(pid), started):
+            continue
+        now = client.get_run(run.info.run_id)  # a resume may have taken it over meanwhile
+        if now.info.status != "RUNNING" or now.data.tags.get("fce.pid") != pid:
+            continue
+        client.set_tag(run.info.run_id, "fce.ended_by", f"process {pid} gone; reconciled")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        ended.append(run.info.run_id)
+    return ended
+
+
 class MLflowTracker:
     """One MLflow run, written through ``MlflowClient`` (no fluent global state, so it is safe
     in parallel processes), metrics in batches. The only module that imports mlflow.
@@ -170,18 +238,26 @@ class MLflowTracker:
         from mlflow.tracking import MlflowClient
 
         check_reachable(uri)
+        tags = {**(tags or {}), **process_identity()}
         try:
+            # Under the lock, so that no other process reconciles between our check of the
+            # store and the identity tags of the run we start or resume.
             with store_lock(uri):
                 self.client = MlflowClient(tracking_uri=uri)
                 if run_id is not None:
                     # Resume: the same run continues; it must exist in this store.
-                    self.run_id = self.client.get_run(run_id).info.run_id
-                    self.client.update_run(self.run_id, status="RUNNING")
+                    resumed = self.client.get_run(run_id).info
+                    experiment_id = resumed.experiment_id
                 else:
                     experiment_id = self._experiment_id(uri, experiment)
-                    run = self.client.create_run(
-                        experiment_id, run_name=run_name, tags=dict(tags or {})
-                    )
+                for ended in reconcile_dead_runs(self.client, experiment_id):
+                    log.warning("MLflow run %s: its process is gone; marked KILLED", ended)
+                if run_id is not None:
+                    self.run_id = resumed.run_id
+                    self.set_tags(tags)
+                    self.client.update_run(self.run_id, status="RUNNING")
+                else:
+                    run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
                     self.run_id = run.info.run_id
         except Exception as error:  # any store failure: one line for the user, not a trace
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
@@ -189,8 +265,6 @@ class MLflowTracker:
             raise TrackingError(
                 f"tracking.uri={uri}: cannot open the MLflow {what} ({reason})"
             ) from None
-        if tags and run_id is not None:
-            self.set_tags(tags)
 
     def _experiment_id(self, uri: str, name: str) -> str:
         from mlflow.exceptions import MlflowException

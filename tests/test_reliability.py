@@ -4,7 +4,12 @@ determinism. Every test runs the real commands against temporary stores."""
 from __future__ import annotations
 
 import re
+import shutil
+import signal
+import socket
 import sqlite3
+import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -12,10 +17,26 @@ import pytest
 import torch
 
 from fce import checkpoint
-from tests.helpers import run_cli
+from tests.helpers import run_cli, runs, start_cli, store_uri
 
 TUNE = "sweeps/tune.py"
 TL = "sweep=threshold_lr"
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its tables made: copied per test, it saves each test the
+    seconds MLflow takes to create them."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def copy_store(template: Path, directory: Path) -> str:
+    shutil.copyfile(template, directory / "mlflow.db")
+    return store_uri(directory)
 
 
 # --- bad input ----------------------------------------------------------------------------------
@@ -240,3 +261,191 @@ def test_bad_input_is_one_line_and_leaves_every_store_as_it_was(tmp_path, script
         assert kept_trials(storage) == kept
         with sqlite3.connect(tmp_path / "optuna.db") as connection:
             assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+# --- SIGKILL, then resume -----------------------------------------------------------------------
+
+# Default model sizes at batch 1000: about 50 steps/s here, so each kill point below is a window
+# of a second or more, which the watcher hits reliably.
+KILL_RUN = [
+    "dataset.n_samples=20000",
+    "train.batch_size=1000",
+    "train.max_steps=150",
+    "train.eval_every=25",
+    "train.plot_every=0",
+    "train.checkpoint_every=50",
+    "eval.n_points=1000",
+    "eval.grid_cells=32",
+    "progress=log",
+]
+
+
+class Watched:
+    """A command whose output is read as it comes, so that a test can act at a point of it."""
+
+    def __init__(self, args: list[str], cwd: Path, script: str = "run.py") -> None:
+        self.proc = start_cli(args, cwd, script)
+        self.lines: list[str] = []
+        self.readers = [
+            threading.Thread(target=self._read, args=(stream,), daemon=True)
+            for stream in (self.proc.stdout, self.proc.stderr)
+        ]
+        for reader in self.readers:
+            reader.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.append(line)
+
+    def saw(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+    def last_step(self) -> int:
+        steps = [int(m.group(1)) for line in self.lines if (m := re.search(r"step (\d+)/", line))]
+        return max(steps, default=0)
+
+    def wait_until(self, condition, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.proc.poll() is None, "".join(self.lines)
+            assert time.monotonic() < deadline, "".join(self.lines)
+            time.sleep(0.005)
+
+    def kill(self) -> str:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        for reader in self.readers:
+            reader.join(timeout=10)
+        return "".join(self.lines)
+
+
+def histories(uri: str, run_id: str) -> dict[str, dict[int, set[float]]]:
+    """Every metric of a run, step by step (a step logged twice, before a kill and after the
+    resume, must have had the same value both times: then its set holds one value)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    names = [n for n in client.get_run(run_id).data.metrics if n != "wall_time_s"]
+    found: dict[str, dict[int, set[float]]] = {}
+    for name in names:
+        for metric in client.get_metric_history(run_id, name):
+            found.setdefault(name, {}).setdefault(metric.step, set()).add(metric.value)
+    return found
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, empty_store) -> tuple[Path, dict]:
+    """One store for the module, and the metrics of the run left alone."""
+    root = tmp_path_factory.mktemp("kills")
+    uri = copy_store(empty_store, root)
+    args = [*KILL_RUN, f"tracking.uri={uri}", "tracking.experiment=uninterrupted"]
+    result = run_cli([*args, f"hydra.run.dir={root / 'uninterrupted'}"], cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, (run,) = runs(uri, "uninterrupted")
+    return root, histories(uri, run.info.run_id)
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return [
+        int(p.stem.split("_")[1]) for p in checkpoint.list_checkpoints(run_dir / "checkpoints")
+    ]
+
+
+# (kill when, newest checkpoint on disk at the kill)
+KILL_POINTS = {
+    "before-the-first-checkpoint": (lambda w, d: w.saw("ready in"), None),
+    "between-checkpoints": (lambda w, d: 50 in checkpoint_steps(d) and w.last_step() > 55, 50),
+    "right-after-a-checkpoint": (lambda w, d: 100 in checkpoint_steps(d), 100),
+    "during-the-final-logging": (lambda w, d: 150 in checkpoint_steps(d), 150),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_sigkill_then_resume_ends_with_the_uninterrupted_metrics(uninterrupted, point):
+    root, expected = uninterrupted
+    uri, experiment = store_uri(root), f"killed-{point}"
+    args = [*KILL_RUN, f"tracking.uri={uri}", f"tracking.experiment={experiment}"]
+    run_dir = root / point / "run"
+    when, newest = KILL_POINTS[point]
+
+    watched = Watched([*args, f"hydra.run.dir={run_dir}"], cwd=root)
+    watched.wait_until(lambda: when(watched, run_dir))
+    output = watched.kill()
+    assert watched.proc.returncode == -signal.SIGKILL, output
+    steps = checkpoint_steps(run_dir)
+    assert (steps[-1] if steps else None) == newest, (steps, output)  # killed where intended
+    client, (killed,) = runs(uri, experiment)
+    assert killed.info.status == "RUNNING"  # nothing could end it: SIGKILL is not catchable
+
+    resume = [*args, f"train.resume={run_dir}", f"hydra.run.dir={root / point / 'resume'}"]
+    result = run_cli(resume, cwd=root)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert not list(run_dir.rglob("*.tmp"))
+    _, found = runs(uri, experiment)
+    if newest is None:
+        # No checkpoint yet: the run starts again from step 0 in its directory, as a new
+        # MLflow run; the killed one is reconciled to KILLED when the store is next opened.
+        assert "has no checkpoint yet: starting again from step 0" in result.stdout
+        by_id = {r.info.run_id: r for r in found}
+        assert by_id.pop(killed.info.run_id).info.status == "KILLED"
+        (resumed,) = by_id.values()
+        assert client.get_run(killed.info.run_id).data.tags["fce.ended_by"].startswith("process")
+    else:
+        (resumed,) = found  # the same MLflow run goes on
+        assert resumed.info.run_id == killed.info.run_id
+    assert resumed.info.status == "FINISHED"
+    assert checkpoint_steps(run_dir)[-1] == 150
+    assert histories(uri, resumed.info.run_id) == expected
+
+
+def proc_stat(pid: int) -> list[str]:
+    """Fields 3 onwards of /proc/<pid>/stat: state first, start time at index 19."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def test_runs_whose_process_is_gone_are_marked_killed_by_the_next_start(tmp_path, empty_store):
+    """Host and pid are run tags; a new run against the store ends the dead ones."""
+    from mlflow.tracking import MlflowClient
+
+    from fce.tracking import MLflowTracker, process_identity
+
+    uri = copy_store(empty_store, tmp_path)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("fce")
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    zombie = subprocess.Popen(["true"])  # exits, and stays unreaped while we hold it
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        while proc_stat(zombie.pid)[0] != "Z":
+            time.sleep(0.01)
+        alive_identity = {"fce.host": socket.gethostname(), "fce.pid": str(alive.pid)}
+        stat = proc_stat(alive.pid)
+        tags = {
+            "exited": {**alive_identity, "fce.pid": str(exited.pid)},
+            "zombie": {**alive_identity, "fce.pid": str(zombie.pid)},
+            "alive": {**alive_identity, "fce.pid_start": stat[19]},
+            "pid reused": {**alive_identity, "fce.pid_start": str(int(stat[19]) - 1)},
+            "other host": {**alive_identity, "fce.host": "elsewhere", "fce.pid": str(exited.pid)},
+            "untagged": {},
+        }
+        ids = {k: client.create_run(experiment, tags=t).info.run_id for k, t in tags.items()}
+
+        tracker = MLflowTracker(uri, "fce", run_name="next")
+
+        status = {k: client.get_run(i).info.status for k, i in ids.items()}
+        assert status == {
+            "exited": "KILLED",
+            "zombie": "KILLED",
+            "alive": "RUNNING",
+            "pid reused": "KILLED",
+            "other host": "RUNNING",
+            "untagged": "RUNNING",
+        }
+        mine = client.get_run(tracker.run_id).data.tags
+        assert {k: mine[k] for k in process_identity()} == process_identity()
+    finally:
+        alive.kill()
+        alive.wait()
+        zombie.wait()
