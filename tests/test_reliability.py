@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fce import checkpoint
-from tests.helpers import run_cli, runs, start_cli, store_uri
+from tests.helpers import TINY, TINY_FLOW, run_cli, runs, start_cli, store_uri
 
 TUNE = "sweeps/tune.py"
 TL = "sweep=threshold_lr"
@@ -449,3 +449,90 @@ def test_runs_whose_process_is_gone_are_marked_killed_by_the_next_start(tmp_path
         alive.kill()
         alive.wait()
         zombie.wait()
+
+
+# --- four processes on one store ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_four_processes_on_one_store_record_every_run_and_trial(tmp_path, empty_store):
+    """Two runs and a two-worker study at once, on one MLflow and one Optuna SQLite file, with
+    frequent writes: every run and trial ends with its status, no "database is locked"."""
+    import optuna
+
+    uri, storage = copy_store(empty_store, tmp_path), f"sqlite:///{tmp_path / 'optuna.db'}"
+    busy = [*TINY, *TINY_FLOW["glow"], "train.eval_every=5", "train.checkpoint_every=10"]
+    busy = [*busy, f"tracking.uri={uri}"]
+    commands = [
+        ([*busy, "seed=0", f"hydra.run.dir={tmp_path / 'run0'}"], "run.py"),
+        ([*busy, "seed=1", f"hydra.run.dir={tmp_path / 'run1'}"], "run.py"),
+        (
+            [
+                "sweep=threshold_lr",
+                *busy,
+                f"sweep.storage={storage}",
+                "sweep.study_name=together",
+                "sweep.n_trials=4",
+                "sweep.n_jobs=2",
+                "sweep.sampler=random",
+                "sweep.pruner=none",
+            ],
+            TUNE,
+        ),
+    ]
+    procs = [start_cli(args, tmp_path, script) for args, script in commands]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for proc, (stdout, stderr) in zip(procs, outputs):
+        assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
+        assert "database is locked" not in stdout + stderr
+        assert "Traceback" not in stdout + stderr
+
+    study = optuna.load_study(study_name="together", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+    _, found = runs(uri)
+    assert len(found) == 2 + 1 + 4  # two runs, the study's parent run and four trials
+    assert {r.info.status for r in found} == {"FINISHED"}
+    trials = {r.data.tags.get("optuna.trial") for r in found} - {None}
+    assert trials == {"0", "1", "2", "3"}
+    for run in found:  # every run has its whole history, nothing dropped by a busy store
+        if "optuna.study" in run.data.tags and "optuna.trial" not in run.data.tags:
+            continue  # the parent
+        assert len(runs_history(uri, run.info.run_id, "value")) == 60
+        assert sorted(runs_history(uri, run.info.run_id, "nll_ebm")) == list(range(0, 61, 5))
+
+
+def runs_history(uri: str, run_id: str, name: str) -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    return [m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, name)]
+
+
+# --- determinism --------------------------------------------------------------------------------
+
+
+def test_same_seed_and_config_give_identical_metrics_in_two_processes(tmp_path, empty_store):
+    """On CPU, bit for bit: every logged value at every step, and the final parameters."""
+    uri = copy_store(empty_store, tmp_path)
+    args = [*TINY, *TINY_FLOW["maf"], "flow=maf", "train.plot_every=0", f"tracking.uri={uri}"]
+    procs = [
+        start_cli(
+            [*args, f"tracking.experiment=twin{k}", f"hydra.run.dir={tmp_path / str(k)}"], tmp_path
+        )
+        for k in (0, 1)
+    ]
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stdout[-2000:] + stderr[-2000:]
+    (first,), (second,) = runs(uri, "twin0")[1], runs(uri, "twin1")[1]
+    assert first.info.run_id != second.info.run_id
+    first_history = histories(uri, first.info.run_id)
+    assert {"value", "acc", "nll_ebm", "nll_flow"} <= set(first_history)
+    assert first_history == histories(uri, second.info.run_id)
+    states = [
+        checkpoint.load(checkpoint.list_checkpoints(tmp_path / str(k) / "checkpoints")[-1])
+        for k in (0, 1)
+    ]
+    for part in ("ebm", "flow"):
+        a, b = states[0]["trainer"][part], states[1]["trainer"][part]
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[key], b[key]) for key in a), part
