@@ -20,7 +20,7 @@ from fce import checkpoint
 from tests.helpers import TINY, TINY_FLOW, run_cli, runs, start_cli, store_uri
 
 TUNE = "sweeps/tune.py"
-TL = "sweep=threshold_lr"
+A_SPACE = "sweep=threshold_lr"
 
 
 @pytest.fixture(scope="session")
@@ -119,18 +119,42 @@ RUN_BAD_INPUTS = [
 SWEEP_BAD_INPUTS = [
     ("sweep-missing", [], "sweep=<space> is required once; choose one of:"),
     ("sweep-unknown", ["sweep=nosuch"], "sweep=nosuch: no search space"),
-    ("n-trials-zero", [TL, "sweep.n_trials=0"], "sweep.n_trials=0: must be an integer >= 1"),
-    ("n-trials-negative", [TL, "sweep.n_trials=-3"], "sweep.n_trials=-3: must be an integer >= 1"),
-    ("n-trials-type", [TL, "sweep.n_trials=abc"], "sweep.n_trials='abc': must be an integer >= 1"),
-    ("sweep-pruner", [TL, "sweep.pruner=magic"], "sweep.pruner='magic': choose one of: median"),
+    ("n-trials-zero", [A_SPACE, "sweep.n_trials=0"], "sweep.n_trials=0: must be an integer >= 1"),
+    (
+        "n-trials-negative",
+        [A_SPACE, "sweep.n_trials=-3"],
+        "sweep.n_trials=-3: must be an integer >= 1",
+    ),
+    (
+        "n-trials-type",
+        [A_SPACE, "sweep.n_trials=abc"],
+        "sweep.n_trials='abc': must be an integer >= 1",
+    ),
+    (
+        "sweep-pruner",
+        [A_SPACE, "sweep.pruner=magic"],
+        "sweep.pruner='magic': choose one of: median",
+    ),
     (
         "sweep-objective",
-        [TL, "sweep.objective=accuracy"],
+        [A_SPACE, "sweep.objective=accuracy"],
         "sweep.objective='accuracy': choose one",
     ),
-    ("sweep-unknown-key", [TL, "sweep.bogus.key=1"], "sweep.bogus: unknown setting; the settings"),
-    ("sweep-run-dataset", [TL, "dataset=moons"], "dataset=moons: unknown dataset; choose one of"),
-    ("sweep-run-type", [TL, "train.batch_size=abc"], "train.batch_size=abc; Value 'abc' of type"),
+    (
+        "sweep-unknown-key",
+        [A_SPACE, "sweep.bogus.key=1"],
+        "sweep.bogus: unknown setting; the settings",
+    ),
+    (
+        "sweep-run-dataset",
+        [A_SPACE, "dataset=moons"],
+        "dataset=moons: unknown dataset; choose one of",
+    ),
+    (
+        "sweep-run-type",
+        [A_SPACE, "train.batch_size=abc"],
+        "train.batch_size=abc; Value 'abc' of type",
+    ),
     (
         "space-low-over-high",
         ["sweep={tmp}/low_high.yaml"],
@@ -153,17 +177,17 @@ SWEEP_BAD_INPUTS = [
     ),
     (
         "sweep-tracking-unreachable",
-        [TL, "tracking.uri=http://127.0.0.1:9"],
+        [A_SPACE, "tracking.uri=http://127.0.0.1:9"],
         "tracking.uri=http://127.0.0.1:9: no MLflow server answers",
     ),
     (
         "sweep-storage-unknown-kind",
-        [TL, "sweep.storage=nosuchdb://host/optuna"],
+        [A_SPACE, "sweep.storage=nosuchdb://host/optuna"],
         "sweep.storage=nosuchdb://host/optuna: cannot open the Optuna storage (Can't load plugin",
     ),
     (
         "sweep-storage-under-a-file",
-        [TL, "sweep.storage=sqlite:///{tmp}/afile/optuna.db"],
+        [A_SPACE, "sweep.storage=sqlite:///{tmp}/afile/optuna.db"],
         "sweep.storage=sqlite:///{tmp}/afile/optuna.db: {tmp}/afile is a file, not a directory",
     ),
 ]
