@@ -56,6 +56,7 @@ def load_trainer(run_id: str, uri: str | None):
     import torch
     from omegaconf import OmegaConf
 
+    from fce.config import upgrade
     from fce.experiment import build_trainer
 
     client = _client(uri)
@@ -63,10 +64,7 @@ def load_trainer(run_id: str, uri: str | None):
     with tempfile.TemporaryDirectory() as tmp:
         path = client.download_artifacts(run_id, artifact, tmp)
         state = torch.load(path, map_location="cpu", weights_only=True)
-    config = OmegaConf.create(state["config"])
-    if "estimator" not in config:  # logged before the estimator group existed: FCE
-        config.estimator = {"name": "fce"}
-    trainer = build_trainer(config, torch.device("cpu"))
+    trainer = build_trainer(upgrade(OmegaConf.create(state["config"])), torch.device("cpu"))
     trainer.load_state_dict(state["trainer"])
     return trainer
 

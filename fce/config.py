@@ -159,6 +159,13 @@ class FCEConfig:
     progress: str = "auto"
 
 
+def upgrade(saved: DictConfig) -> DictConfig:
+    """A config saved by an older fce, with the defaults of keys added since (in place)."""
+    if "estimator" not in saved:  # before the estimator group, every run was FCE
+        saved.estimator = {"name": "fce"}
+    return saved
+
+
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (called once, from the entry points)."""
     from hydra.core.config_store import ConfigStore

@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fce import checkpoint
-from fce.config import ConfigError
+from fce.config import ConfigError, upgrade
 from fce.data import get_dataset, make_generator
 from fce.ebm import EBM
 from fce.flows import Flow, Gaussian
@@ -142,7 +142,7 @@ def load_resume(cfg: DictConfig) -> Resume | None:
         and not checkpoint.list_checkpoints(target)
     )
     if never_checkpointed:
-        saved = OmegaConf.load(target / "config.yaml")
+        saved = upgrade(OmegaConf.load(target / "config.yaml"))
         _check_same_run(cfg, saved, str(target / "config.yaml"))
         log.warning("%s has no checkpoint yet: starting again from step 0 there", target)
         return Resume(target)
@@ -152,7 +152,7 @@ def load_resume(cfg: DictConfig) -> Resume | None:
         raise ConfigError(f"train.resume={cfg.train.resume}: {error}") from None
     for warning in warnings:
         log.warning(warning)
-    _check_same_run(cfg, OmegaConf.create(state["config"]), "the checkpoint")
+    _check_same_run(cfg, upgrade(OmegaConf.create(state["config"])), "the checkpoint")
     return Resume(path.parent.parent, path, state)
 
 

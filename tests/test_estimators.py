@@ -7,6 +7,7 @@ log-normaliser (c -> log Z), and the MLE flow recovers the Gaussian itself.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -179,3 +180,32 @@ def test_a_study_of_flow_mle_needs_an_objective_the_flow_reports(tmp_path):
         "error: sweep.objective=nll_ebm: estimator=flow_mle trains no EBM; "
         "choose one of: nll_flow, nll_data, kl_data_flow"
     )
+
+
+def test_a_checkpoint_saved_before_the_estimator_group_still_resumes(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from fce import checkpoint
+    from fce.config import register_configs
+    from fce.experiment import load_resume
+    from tests.helpers import ROOT
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", [*TINY, f"train.resume={tmp_path / 'run'}"])
+    old = OmegaConf.to_container(cfg, resolve=True)
+    del old["estimator"]  # what fce wrote before estimators existed
+    checkpoint.save(
+        {"config": old, "trainer": {}, "mlflow_run_id": "x"}, tmp_path / "run" / "checkpoints", 5
+    )
+    resume = load_resume(cfg)
+    assert resume is not None and resume.state["config"] == old
+    # ... and only an FCE run may continue it.
+    cfg.estimator = {"name": "nce", "noise": "gaussian", "noise_checkpoint": None}
+    with pytest.raises(
+        ValueError, match=re.escape("the checkpoint has estimator={'name': 'fce'}")
+    ):
+        load_resume(cfg)
