@@ -3,6 +3,7 @@
     python benchmarks/speed.py                 # a table
     python benchmarks/speed.py --json          # one JSON object
     python benchmarks/speed.py --skip-run      # without timing the default `python run.py`
+    python benchmarks/speed.py --run-only      # only the default `python run.py`
 
 For each flow at the reference sizes (EBM 2-128-128-1; Glow 10 steps of width 64; MAF 5
 blocks of 100 with two hidden layers), batch 1000, 8gaussians, the default config otherwise:
@@ -13,7 +14,9 @@ blocks of 100 with two hidden layers), batch 1000, 8gaussians, the default confi
 - matmul_flops_per_s: a float32 (1000, 64) @ (64, 64) matmul, same process, same threads;
 - efficiency = steps_per_s * flops_per_step / matmul_flops_per_s;
 - eval_overhead: share of wall time spent evaluating at the default eval_every.
-And the default `python run.py`: wall time, time to the first training step, peak memory.
+And the default `python run.py`: wall time, time to the first training step, and peak resident
+memory (getrusage(RUSAGE_CHILDREN).ru_maxrss once it has exited: the script starts no other
+child, so this is the run's own high-water mark).
 """
 
 from __future__ import annotations
@@ -196,13 +199,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="timed training steps per flow")
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--skip-run", action="store_true", help="do not time `python run.py`")
+    parser.add_argument(
+        "--run-only", action="store_true", help="only time `python run.py` (no per-flow table)"
+    )
     parser.add_argument("--flows", nargs="+", default=["glow", "maf"], choices=["glow", "maf"])
     parser.add_argument(
         "overrides", nargs="*", help="config overrides, e.g. optimizer.fused=false"
     )
     args = parser.parse_args()
+    if args.run_only and args.skip_run:
+        parser.error("--run-only and --skip-run exclude each other")
     flows = [
-        measure_flow(f, args.threads, args.steps, args.warmup, args.overrides) for f in args.flows
+        measure_flow(f, args.threads, args.steps, args.warmup, args.overrides)
+        for f in ([] if args.run_only else args.flows)
     ]
     report: dict = {"flows": {f["flow"]: f for f in flows}}
     if not args.skip_run:
@@ -224,18 +233,21 @@ def main() -> None:
         "efficiency",
         "eval_overhead",
     )
-    print(f"{'':22s}" + "".join(f"{f['flow']:>14s}" for f in flows))
-    for key in keys:
-        cells = []
-        for f in flows:
-            v = f[key]
-            cells.append(f"{v:14.3g}" if isinstance(v, float) else f"{v:14d}")
-        print(f"{key:22s}" + "".join(cells))
+    if flows:
+        print(f"{'':22s}" + "".join(f"{f['flow']:>14s}" for f in flows))
+        for key in keys:
+            cells = []
+            for f in flows:
+                v = f[key]
+                cells.append(f"{v:14.3g}" if isinstance(v, float) else f"{v:14d}")
+            print(f"{key:22s}" + "".join(cells))
     if "default_run" in report:
         run = report["default_run"]
+        first = run["run_time_to_first_step_s"]
         print(
             f"\npython run.py: {run['run_wall_s']:.0f} s wall, first step after "
-            f"{run['run_time_to_first_step_s']} s, peak RSS {run['run_peak_rss_gib']:.2f} GiB"
+            f"{'?' if first is None else f'{first:.1f}'} s, "
+            f"peak RSS {run['run_peak_rss_gib']:.3f} GiB"
         )
 
 
