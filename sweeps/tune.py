@@ -11,7 +11,11 @@ Search spaces are sweeps/spaces/<space>.yaml; study settings are sweeps/defaults
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,9 +61,39 @@ def setup_logging() -> None:
     )
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (``kill``, a scheduler's stop) ends the study the way Ctrl-C does.
+
+    By default it would end the driver at once and leave its workers training, orphaned.
+    Raised as ``RunInterrupted`` (a KeyboardInterrupt): the driver stops its workers, the
+    parent run ends KILLED, and the exit code is 143. During a trial in this process, the
+    run's own handler takes over and stops at the next step boundary.
+    """
+    from fce.experiment import RunInterrupted
+
+    def handler(signum: int, _frame: object) -> None:
+        raise RunInterrupted(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def watch_parent(interval_s: float = 2.0) -> None:
+    """A worker whose driver died (even by SIGKILL) stops itself as if sent SIGTERM."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
+
+
 def worker_entry(plan, worker: int, n_trials: int) -> None:
     """One worker process of a parallel study (spawned: a fresh interpreter)."""
     setup_logging()
+    stop_on_sigterm()
+    watch_parent()
     from fce.sweep import run_worker
 
     run_worker(plan, worker, n_trials, make_composer())
@@ -91,16 +125,17 @@ def main(argv: list[str]) -> None:
         # Only now the heavy imports (torch, optuna, mlflow).
         from fce.sweep import run_study
 
+        stop_on_sigterm()
         # Trial output directories sit under the working directory, as Hydra's do.
         sweep_root = Path.cwd().resolve() / "multirun" / "optuna"
         run_study(settings, run_overrides, compose, ROOT, CONF, sweep_root, worker_entry)
     except (ConfigError, TrackingError) as error:
         fail(str(error))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         print(
             "interrupted: finished trials are kept; rerun the command to continue", file=sys.stderr
         )
-        raise SystemExit(130) from None
+        raise SystemExit(getattr(interrupt, "exit_code", 130)) from None
 
 
 if __name__ == "__main__":

@@ -560,3 +560,80 @@ def test_same_seed_and_config_give_identical_metrics_in_two_processes(tmp_path, 
         a, b = states[0]["trainer"][part], states[1]["trainer"][part]
         assert a.keys() == b.keys()
         assert all(torch.equal(a[key], b[key]) for key in a), part
+
+
+# --- a study's driver stopped or killed ----------------------------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return proc_stat(pid)[0] != "Z"
+    except OSError:
+        return False
+
+
+def start_two_worker_study(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
+    """A 2-worker study of long trials, returned once both workers are training."""
+    args = [
+        "sweep=threshold_lr",
+        "sweep.n_trials=2",
+        "sweep.n_jobs=2",
+        f"sweep.storage=sqlite:///{tmp_path / 'optuna.db'}",
+        f"tracking.uri={store_uri(tmp_path)}",
+        *TINY,
+        *TINY_FLOW["glow"],
+        "train.max_steps=1000000",
+        "train.epochs=1000000",
+    ]
+    driver = start_cli(args, tmp_path, script="sweeps/tune.py")
+    deadline = time.monotonic() + 180
+    while len(list(tmp_path.glob("**/trial_*/config.yaml"))) < 2:
+        assert driver.poll() is None, driver.communicate()
+        assert time.monotonic() < deadline, "the workers never started training"
+        time.sleep(0.2)
+    workers = [p for p in children(driver.pid) if "spawn_main" in proc_cmdline(p)]
+    assert len(workers) == 2
+    return driver, workers
+
+
+def proc_cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def wait_gone(pids: list[int], seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [p for p in pids if alive(p)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_stopped_or_killed_driver_takes_its_workers_with_it(tmp_path, sig):
+    """SIGTERM ends the study like Ctrl-C (exit 143); even after SIGKILL no worker is left
+    training as an orphan: each notices, stops at a step boundary and marks its run KILLED."""
+    driver, workers = start_two_worker_study(tmp_path)
+    driver.send_signal(sig)
+    driver.communicate(timeout=60)
+    assert driver.returncode == (143 if sig == signal.SIGTERM else -signal.SIGKILL)
+    assert wait_gone(workers, 60) == []
+    _, found = runs(store_uri(tmp_path))
+    trials = [r for r in found if "mlflow.parentRunId" in r.data.tags]
+    assert len(trials) == 2 and {r.info.status for r in trials} == {"KILLED"}
+    if sig == signal.SIGTERM:  # the driver lived to end its parent run too
+        assert {r.info.status for r in found} == {"KILLED"}
