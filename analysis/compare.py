@@ -98,13 +98,14 @@ def comparison_figure(
 ) -> Figure:
     """Rows of Data | EBM (FCE) | EBM (NCE) | Flow (FCE) | Flow (MLE), each run's lowest seed."""
     from analysis.figures import load_trainer
+    from fce.plots import draw_density, draw_samples, finish_panel
+    from fce.train import PANEL_SAMPLES
 
     columns = [("fce", "ebm"), ("nce", "ebm"), ("fce", "flow"), ("flow_mle", "flow")]
     titles = ["Data", "EBM (FCE)", "EBM (NCE)", "Flow (FCE)", "Flow (MLE)"]
     present = [d for d in datasets if d in set(runs["dataset.name"])]
     fig = Figure(figsize=(12.5, 2.6 * len(present)), layout="constrained")
     axes = fig.subplots(len(present), len(titles), squeeze=False)
-    extent = (-limit, limit, -limit, limit)
     for dataset, row_axes in zip(present, axes):
         samples = None
         for ax, (estimator, model) in zip(row_axes[1:], columns):
@@ -113,24 +114,13 @@ def comparison_figure(
                 ax.set_facecolor("0.9")
                 continue
             trainer = load_trainer(match.sort_values("seed").iloc[0]["run_id"], uri)
-            samples = trainer.data[:100_000]
+            samples = trainer.data[:PANEL_SAMPLES]
             log_q, log_p = trainer.evaluator.grid_log_densities(trainer.ebm, trainer.flow)
-            density = (log_p if model == "ebm" else log_q).double().exp().numpy()
-            ax.imshow(density, origin="lower", extent=extent, cmap="jet", interpolation="nearest")
+            draw_density(ax, log_p if model == "ebm" else log_q, limit)
         if samples is not None:
-            points = samples.double().numpy()
-            row_axes[0].hist2d(
-                points[:, 0], points[:, 1], bins=256, range=[[-limit, limit]] * 2, cmap="jet"
-            )
+            draw_samples(row_axes[0], samples, limit)
         row_axes[0].set_ylabel(dataset, fontsize=12)
-    for ax, title in zip(axes[0], titles):
-        ax.set_title(title, fontsize=13)
-    for ax in axes.flat:
-        ax.set_xlim(-limit, limit)
-        ax.set_ylim(-limit, limit)
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
+    finish_panel(axes, titles, limit)
     return fig
 
 

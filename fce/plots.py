@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -36,17 +37,31 @@ def density_panel(
     """Rows of Data | Flow | EBM densities on [-limit, limit]^2, as in the reference figures."""
     fig = Figure(figsize=(9, 3 * len(rows)), layout="constrained")
     axes = fig.subplots(len(rows), 3, squeeze=False)
-    extent = (-limit, limit, -limit, limit)
     for row, (ax_data, ax_flow, ax_ebm) in zip(rows, axes, strict=True):
-        samples = row.samples.detach().cpu().double().numpy()
-        ax_data.hist2d(
-            samples[:, 0], samples[:, 1], bins=bins, range=[[-limit, limit]] * 2, cmap=CMAP
-        )
-        for ax, log_density in ((ax_flow, row.log_q_flow), (ax_ebm, row.log_p_ebm)):
-            density = np.exp(log_density.detach().cpu().double().numpy())
-            ax.imshow(density, origin="lower", extent=extent, cmap=CMAP, interpolation="nearest")
+        draw_samples(ax_data, row.samples, limit, bins)
+        draw_density(ax_flow, row.log_q_flow, limit)
+        draw_density(ax_ebm, row.log_p_ebm, limit)
         ax_data.set_ylabel(row.label, fontsize=12)
-    for ax, title in zip(axes[0], ("Data", flow_title, ebm_title), strict=True):
+    finish_panel(axes, ("Data", flow_title, ebm_title), limit)
+    return fig
+
+
+def draw_samples(ax: Axes, samples: Tensor, limit: float = 4.0, bins: int = 256) -> None:
+    """A 2-D histogram of samples on [-limit, limit]^2."""
+    points = samples.detach().cpu().double().numpy()
+    ax.hist2d(points[:, 0], points[:, 1], bins=bins, range=[[-limit, limit]] * 2, cmap=CMAP)
+
+
+def draw_density(ax: Axes, log_density: Tensor, limit: float = 4.0) -> None:
+    """exp of a (cells, cells) log-density on the grid over [-limit, limit]^2."""
+    density = np.exp(log_density.detach().cpu().double().numpy())
+    extent = (-limit, limit, -limit, limit)
+    ax.imshow(density, origin="lower", extent=extent, cmap=CMAP, interpolation="nearest")
+
+
+def finish_panel(axes: np.ndarray, titles: Sequence[str], limit: float = 4.0) -> None:
+    """Column titles on the first row; square, tick-free axes on [-limit, limit]^2."""
+    for ax, title in zip(axes[0], titles, strict=True):
         ax.set_title(title, fontsize=13)
     for ax in axes.flat:
         ax.set_xlim(-limit, limit)
@@ -54,7 +69,6 @@ def density_panel(
         ax.set_aspect("equal")
         ax.set_xticks([])
         ax.set_yticks([])
-    return fig
 
 
 def training_curves(
