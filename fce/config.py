@@ -55,6 +55,7 @@ class GlowConfig:
     n_steps: int = 10
     width: int = 64
     hidden_layers: int = 2
+    scale_bound: float = 10.0  # log s >= -scale_bound in every coupling
 
 
 @dataclass
@@ -163,6 +164,8 @@ def upgrade(saved: DictConfig) -> DictConfig:
     """A config saved by an older fce, with the defaults of keys added since (in place)."""
     if "estimator" not in saved:  # before the estimator group, every run was FCE
         saved.estimator = {"name": "fce"}
+    if saved.flow.name == "glow" and "scale_bound" not in saved.flow:
+        saved.flow.scale_bound = math.inf  # Glow's log-scale had no floor then
     return saved
 
 
@@ -253,8 +256,9 @@ def validate(cfg: DictConfig) -> None:
     flow_sizes = ("n_steps", "width") if cfg.flow.name == "glow" else ("n_blocks", "hidden")
     for key in (*flow_sizes, "hidden_layers"):
         _positive_int(cfg, f"flow.{key}")
-    if cfg.flow.name == "maf":
-        _positive_float(cfg, "flow.scale_bound")
+    bound = cfg.flow.scale_bound  # inf allowed: no bound (Glow before fce 0.2, the reference)
+    if not isinstance(bound, int | float) or not bound > 0:
+        raise ConfigError(f"flow.scale_bound={bound!r}: must be a positive number (or inf)")
     if not cfg.ebm.hidden or any(not isinstance(h, int) or h <= 0 for h in cfg.ebm.hidden):
         raise ConfigError(f"ebm.hidden={list(cfg.ebm.hidden)}: a non-empty list of positive ints")
     _positive_int(cfg, "threads")

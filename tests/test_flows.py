@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch.func import jacrev, vmap
 
 from fce.flows import FLOWS, MAF, Glow
 from fce.flows.base import standard_normal_log_prob
+from fce.flows.glow import AffineCoupling
 
 SMALL = {"glow": dict(n_steps=3, width=16), "maf": dict(n_blocks=3, hidden=16)}
 
@@ -145,3 +147,21 @@ def test_maf_log_scale_is_bounded():
             p.mul_(1e3)
     _, log_det = flow(points(256))
     assert log_det.abs().max() <= 2 * 2.0 + 1e-9
+
+
+@pytest.mark.parametrize("bound", [10.0, math.inf])
+def test_glow_log_scale_floor_keeps_far_samples_finite(bound):
+    # A conditioner extrapolating to a huge negative raw scale: sigmoid underflows to 0.
+    coupling = AffineCoupling(width=4, hidden_layers=1, scale_bound=bound)
+    with torch.no_grad():
+        coupling.out.bias.copy_(torch.tensor([0.0, -400.0]))
+    z = torch.tensor([[1.0, 0.5], [-2.0, 3.0]])
+    x, log_det = coupling.inverse(z)
+    if math.isinf(bound):  # Glow without the floor divides by zero
+        assert not torch.isfinite(x).all()
+        return
+    assert torch.isfinite(x).all()
+    torch.testing.assert_close(log_det, torch.full((2,), bound))
+    torch.testing.assert_close(x[:, 0], z[:, 0] * math.exp(bound))
+    back, _ = coupling(x)
+    torch.testing.assert_close(back, z)
