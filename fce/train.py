@@ -246,7 +246,7 @@ class FCETrainer:
             # One host sync per step, for the signal, the accuracy the rule needs to choose the
             # next move, and the norm of the parameters just updated (a NaN or Inf parameter
             # is caught at the step that made it, even when the loss was still finite).
-            param_norm = torch.nn.utils.get_total_norm(stepped.parameters())
+            param_norm = torch.nn.utils.get_total_norm(stepped.parameters(), foreach=True)
             synced = [value, param_norm.to(value.dtype)]
             if accuracy is not None:
                 synced.append(accuracy.to(value.dtype))
