@@ -77,7 +77,9 @@ def test_tune_command_composes_and_validates(args):
         "benchmarks/speed.py",
         "benchmarks/stability.py",
         "benchmarks/oracle_nll.py",
+        "benchmarks/scaling.py",
         "analysis/figures.py",
+        "sweeps/compare.py",
     ],
 )
 def test_scripts_the_readme_names_start(script):
