@@ -62,10 +62,25 @@ def verdict(a: pd.Series, b: pd.Series, names: tuple[str, str]) -> str:
     return names[0] if a["mean"] < b["mean"] else names[1]
 
 
+def seeds_won(runs: pd.DataFrame, dataset: str, other: str, metric: str) -> str:
+    """On how many seeds FCE's ``metric`` is lower than ``other``'s, of the seeds both ran.
+
+    Seeds pair the runs (the same training draw and initialisation), so this count is robust
+    to one run's outlier, which a mean and std are not.
+    """
+    part = runs[runs["dataset.name"] == dataset]
+    by_seed = part.pivot_table(index="seed", columns="estimator.name", values=metric)
+    if "fce" not in by_seed or other not in by_seed:
+        return "-"
+    both = by_seed[["fce", other]].dropna()
+    return f"{int((both['fce'] < both[other]).sum())}/{len(both)}"
+
+
 def comparison_table(runs: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
     """One row per dataset: each metric for each estimator as mean ± std, and who wins.
 
-    "EBM" compares nll_ebm of FCE and NCE, "flow" nll_flow of FCE's flow and the MLE flow.
+    "EBM" compares nll_ebm of FCE and NCE, "flow" nll_flow of FCE's flow and the MLE flow:
+    the winner by the means (or "tie"), and on how many seeds FCE did better.
     """
     rows = []
     for dataset in sorted(runs["dataset.name"].unique()):
@@ -78,8 +93,10 @@ def comparison_table(runs: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
             row[f"{metric} {LABELS[estimator]}"] = text
         stats = {e: _stats(runs, dataset, e, "nll_ebm") for e in ("fce", "nce")}
         row["EBM winner"] = verdict(stats["fce"], stats["nce"], ("FCE", "NCE"))
+        row["EBM: FCE better on"] = seeds_won(runs, dataset, "nce", "nll_ebm")
         stats = {e: _stats(runs, dataset, e, "nll_flow") for e in ("fce", "flow_mle")}
         row["flow winner"] = verdict(stats["fce"], stats["flow_mle"], ("FCE", "MLE"))
+        row["flow: FCE better on"] = seeds_won(runs, dataset, "flow_mle", "nll_flow")
         seeds = runs.loc[runs["dataset.name"] == dataset].groupby("estimator.name")["seed"]
         row["seeds"] = int(seeds.nunique().min())
         rows.append(row)

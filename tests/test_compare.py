@@ -28,6 +28,7 @@ def test_the_table_has_mean_and_std_per_estimator_and_names_the_winner():
     assert row["nll_flow MLE"] == "2.800 ± 0.010"
     assert row["nll_flow FCE"] == "3.000 ± 0.000"
     assert row["EBM winner"] == "FCE" and row["flow winner"] == "MLE"
+    assert row["EBM: FCE better on"] == "3/3" and row["flow: FCE better on"] == "0/3"
     assert row["kl_data_ebm FCE"] == "-"  # not logged in these runs
     assert row["seeds"] == 3 and row["nll_data"] == "2.600"
 
