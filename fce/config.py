@@ -256,7 +256,9 @@ def validate(cfg: DictConfig) -> None:
     flow_sizes = ("n_steps", "width") if cfg.flow.name == "glow" else ("n_blocks", "hidden")
     for key in (*flow_sizes, "hidden_layers"):
         _positive_int(cfg, f"flow.{key}")
-    bound = cfg.flow.scale_bound  # inf allowed: no bound (Glow before fce 0.2, the reference)
+    if cfg.flow.name == "maf":
+        _positive_float(cfg, "flow.scale_bound")
+    bound = cfg.flow.scale_bound  # Glow: inf is no floor, as in the reference's Glow
     if not isinstance(bound, int | float) or not bound > 0:
         raise ConfigError(f"flow.scale_bound={bound!r}: must be a positive number (or inf)")
     if not cfg.ebm.hidden or any(not isinstance(h, int) or h <= 0 for h in cfg.ebm.hidden):

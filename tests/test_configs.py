@@ -97,8 +97,14 @@ def test_every_option_composes_validates_and_builds(group, option):
         ("dataset.name=moons", r"dataset.name='moons': unknown; choose one of"),
         ("device=tpu", r"device='tpu': unknown; choose one of: auto, cpu, cuda"),
         ("threads=0", r"threads=0: must be a positive integer"),
+        ("flow.scale_bound=0", r"flow.scale_bound=0.0: must be a positive number \(or inf\)"),
+        ("flow=maf flow.scale_bound=inf", r"flow.scale_bound=inf: must be a positive number"),
     ],
 )
 def test_validation_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
-        validate(compose_cfg([override]))
+        validate(compose_cfg(override.split()))
+
+
+def test_glow_without_a_log_scale_floor_is_allowed():
+    validate(compose_cfg(["flow.scale_bound=inf"]))
