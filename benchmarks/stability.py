@@ -145,11 +145,12 @@ def main() -> None:
             )
         records = saved["runs"]
     done = {(r["flow"], r["dataset"], r["seed"]) for r in records}
+    # Seed-major order: a sweep stopped early has covered every dataset and flow equally.
     jobs = [
         (f, d, s, args.overrides)
+        for s in args.seeds
         for f in args.flows
         for d in args.datasets
-        for s in args.seeds
         if (f, d, s) not in done
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
