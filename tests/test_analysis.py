@@ -134,6 +134,6 @@ def test_figures_command_regenerates_figures_and_table(store, tmp_path):
     for name in ("fce-glow.png", "fce-maf.png", "curves-8gaussians.png", "results.md"):
         assert (tmp_path / name).stat().st_size > 0, name
     table = (tmp_path / "results.md").read_text()
-    assert "| 8gaussians | glow | fixed |" in table and "| 2 |" in table
+    assert "| 8gaussians | fce | glow | fixed |" in table and "| 2 |" in table
     header = table.splitlines()[0]
     assert "tv_ebm" in header and "kl_data_flow" in header  # recomputed from checkpoints
