@@ -248,7 +248,7 @@ def build_flow(cfg: DictConfig, train_data: torch.Tensor) -> Flow:
             _, state, _ = checkpoint.resolve(Path(estimator.noise_checkpoint).expanduser())
         except checkpoint.CheckpointError as error:
             raise ConfigError(f"{where}: {error}") from None
-        saved_flow = state["config"]["flow"]
+        saved_flow = _select(upgrade(OmegaConf.create(state["config"])), "flow")
         if saved_flow != _select(cfg, "flow"):
             raise ConfigError(
                 f"{where}: its flow is {saved_flow}, this run's flow={_select(cfg, 'flow')}; "
