@@ -165,3 +165,67 @@ def test_glow_log_scale_floor_keeps_far_samples_finite(bound):
     torch.testing.assert_close(x[:, 0], z[:, 0] * math.exp(bound))
     back, _ = coupling(x)
     torch.testing.assert_close(back, z)
+
+
+def assert_frozen_matches(flow: torch.nn.Module) -> None:
+    x, z = points(), torch.randn(64, 2, dtype=torch.float64)
+    z_before = z.clone()
+    frozen = flow.frozen()
+    log_q = frozen.log_prob(x)
+    samples, log_q_samples = frozen.transform_noise(z)
+    expected_samples, expected_log_q_samples = flow.transform_noise(z)
+    torch.testing.assert_close(log_q, flow.log_prob(x).detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(samples, expected_samples.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        log_q_samples, expected_log_q_samples.detach(), rtol=1e-10, atol=1e-10
+    )
+    assert torch.equal(z, z_before)  # the frozen passes work in place, but not on their input
+    assert not (log_q.requires_grad or samples.requires_grad or log_q_samples.requires_grad)
+
+
+def test_frozen_flow_equals_the_flow(flow):
+    assert_frozen_matches(flow)
+
+
+@pytest.mark.parametrize("hidden_layers", [1, 3])
+@pytest.mark.parametrize("bound", [2.0, math.inf])
+def test_frozen_glow_equals_glow_in_every_shape(hidden_layers, bound):
+    # Glow folds each step into plain tensors: check every branch of that folding, with a
+    # floor that binds (bound 2 under parameters perturbed by 0.1) and without one, and
+    # both LU permutations (the identity and the swap).
+    torch.manual_seed(1)
+    flow = Glow(n_steps=6, width=8, hidden_layers=hidden_layers, scale_bound=bound).double()
+    flow.data_init(1.5 * torch.randn(512, 2, dtype=torch.float64) + 0.3)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        for coupling in flow.transforms[2::3]:
+            if bound < math.inf:  # raw + 2 near -2: log s on both sides of the floor
+                coupling.out.bias[1] -= 4.0
+    perms = {tuple(lu.perm.argmax(1).tolist()) for lu in flow.transforms[1::3]}
+    assert perms == {(0, 1), (1, 0)}
+    if bound == 2.0:
+        _, log_s = flow.transforms[2]._shift_and_log_scale(points()[:, 1:])
+        assert (log_s == -2.0).any() and (log_s > -2.0).any()
+    assert_frozen_matches(flow)
+
+
+def test_frozen_flow_is_a_snapshot():
+    flow = make_flow("glow")
+    x = points()
+    frozen = flow.frozen()
+    before = frozen.log_prob(x)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1)
+    torch.testing.assert_close(frozen.log_prob(x), before, rtol=0, atol=0)
+    assert not torch.allclose(flow.frozen().log_prob(x), before)
+
+
+def test_frozen_glow_refuses_a_flow_whose_data_init_is_pending():
+    flow = Glow(n_steps=1, width=4)
+    for module in flow.modules():
+        if hasattr(module, "init_pending"):
+            module.init_pending = True
+    with pytest.raises(RuntimeError, match="data-dependent init"):
+        flow.frozen()

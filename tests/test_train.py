@@ -80,6 +80,33 @@ def test_flow_step_lowers_value_and_touches_only_the_flow(flow_name):
     assert all(p.requires_grad for p in trainer.ebm.parameters())
 
 
+@pytest.mark.parametrize("flow_name", sorted(FLOWS))
+def test_ebm_steps_see_the_flow_as_it_was_last_stepped(flow_name):
+    # The EBM's step reuses one frozen snapshot of the flow: it must be rebuilt whenever the
+    # flow changes (its step, its data init, a loaded state), or the EBM plays a stale flow.
+    trainer = make_trainer(flow_name)
+    x, z = fixed_batch(trainer)
+
+    def assert_current() -> None:
+        with torch.no_grad():
+            expected = trainer.flow.log_prob(x)
+        torch.testing.assert_close(trainer._frozen_flow().log_prob(x), expected)
+
+    trainer._ebm_step(x, z)  # a snapshot of the flow before its data init
+    trainer.total_steps = 0
+    trainer.run()  # runs the data init and the step-0 evaluation, takes no step
+    assert_current()
+    saved = copy.deepcopy(trainer.state_dict())
+    trainer._flow_step(x, z)
+    assert_current()
+    trainer.load_state_dict(saved)
+    assert_current()
+    trainer.opt_flow.zero_grad()
+    trainer._flow_step(x, z)
+    trainer._ebm_step(x, z)
+    assert_current()
+
+
 def test_game_starts_with_the_ebm_and_follows_the_threshold():
     tracker = MemoryTracker()
     trainer = make_trainer(rule=FixedThreshold(0.45), tracker=tracker, steps=60, lr=1e-2)

@@ -27,6 +27,27 @@ class Transform(nn.Module):
         raise NotImplementedError
 
 
+class FrozenFlow:
+    """A flow's gradient-free passes while its parameters stay fixed.
+
+    The EBM's steps and NCE's noise score data and draw samples through a flow that is not
+    being trained. This base version runs the flow itself under ``no_grad``; a flow whose
+    layers can be folded once into plain tensors (Glow) returns a faster one. It is a snapshot:
+    valid until the parameters change, so whoever changes them builds a new one.
+    """
+
+    def __init__(self, flow: Flow) -> None:
+        self.flow = flow
+
+    @torch.no_grad()
+    def log_prob(self, x: Tensor) -> Tensor:
+        return self.flow.log_prob(x)
+
+    @torch.no_grad()
+    def transform_noise(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return self.flow.transform_noise(z)
+
+
 class Flow(nn.Module):
     """q_alpha(x): a standard normal base pushed through a stack of transforms.
 
@@ -71,6 +92,10 @@ class Flow(nn.Module):
         ref = next(self.parameters())
         z = torch.randn(n, self.dim, generator=generator, device=ref.device, dtype=ref.dtype)
         return self.transform_noise(z)
+
+    def frozen(self) -> FrozenFlow:
+        """A snapshot for fast no-grad passes, valid until the parameters change."""
+        return FrozenFlow(self)
 
     @torch.no_grad()
     def data_init(self, x: Tensor) -> None:
