@@ -168,8 +168,9 @@ class FCETrainer:
         """Gradient descent on V over alpha, through the samples x~ = g(z) and log q."""
         with torch.no_grad():
             log_p_data = self.ebm(x)
-        log_q_data = self.flow.log_prob(x)
-        x_noise, log_q_noise = self.flow.transform_noise(z)
+        passes = self.flow.folded()  # Glow folds its weights once for both passes
+        log_q_data = passes.log_prob(x)
+        x_noise, log_q_noise = passes.transform_noise(z)
         # The EBM only passes gradients through to x~: no weight gradients are computed.
         self.ebm.requires_grad_(False)
         try:

@@ -167,29 +167,40 @@ def test_glow_log_scale_floor_keeps_far_samples_finite(bound):
     torch.testing.assert_close(back, z)
 
 
-def assert_frozen_matches(flow: torch.nn.Module) -> None:
+def assert_frozen_and_folded_match(flow: torch.nn.Module) -> None:
+    """``frozen()`` and ``folded()`` give the flow's own values, and ``folded()`` its gradients."""
     x, z = points(), torch.randn(64, 2, dtype=torch.float64)
     z_before = z.clone()
+    log_q = flow.log_prob(x)
+    samples, log_q_samples = flow.transform_noise(z)
+    close = dict(rtol=1e-10, atol=1e-10)
+
     frozen = flow.frozen()
-    log_q = frozen.log_prob(x)
-    samples, log_q_samples = frozen.transform_noise(z)
-    expected_samples, expected_log_q_samples = flow.transform_noise(z)
-    torch.testing.assert_close(log_q, flow.log_prob(x).detach(), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(samples, expected_samples.detach(), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(
-        log_q_samples, expected_log_q_samples.detach(), rtol=1e-10, atol=1e-10
-    )
+    frozen_outputs = (frozen.log_prob(x), *frozen.transform_noise(z))
+    for got, expected in zip(frozen_outputs, (log_q, samples, log_q_samples), strict=True):
+        torch.testing.assert_close(got, expected.detach(), **close)
+        assert not got.requires_grad
     assert torch.equal(z, z_before)  # the frozen passes work in place, but not on their input
-    assert not (log_q.requires_grad or samples.requires_grad or log_q_samples.requires_grad)
+
+    # A loss through both passes, as in a flow step: same value, same gradient everywhere.
+    def loss(passes) -> torch.Tensor:
+        x_noise, log_q_noise = passes.transform_noise(z)
+        return passes.log_prob(x).mean() + (x_noise.pow(2).sum(1) * log_q_noise).mean()
+
+    params = list(flow.parameters())
+    expected_grads = torch.autograd.grad(loss(flow), params)
+    folded_grads = torch.autograd.grad(loss(flow.folded()), params)
+    for p, got, expected in zip(params, folded_grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10, msg=str(p.shape))
 
 
-def test_frozen_flow_equals_the_flow(flow):
-    assert_frozen_matches(flow)
+def test_frozen_and_folded_flow_equal_the_flow(flow):
+    assert_frozen_and_folded_match(flow)
 
 
 @pytest.mark.parametrize("hidden_layers", [1, 3])
 @pytest.mark.parametrize("bound", [2.0, math.inf])
-def test_frozen_glow_equals_glow_in_every_shape(hidden_layers, bound):
+def test_frozen_and_folded_glow_equal_glow_in_every_shape(hidden_layers, bound):
     # Glow folds each step into plain tensors: check every branch of that folding, with a
     # floor that binds (bound 2 under parameters perturbed by 0.1) and without one, and
     # both LU permutations (the identity and the swap).
@@ -207,7 +218,7 @@ def test_frozen_glow_equals_glow_in_every_shape(hidden_layers, bound):
     if bound == 2.0:
         _, log_s = flow.transforms[2]._shift_and_log_scale(points()[:, 1:])
         assert (log_s == -2.0).any() and (log_s > -2.0).any()
-    assert_frozen_matches(flow)
+    assert_frozen_and_folded_match(flow)
 
 
 def test_frozen_flow_is_a_snapshot():
@@ -222,10 +233,10 @@ def test_frozen_flow_is_a_snapshot():
     assert not torch.allclose(flow.frozen().log_prob(x), before)
 
 
-def test_frozen_glow_refuses_a_flow_whose_data_init_is_pending():
+def test_folded_glow_refuses_a_flow_whose_data_init_is_pending():
     flow = Glow(n_steps=1, width=4)
     for module in flow.modules():
         if hasattr(module, "init_pending"):
             module.init_pending = True
     with pytest.raises(RuntimeError, match="data-dependent init"):
-        flow.frozen()
+        flow.folded()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -27,25 +28,33 @@ class Transform(nn.Module):
         raise NotImplementedError
 
 
+class FlowPasses(Protocol):
+    """The two passes FCE makes through a flow: exact log q, and samples with their log q."""
+
+    def log_prob(self, x: Tensor) -> Tensor: ...
+
+    def transform_noise(self, z: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
 class FrozenFlow:
     """A flow's gradient-free passes while its parameters stay fixed.
 
     The EBM's steps and NCE's noise score data and draw samples through a flow that is not
-    being trained. This base version runs the flow itself under ``no_grad``; a flow whose
-    layers can be folded once into plain tensors (Glow) returns a faster one. It is a snapshot:
-    valid until the parameters change, so whoever changes them builds a new one.
+    being trained: its ``folded()`` form, made once under ``no_grad`` and run under it. It is
+    a snapshot, valid until the parameters change: whoever changes them makes a new one.
     """
 
     def __init__(self, flow: Flow) -> None:
-        self.flow = flow
+        with torch.no_grad():
+            self.passes = flow.folded()
 
     @torch.no_grad()
     def log_prob(self, x: Tensor) -> Tensor:
-        return self.flow.log_prob(x)
+        return self.passes.log_prob(x)
 
     @torch.no_grad()
     def transform_noise(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        return self.flow.transform_noise(z)
+        return self.passes.transform_noise(z)
 
 
 class Flow(nn.Module):
@@ -92,6 +101,13 @@ class Flow(nn.Module):
         ref = next(self.parameters())
         z = torch.randn(n, self.dim, generator=generator, device=ref.device, dtype=ref.dtype)
         return self.transform_noise(z)
+
+    def folded(self) -> FlowPasses:
+        """``log_prob`` and ``transform_noise`` with the work that depends only on the
+        parameters done once, for several passes between two updates (Glow folds its
+        normalisations into its weights). Differentiable when made with grad enabled. A flow
+        with nothing to fold returns itself."""
+        return self
 
     def frozen(self) -> FrozenFlow:
         """A snapshot for fast no-grad passes, valid until the parameters change."""

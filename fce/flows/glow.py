@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fce.flows.base import Flow, FrozenFlow, Transform, standard_normal_log_prob
+from fce.flows.base import Flow, Transform, standard_normal_log_prob
 
 
 class ActNorm(Transform):
@@ -159,62 +159,57 @@ class Glow(Flow):
             ]
         super().__init__(steps, dim=2)
 
-    def frozen(self) -> FrozenGlow:
-        return FrozenGlow(self)
+    def folded(self) -> FoldedGlow:
+        return FoldedGlow(self)
 
 
-class FrozenGlow(FrozenFlow):
-    """Glow's no-grad passes with every step folded once into plain tensors.
+class FoldedGlow:
+    """Glow's passes with the work that depends only on the parameters done once.
 
     A Glow step is ActNorm, then the LU linear map, then a coupling. The first two compose to
-    one affine map x -> x A + c, and the coupling's ActNorms and output scale fold into its
-    linear layers (as in ``AffineCoupling``, but once per snapshot instead of once per pass).
-    What is left per step is one 2x2 affine map, the conditioner's matmuls, and a handful of
-    in-place elementwise ops: about a third of the operator calls of the module path, which
-    is what these small tensors cost. The result equals ``Glow.log_prob`` and
-    ``Glow.transform_noise`` up to float rounding (tests/test_flows.py checks it).
+    one affine map x -> x A + c, and the coupling's ActNorms, output scale and Glow's +2 fold
+    into its linear layers (as ``AffineCoupling`` does, but once, not in every pass). What is
+    left per step is one 2x2 affine map, the conditioner's matmuls and a few elementwise ops:
+    a flow step's two passes (data, samples) share one folding, and the EBM's step reuses a
+    frozen one for as long as the flow does not change. Made with grad enabled it is
+    differentiable; with no graph being recorded its passes work in place. Equal to
+    ``Glow.log_prob`` and ``Glow.transform_noise`` up to float rounding (tests/test_flows.py).
     """
 
     def __init__(self, glow: Glow) -> None:
-        super().__init__(glow)
         if any(getattr(m, "init_pending", False) for m in glow.modules()):
-            raise RuntimeError("FrozenGlow: the flow's data-dependent init has not run yet")
-        self.steps: list[_FoldedStep] = []
+            raise RuntimeError("FoldedGlow: the flow's data-dependent init has not run yet")
         transforms = list(glow.transforms)
-        log_det = glow.transforms[0].loc.new_zeros(())
-        with torch.no_grad():
+        self.steps = [
+            _FoldedStep(actnorm, linear, coupling)
             for actnorm, linear, coupling in zip(
                 transforms[0::3], transforms[1::3], transforms[2::3], strict=True
-            ):
-                self.steps.append(_FoldedStep(actnorm, linear, coupling))
-                log_det += linear.log_s.sum() - actnorm.log_scale.sum()
+            )
+        ]
         # The log|det| of every ActNorm and LU map: constant, so added once per pass.
-        self.affine_log_det = log_det
+        self.affine_log_det = sum(
+            linear.log_s.sum() - actnorm.log_scale.sum()
+            for actnorm, linear in zip(transforms[0::3], transforms[1::3], strict=True)
+        )
 
-    @torch.no_grad()
     def log_prob(self, x: Tensor) -> Tensor:
-        log_det = self.affine_log_det.expand(x.shape[0]).clone()
+        log_det = self.affine_log_det.expand(x.shape[0])
         for step in self.steps:
-            x = torch.addmm(step.offset, x, step.matrix)
-            shift, log_s = step.conditioner(x[:, 1:])
-            x[:, 0].mul_(log_s.exp()).add_(shift)
-            log_det += log_s
+            x, log_s = step.forward(x)
+            log_det = log_det + log_s
         return standard_normal_log_prob(x) + log_det
 
-    @torch.no_grad()
     def transform_noise(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        log_det = self.affine_log_det.expand(z.shape[0]).clone()
-        x = z.clone()  # updated in place below; the caller's z is left as it was
+        log_det = self.affine_log_det.expand(z.shape[0])
+        x = z
         for step in reversed(self.steps):
-            shift, log_s = step.conditioner(x[:, 1:])
-            x[:, 0].sub_(shift).mul_(log_s.neg().exp())
-            log_det += log_s
-            x = torch.addmm(step.inverse_offset, x, step.inverse_matrix)
+            x, log_s = step.inverse(x)
+            log_det = log_det + log_s
         return x, standard_normal_log_prob(z) + log_det
 
 
 class _FoldedStep:
-    """One Glow step's parameters, folded: see ``FrozenGlow``."""
+    """One Glow step's parameters, folded: see ``FoldedGlow``."""
 
     def __init__(
         self, actnorm: ActNorm, linear: InvertibleLinearLU, coupling: AffineCoupling
@@ -226,7 +221,7 @@ class _FoldedStep:
         self.matrix = inv_scale[:, None] * weight.T
         self.offset = -(actnorm.loc * inv_scale) @ weight.T
         self.inverse_matrix = linear.inverse_weight(weight).T * actnorm.log_scale.exp()
-        self.inverse_offset = actnorm.loc.clone()
+        self.inverse_offset = actnorm.loc
         # The conditioner: hidden layers with their ActNorm folded in, as (bias, weight) in
         # nn.Linear's (out, in) layout; the last layer with its output scale and Glow's +2 on
         # the raw scale folded in.
@@ -248,5 +243,21 @@ class _FoldedStep:
             h = torch.addmm(bias, h, weight.T).relu_()
         # weight.T of an (out, in) weight: the layout whose N=2 matmul is fast (3.5x, here).
         out = torch.addmm(self.out_bias, h, self.out_weight.T)
-        log_s = F.logsigmoid(out[:, 1]).clamp_(min=-self.scale_bound)
-        return out[:, 0], log_s
+        return out[:, :1], F.logsigmoid(out[:, 1:]).clamp(min=-self.scale_bound)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = torch.addmm(self.offset, x, self.matrix)
+        shift, log_s = self.conditioner(x[:, 1:])
+        if torch.is_grad_enabled():
+            x = torch.cat([x[:, :1] * log_s.exp() + shift, x[:, 1:]], dim=1)
+        else:  # no graph to keep: update the column in place (x is this step's own tensor)
+            x[:, :1].mul_(log_s.exp()).add_(shift)
+        return x, log_s.squeeze(1)
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        shift, log_s = self.conditioner(z[:, 1:])
+        z_a = (z[:, :1] - shift) * torch.exp(-log_s)
+        x = torch.addmm(
+            self.inverse_offset, torch.cat([z_a, z[:, 1:]], dim=1), self.inverse_matrix
+        )
+        return x, log_s.squeeze(1)
