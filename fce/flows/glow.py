@@ -8,6 +8,7 @@ References:
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -65,26 +66,45 @@ class InvertibleLinearLU(Transform):
         self.log_s = nn.Parameter(torch.log(s.abs()))
 
     def weight(self) -> Tensor:
-        # L U = [[s0, u], [l s0, l u + s1]], written out: four scalars, no tiny matmuls (which
-        # cost more in dispatch than in arithmetic); P only reorders the rows.
-        s = self.sign_s * torch.exp(self.log_s)
-        lu = torch.stack([s[0], self.upper, self.lower * s[0], self.lower * self.upper + s[1]])
-        return lu.view(2, 2)[self.perm.argmax(dim=1)]  # P @ M == M[P.argmax(1)]
+        return lu_matrix(self.sign_s, self.log_s, self.lower, self.upper, self.perm)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return x @ self.weight().T, self.log_s.sum().expand(x.shape[0])
 
     def inverse_weight(self, w: Tensor | None = None) -> Tensor:
-        """W^-1 as the 2x2 adjugate over det W (``w``: W itself, if already computed)."""
+        """W^-1 (``w``: W itself, if already computed)."""
         w = self.weight() if w is None else w
-        det = self.det_sign * torch.exp(self.log_s.sum())
-        adjugate = torch.stack(
-            [torch.stack([w[1, 1], -w[0, 1]]), torch.stack([-w[1, 0], w[0, 0]])]
-        )
-        return adjugate / det
+        return inverse_2x2(w, self.det_sign * torch.exp(self.log_s.sum()))
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
         return z @ self.inverse_weight().T, (-self.log_s.sum()).expand(z.shape[0])
+
+
+def lu_matrix(sign_s: Tensor, log_s: Tensor, lower: Tensor, upper: Tensor, perm: Tensor) -> Tensor:
+    """W = P L (U + diag(sign_s exp(log_s))) for one step, or a stack of steps (leading dims)."""
+    # L U = [[s0, u], [l s0, l u + s1]], written out: four scalars, no tiny matmuls (which
+    # cost more in dispatch than in arithmetic); P only reorders the rows.
+    s0, s1 = (sign_s * torch.exp(log_s)).unbind(-1)
+    lu = torch.stack([s0, upper, lower * s0, lower * upper + s1], dim=-1).unflatten(-1, (2, 2))
+    rows = perm.argmax(-1)  # P @ M == M[P.argmax(1)]
+    return lu.gather(-2, rows[..., :, None].expand(lu.shape))
+
+
+def inverse_2x2(w: Tensor, det: Tensor) -> Tensor:
+    """The inverse of 2x2 matrices (leading dims stacked) as the adjugate over the determinant:
+    closed form, no LAPACK call."""
+    a, b, c, d = w.flatten(-2).unbind(-1)
+    return torch.stack([d, -b, -c, a], dim=-1).unflatten(-1, (2, 2)) / det[..., None, None]
+
+
+def fold_actnorm(
+    weight: Tensor, bias: Tensor, loc: Tensor, log_scale: Tensor
+) -> tuple[Tensor, Tensor]:
+    """A linear layer then ActNorm, (W h + b - loc) / e^ls, as one layer (weight, bias); for one
+    layer or a stack of them (leading dims). The (batch, width) activations are then touched
+    once, not three times (and their backward)."""
+    scale = torch.exp(-log_scale)
+    return weight * scale[..., :, None], (bias - loc) * scale
 
 
 class AffineCoupling(Transform):
@@ -115,11 +135,7 @@ class AffineCoupling(Transform):
         for linear, norm in zip(self.hidden, self.norms):
             if norm.init_pending:
                 norm.init_from_data(linear(h))
-            # ActNorm folded into the linear layer: (W h + b - loc) / scale is one affine map,
-            # so the (batch, width) tensor is touched once, not three times (and its backward).
-            inv_scale = torch.exp(-norm.log_scale)
-            weight = linear.weight * inv_scale[:, None]
-            bias = (linear.bias - norm.loc) * inv_scale
+            weight, bias = fold_actnorm(linear.weight, linear.bias, norm.loc, norm.log_scale)
             h = F.relu(F.linear(h, weight, bias))
         factor = torch.exp(self.log_scale_factor)
         h = F.linear(h, self.out.weight * factor[:, None], self.out.bias * factor)
@@ -180,17 +196,62 @@ class FoldedGlow:
         if any(getattr(m, "init_pending", False) for m in glow.modules()):
             raise RuntimeError("FoldedGlow: the flow's data-dependent init has not run yet")
         transforms = list(glow.transforms)
+        actnorms, linears, couplings = transforms[0::3], transforms[1::3], transforms[2::3]
+
+        def stack(tensors) -> Tensor:  # one tensor per step -> (steps, ...)
+            return torch.stack(list(tensors))
+
+        # Every step's folding at once, on stacked parameters: a few dozen operator calls for
+        # the whole flow instead of a few dozen per step (for Glow's tiny tensors, calls are
+        # the cost), then unbound into per-step views (one call, one backward node each).
+        # ActNorm then LU: z = ((x - loc) / e^ls) W^T = x A + c; the inverse is
+        # x = z W^-T e^ls + loc.
+        loc = stack(a.loc for a in actnorms)
+        log_scale = stack(a.log_scale for a in actnorms)
+        log_s = stack(lin.log_s for lin in linears)
+        weight = lu_matrix(
+            stack(lin.sign_s for lin in linears),
+            log_s,
+            stack(lin.lower for lin in linears),
+            stack(lin.upper for lin in linears),
+            stack(lin.perm for lin in linears),
+        )
+        det = stack(lin.det_sign for lin in linears) * torch.exp(log_s.sum(-1))
+        inv_scale = torch.exp(-log_scale)
+        matrix = inv_scale[..., :, None] * weight.mT
+        offset = -((loc * inv_scale)[..., None, :] @ weight.mT).squeeze(-2)
+        inverse_matrix = inverse_2x2(weight, det).mT * log_scale.exp()[..., None, :]
+        # Their log|det|: constant, so added once per pass.
+        self.affine_log_det = (log_s - log_scale).sum()
+        # The conditioners: hidden layers with their ActNorm folded in, (bias, weight) in
+        # nn.Linear's (out, in) layout; the last layer with its output scale and Glow's +2 on
+        # the raw scale folded in.
+        hidden = []
+        for i in range(len(couplings[0].hidden)):
+            layer_weight, layer_bias = fold_actnorm(
+                stack(c.hidden[i].weight for c in couplings),
+                stack(c.hidden[i].bias for c in couplings),
+                stack(c.norms[i].loc for c in couplings),
+                stack(c.norms[i].log_scale for c in couplings),
+            )
+            hidden.append(list(zip(layer_bias.unbind(), layer_weight.unbind(), strict=True)))
+        factor = torch.exp(stack(c.log_scale_factor for c in couplings))
+        out_weight = stack(c.out.weight for c in couplings) * factor[..., :, None]
+        out_bias = stack(c.out.bias for c in couplings) * factor + loc.new_tensor([0.0, 2.0])
         self.steps = [
-            _FoldedStep(actnorm, linear, coupling)
-            for actnorm, linear, coupling in zip(
-                transforms[0::3], transforms[1::3], transforms[2::3], strict=True
+            _FoldedStep(*affine, list(layers), bias, weight, coupling.scale_bound)
+            for *affine, layers, bias, weight, coupling in zip(
+                matrix.unbind(),
+                offset.unbind(),
+                inverse_matrix.unbind(),
+                loc.unbind(),
+                zip(*hidden, strict=True),
+                out_bias.unbind(),
+                out_weight.unbind(),
+                couplings,
+                strict=True,
             )
         ]
-        # The log|det| of every ActNorm and LU map: constant, so added once per pass.
-        self.affine_log_det = sum(
-            linear.log_s.sum() - actnorm.log_scale.sum()
-            for actnorm, linear in zip(transforms[0::3], transforms[1::3], strict=True)
-        )
 
     def log_prob(self, x: Tensor) -> Tensor:
         log_det = self.affine_log_det.expand(x.shape[0])
@@ -208,31 +269,18 @@ class FoldedGlow:
         return x, standard_normal_log_prob(z) + log_det
 
 
+@dataclass
 class _FoldedStep:
-    """One Glow step's parameters, folded: see ``FoldedGlow``."""
+    """One Glow step's parameters, folded (see ``FoldedGlow``), and its two directions."""
 
-    def __init__(
-        self, actnorm: ActNorm, linear: InvertibleLinearLU, coupling: AffineCoupling
-    ) -> None:
-        # ActNorm then LU: z = ((x - loc) / e^ls) W^T = x A + c; the inverse is
-        # x = z W^-T e^ls + loc.
-        inv_scale = torch.exp(-actnorm.log_scale)
-        weight = linear.weight()
-        self.matrix = inv_scale[:, None] * weight.T
-        self.offset = -(actnorm.loc * inv_scale) @ weight.T
-        self.inverse_matrix = linear.inverse_weight(weight).T * actnorm.log_scale.exp()
-        self.inverse_offset = actnorm.loc
-        # The conditioner: hidden layers with their ActNorm folded in, as (bias, weight) in
-        # nn.Linear's (out, in) layout; the last layer with its output scale and Glow's +2 on
-        # the raw scale folded in.
-        self.hidden = []
-        for layer, norm in zip(coupling.hidden, coupling.norms, strict=True):
-            scale = torch.exp(-norm.log_scale)
-            self.hidden.append(((layer.bias - norm.loc) * scale, layer.weight * scale[:, None]))
-        factor = torch.exp(coupling.log_scale_factor)
-        self.out_bias = coupling.out.bias * factor + coupling.out.bias.new_tensor([0.0, 2.0])
-        self.out_weight = coupling.out.weight * factor[:, None]
-        self.scale_bound = coupling.scale_bound
+    matrix: Tensor  # ActNorm then LU: x -> x matrix + offset
+    offset: Tensor
+    inverse_matrix: Tensor  # and back: z -> z inverse_matrix + inverse_offset
+    inverse_offset: Tensor
+    hidden: list[tuple[Tensor, Tensor]]  # (bias, weight) of each hidden layer
+    out_bias: Tensor
+    out_weight: Tensor
+    scale_bound: float
 
     def conditioner(self, x_b: Tensor) -> tuple[Tensor, Tensor]:
         """(shift, log s) of the coupling at its conditioning column ``x_b``, shape (n, 1)."""
