@@ -8,10 +8,12 @@
 For each flow at the reference sizes (EBM 2-128-128-1; Glow 10 steps of width 64; MAF 5
 blocks of 100 with two hidden layers), batch 1000, 8gaussians, the default config otherwise:
 
-- steps_per_s: training steps only (evaluation and plots excluded), after a warm-up;
+- steps_per_s: training steps only (evaluation and plots excluded), after a warm-up, over
+  --windows consecutive windows of --steps (each window's rate in steps_per_s_windows);
 - ebm_step_flops, flow_step_flops: FlopCounterMode over one real step of each kind;
 - ebm_step_share: the share of EBM steps in the timed window; flops_per_step their mix;
-- matmul_flops_per_s: a float32 (1000, 64) @ (64, 64) matmul, same process, same threads;
+- matmul_flops_per_s: a float32 (1000, 64) @ (64, 64) matmul, same process, same threads,
+  the median of a probe after each window;
 - efficiency = steps_per_s * flops_per_step / matmul_flops_per_s;
 - eval_overhead: share of wall time spent evaluating at the default eval_every.
 And the default `python run.py`: wall time, time to the first training step, and peak resident
@@ -25,6 +27,7 @@ import argparse
 import copy
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -95,7 +98,7 @@ def step_milliseconds(trainer, repeats: int = 60, rounds: int = 5) -> tuple[floa
 
 
 def measure_flow(
-    flow: str, threads: int, steps: int, warmup: int, overrides: list[str] = ()
+    flow: str, threads: int, steps: int, warmup: int, windows: int = 3, overrides: list[str] = ()
 ) -> dict:
     import torch
 
@@ -116,15 +119,23 @@ def measure_flow(
     trainer.total_steps = warmup
     trainer.run()
     flow_steps_before = trainer.flow_steps
-    trainer.total_steps = warmup + steps
-    eval_before = trainer.seconds["eval"] + trainer.seconds["plots"]
-    started = time.perf_counter()
-    trainer.run()
-    wall = time.perf_counter() - started
-    outside = trainer.seconds["eval"] + trainer.seconds["plots"] - eval_before
-    steps_per_s = steps / (wall - outside)
-    ebm_share = 1 - (trainer.flow_steps - flow_steps_before) / steps
-    matmul = matmul_flops_per_s()
+    # Consecutive windows of the same game, each followed by the matmul probe: this machine's
+    # speed drifts by +-10% over seconds, so the spread is reported and the probe's median
+    # is taken from the same stretch of time.
+    window_rates, matmul_rates, seconds = [], [], 0.0
+    for _ in range(windows):
+        trainer.total_steps += steps
+        eval_before = trainer.seconds["eval"] + trainer.seconds["plots"]
+        started = time.perf_counter()
+        trainer.run()
+        wall = time.perf_counter() - started
+        wall -= trainer.seconds["eval"] + trainer.seconds["plots"] - eval_before
+        seconds += wall
+        window_rates.append(steps / wall)
+        matmul_rates.append(matmul_flops_per_s())
+    steps_per_s = windows * steps / seconds
+    ebm_share = 1 - (trainer.flow_steps - flow_steps_before) / (windows * steps)
+    matmul = statistics.median(matmul_rates)
     flops_per_step = ebm_share * ebm_flops + (1 - ebm_share) * flow_flops
 
     # Evaluation overhead at the default eval_every: the cost of one evaluation against the
@@ -141,11 +152,13 @@ def measure_flow(
         "threads": threads,
         "batch_size": cfg.train.batch_size,
         "steps_per_s": steps_per_s,
+        "steps_per_s_windows": window_rates,
         "ebm_step_flops": ebm_flops,
         "flow_step_flops": flow_flops,
         "ebm_step_share": ebm_share,
         "flops_per_step": flops_per_step,
         "matmul_flops_per_s": matmul,
+        "matmul_flops_per_s_probes": matmul_rates,
         "efficiency": steps_per_s * flops_per_step / matmul,
         "ebm_step_ms": ebm_ms,
         "flow_step_ms": flow_ms,
@@ -196,7 +209,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=400, help="timed training steps per flow")
+    parser.add_argument(
+        "--steps", type=int, default=400, help="timed training steps per window, per flow"
+    )
+    parser.add_argument("--windows", type=int, default=3, help="timed windows per flow")
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--skip-run", action="store_true", help="do not time `python run.py`")
     parser.add_argument(
@@ -210,7 +226,7 @@ def main() -> None:
     if args.run_only and args.skip_run:
         parser.error("--run-only and --skip-run exclude each other")
     flows = [
-        measure_flow(f, args.threads, args.steps, args.warmup, args.overrides)
+        measure_flow(f, args.threads, args.steps, args.warmup, args.windows, args.overrides)
         for f in ([] if args.run_only else args.flows)
     ]
     report: dict = {"flows": {f["flow"]: f for f in flows}}
