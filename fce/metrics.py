@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from fce.config import EVAL_METRICS
 from fce.data import Dataset
 from fce.ebm import EBM
 from fce.flows import Flow
@@ -136,7 +137,23 @@ class Evaluator:
             self.p_true_grid = true_log_prob(dataset, grid.points).exp()
 
     @torch.no_grad()
-    def __call__(self, ebm: EBM, flow: Flow) -> dict[str, float]:
+    def __call__(self, ebm: EBM | None, flow: Flow) -> dict[str, float]:
+        """The metrics of ``ebm`` and ``flow``; with ``ebm=None``, the flow's alone (nll_flow,
+        and nll_data, kl_data_flow where the dataset has a density): for a run that trains
+        no EBM."""
+        x = self.eval_points
+        values = {"nll_flow": -_chunked(flow.log_prob, x).double().mean()}
+        if self.log_p_true is not None:
+            values["nll_data"] = -self.log_p_true.mean()
+            values["kl_data_flow"] = values["nll_flow"] + self.log_p_true.mean()
+        if ebm is not None:
+            values |= self._ebm_metrics(ebm)
+        values = {name: values[name] for name in EVAL_METRICS if name in values}
+        # One device-to-host transfer for all of them.
+        numbers = torch.stack(list(values.values())).tolist()
+        return dict(zip(values, numbers, strict=True))
+
+    def _ebm_metrics(self, ebm: EBM) -> dict[str, Tensor]:
         x = self.eval_points
         neg_energy_grid = -_chunked(ebm.energy, self.grid.points)
         log_z_grid = self.grid.log_integral(neg_energy_grid)
@@ -146,23 +163,18 @@ class Evaluator:
         log_p_hat = neg_energy.double() - log_z_grid
         values = {
             "nll_ebm": -log_p_hat.mean(),
-            "nll_flow": -_chunked(flow.log_prob, x).double().mean(),
             "logz_gap": ebm.log_z.double() - log_z_grid,
         }
         if self.log_p_true is not None:
             log_p_true = self.log_p_true
             error = log_p_ebm.double() - log_p_true
-            values["nll_data"] = -log_p_true.mean()
             values["kl_data_ebm"] = values["nll_ebm"] + log_p_true.mean()
-            values["kl_data_flow"] = values["nll_flow"] + log_p_true.mean()
             values["mse_logp"] = error.pow(2).mean()
             values["mse_logp_centered"] = error.var(unbiased=False)
             p_hat_grid = (neg_energy_grid.double() - log_z_grid).exp()
             cell_area = math.exp(self.grid.log_cell_area)
             values["tv_ebm"] = 0.5 * (p_hat_grid - self.p_true_grid).abs().sum() * cell_area
-        # One device-to-host transfer for all of them.
-        numbers = torch.stack(list(values.values())).tolist()
-        return dict(zip(values, numbers, strict=True))
+        return values
 
     @torch.no_grad()
     def grid_log_densities(self, ebm: EBM, flow: Flow) -> tuple[Tensor, Tensor]:

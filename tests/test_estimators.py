@@ -13,11 +13,12 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal
 
+from fce.config import FLOW_METRICS
 from fce.data import Dataset
 from fce.ebm import EBM
 from fce.flows import Gaussian, Glow
 from fce.metrics import Evaluator, Grid
-from fce.train import FLOW_METRICS, FCETrainer, LoopSettings
+from fce.train import FCETrainer, LoopSettings
 from tests.helpers import TINY, run_cli, runs, store_uri
 
 MEAN = torch.tensor([0.5, -0.3])

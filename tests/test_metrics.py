@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from fce.config import EVAL_METRICS, FLOW_METRICS
 from fce.data import Dataset, get_dataset, make_generator
 from fce.ebm import EBM
 from fce.flows import MAF
@@ -89,6 +90,19 @@ def test_nll_flow_is_the_exact_flow_nll():
     ebm = EBM(hidden=(8,)).double()
     metrics = Evaluator(ds, x, Grid.make(dtype=torch.float64))(ebm, flow)
     assert metrics["nll_flow"] == pytest.approx(-flow.log_prob(x).mean().item(), rel=1e-12)
+
+
+def test_without_an_ebm_only_the_flow_metrics_are_computed():
+    ds = get_dataset("rings")
+    x = ds.sample(1000, make_generator(0, "eval"), torch.float64)
+    flow = small_flow().double()
+
+    evaluator = Evaluator(ds, x, Grid.make(dtype=torch.float64))
+    flow_only = evaluator(None, flow)
+    full = evaluator(EBM(hidden=(8,)).double(), flow)
+    assert list(flow_only) == list(FLOW_METRICS)  # in EVAL_METRICS order, as full runs log
+    assert flow_only == {name: full[name] for name in FLOW_METRICS}
+    assert list(full) == [name for name in EVAL_METRICS if name in full]
 
 
 def test_grid_densities_have_image_shape_and_normalised_ebm():
