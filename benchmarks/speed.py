@@ -9,7 +9,8 @@ For each flow at the reference sizes (EBM 2-128-128-1; Glow 10 steps of width 64
 blocks of 100 with two hidden layers), batch 1000, 8gaussians, the default config otherwise:
 
 - steps_per_s: training steps only (evaluation and plots excluded), after a warm-up, over
-  --windows consecutive windows of --steps (each window's rate in steps_per_s_windows);
+  --windows consecutive windows of --steps: by default 5 x 1,000, the default run's length
+  (each window's rate and EBM-step share in steps_per_s_windows, ebm_step_share_windows);
 - ebm_step_flops, flow_step_flops: FlopCounterMode over one real step of each kind;
 - ebm_step_share: the share of EBM steps in the timed window; flops_per_step their mix;
 - matmul_flops_per_s: a float32 (1000, 64) @ (64, 64) matmul, same process, same threads,
@@ -98,7 +99,7 @@ def step_milliseconds(trainer, repeats: int = 60, rounds: int = 5) -> tuple[floa
 
 
 def measure_flow(
-    flow: str, threads: int, steps: int, warmup: int, windows: int = 3, overrides: list[str] = ()
+    flow: str, threads: int, steps: int, warmup: int, windows: int = 5, overrides: list[str] = ()
 ) -> dict:
     import torch
 
@@ -119,12 +120,14 @@ def measure_flow(
     trainer.total_steps = warmup
     trainer.run()
     flow_steps_before = trainer.flow_steps
-    # Consecutive windows of the same game, each followed by the matmul probe: this machine's
-    # speed drifts by +-10% over seconds, so the spread is reported and the probe's median
-    # is taken from the same stretch of time.
-    window_rates, matmul_rates, seconds = [], [], 0.0
+    # Consecutive windows of the same game, each followed by the matmul probe. The game's mix
+    # moves: with Glow, 7% of the first 250 steps are flow steps and half of those around
+    # step 1,100. So the default times a whole default-length run (5 x 1,000 steps) and
+    # reports each window's rate and share; the probe's median comes from the same stretch.
+    window_rates, window_shares, matmul_rates, seconds = [], [], [], 0.0
     for _ in range(windows):
         trainer.total_steps += steps
+        flow_steps_window = trainer.flow_steps
         eval_before = trainer.seconds["eval"] + trainer.seconds["plots"]
         started = time.perf_counter()
         trainer.run()
@@ -132,6 +135,7 @@ def measure_flow(
         wall -= trainer.seconds["eval"] + trainer.seconds["plots"] - eval_before
         seconds += wall
         window_rates.append(steps / wall)
+        window_shares.append(1 - (trainer.flow_steps - flow_steps_window) / steps)
         matmul_rates.append(matmul_flops_per_s())
     steps_per_s = windows * steps / seconds
     ebm_share = 1 - (trainer.flow_steps - flow_steps_before) / (windows * steps)
@@ -156,6 +160,7 @@ def measure_flow(
         "ebm_step_flops": ebm_flops,
         "flow_step_flops": flow_flops,
         "ebm_step_share": ebm_share,
+        "ebm_step_share_windows": window_shares,
         "flops_per_step": flops_per_step,
         "matmul_flops_per_s": matmul,
         "matmul_flops_per_s_probes": matmul_rates,
@@ -210,9 +215,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
-        "--steps", type=int, default=400, help="timed training steps per window, per flow"
+        "--steps", type=int, default=1000, help="timed training steps per window, per flow"
     )
-    parser.add_argument("--windows", type=int, default=3, help="timed windows per flow")
+    parser.add_argument("--windows", type=int, default=5, help="timed windows per flow")
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--skip-run", action="store_true", help="do not time `python run.py`")
     parser.add_argument(
