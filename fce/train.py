@@ -292,13 +292,7 @@ class FCETrainer:
         if self.step == self.total_steps:
             self._flush()
             self._log_panel()
-            names = (
-                ("loss", "nll_flow", "kl_data_flow")
-                if self.estimator == "flow_mle"
-                else ("value", "acc", "mse_logp", "nll_ebm", "nll_flow", "logz_gap")
-            )
-            curves = training_curves(self.history.history, names=names)
-            self.tracker.log_figure(curves, "curves.png")
+            self._log_curves()
         return {**self.last_metrics, "flow_step_share": self.flow_step_share}
 
     @property
@@ -341,6 +335,17 @@ class FCETrainer:
             [row], limit=self.evaluator.grid.limit, flow_title=titles[0], ebm_title=titles[1]
         )
         self.tracker.log_figure(figure, f"densities/step_{self.step:07d}.png")
+        self.seconds["plots"] += time.perf_counter() - started
+
+    def _log_curves(self) -> None:
+        started = time.perf_counter()
+        names = (
+            ("loss", "nll_flow", "kl_data_flow")
+            if self.estimator == "flow_mle"
+            else ("value", "acc", "mse_logp", "nll_ebm", "nll_flow", "logz_gap")
+        )
+        curves = training_curves(self.history.history, names=names)
+        self.tracker.log_figure(curves, "curves.png")
         self.seconds["plots"] += time.perf_counter() - started
 
     # --- checkpoints --------------------------------------------------------------------------
