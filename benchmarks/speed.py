@@ -230,6 +230,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.run_only and args.skip_run:
         parser.error("--run-only and --skip-run exclude each other")
+    for name in ("threads", "steps", "windows"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}={getattr(args, name)}: must be at least 1")
+    if args.warmup < 0:
+        parser.error(f"--warmup={args.warmup}: must be at least 0")
     flows = [
         measure_flow(f, args.threads, args.steps, args.warmup, args.windows, args.overrides)
         for f in ([] if args.run_only else args.flows)
