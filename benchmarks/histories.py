@@ -48,7 +48,9 @@ def history(args: list[str]) -> dict[str, list[list[float]]]:
         client = MlflowClient(tracking_uri=uri)
         (run,) = client.search_runs([client.get_experiment_by_name("fce").experiment_id])
         return {
-            name: sorted([m.step, m.value] for m in client.get_metric_history(run.info.run_id, name))
+            name: sorted(
+                [m.step, m.value] for m in client.get_metric_history(run.info.run_id, name)
+            )
             for name in sorted(run.data.metrics)
             if name not in CLOCKS
         }

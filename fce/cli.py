@@ -6,14 +6,29 @@ imports. Used by run.py and the sweep driver.
 
 from __future__ import annotations
 
+import logging
+import math
 import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-USER_GROUPS = ("dataset", "flow", "optimizer", "threshold", "estimator", "experiment")
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+USER_GROUPS = (
+    "dataset",
+    "ebm",
+    "flow",
+    "optimizer",
+    "threshold",
+    "estimator",
+    "tracking",
+    "experiment",
+)
 EXIT_BAD_INPUT = 2
 _NOISE = ("Set the environment variable HYDRA_FULL_ERROR", "reference_type=", "object_type=")
 
@@ -103,9 +118,65 @@ def preflight(argv: Sequence[str], conf_dir: Path, config_name: str = "config") 
         del cfg["hydra"]
     try:
         validate(cfg)
-        check_store(cfg.tracking.uri)
+        check_store(cfg.tracking.get("uri"))
     except (ConfigError, TrackingError) as error:
         fail(str(error))
+
+
+def run_job(cfg: DictConfig, project_root: Path) -> float:
+    """The body of ``run.py``'s Hydra job: validate, run, and map failures to exit codes.
+
+    Returns the objective a Hydra sweeper would minimise (the EBM's test NLL; the flow's for
+    flow_mle). In a multirun a diverged job returns NaN and the grid goes on.
+    """
+    from fce.config import ConfigError, validate
+
+    try:
+        validate(cfg)
+    except ConfigError as error:
+        fail(str(error))
+    # torch and mlflow load only once the input is known to be good.
+    from hydra.core.hydra_config import HydraConfig
+
+    from fce.interrupts import RunInterrupted
+    from fce.train import RunContext, run
+    from fce.trainer import DivergenceError
+
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode.name == "MULTIRUN"
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    # A grid's runs share its sweep_id, so MLflow and pandas can group them.
+    tags = {"sweep_id": hydra_cfg.sweep.dir, "job_num": str(hydra_cfg.job.num)} if multirun else {}
+    context = RunContext(
+        output_dir=output_dir,
+        project_root=project_root,
+        overrides=list(hydra_cfg.overrides.task),
+        tags=tags,
+    )
+    try:
+        metrics = run(cfg, context)
+    except ConfigError as error:
+        remove_if_unused(output_dir)
+        fail(str(error))
+    except DivergenceError as error:
+        if not multirun:
+            fail(str(error), code=1)
+        logging.getLogger("fce").error("job %s: %s", hydra_cfg.job.num, error)
+        return math.nan  # the grid goes on; the run is FAILED in MLflow
+    except RunInterrupted as interrupt:
+        raise SystemExit(interrupt.exit_code) from None
+    except KeyboardInterrupt:  # before the MLflow run existed: nothing to end or save
+        remove_if_unused(output_dir)
+        fail("interrupted before the run started", code=130)
+    return metrics["nll_ebm" if "nll_ebm" in metrics else "nll_flow"]
+
+
+def remove_if_unused(output_dir: Path) -> None:
+    """Remove a run directory that holds nothing but Hydra's own files (a run that never
+    started): bad input leaves no empty folder behind."""
+    hydra_files = {".hydra", "run.log", f"{Path(sys.argv[0]).stem}.log"}
+    if output_dir.is_dir() and {p.name for p in output_dir.iterdir()} <= hydra_files:
+        shutil.rmtree(output_dir, ignore_errors=True)
 
 
 def check_store(uri: str | None) -> None:

@@ -1,19 +1,25 @@
-"""Typed schemas of the run configuration, and their validation.
+"""The run configuration: typed schemas, their validation, and the upgrade of older configs.
 
 Torch-free on purpose: ``run.py`` validates the composed config and reports bad input in well
-under a second, before torch or mlflow are imported. Hydra registers these dataclasses as
-structured configs (types are checked at composition); ``validate`` then checks ranges and
-choices and names the offending key.
+under a second, before torch or mlflow are imported.
+
+One source of truth: the values of every setting are written once, in ``conf/`` (the YAML
+files); the schemas here give their types (checked by Hydra at composition) and ``validate``
+checks ranges and choices, naming the offending key. Every group node carries a ``_target_``
+and is built by ``hydra.utils.instantiate`` as it stands (``fce/factory.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DATASET_NAMES = ("8gaussians", "spiral", "2spirals", "checkerboard", "rings", "pinwheel")
 FLOW_NAMES = ("glow", "maf")
 OPTIMIZER_NAMES = ("adam", "adamw")
@@ -21,6 +27,7 @@ THRESHOLD_NAMES = ("fixed", "ema")
 ESTIMATOR_NAMES = ("fce", "nce", "flow_mle")
 NOISE_NAMES = ("gaussian", "flow")  # NCE's fixed noise: a fitted Gaussian or a frozen flow
 DEVICES = ("auto", "cpu", "cuda")
+PROGRESS_MODES = ("auto", "bar", "log", "none")
 # What an evaluation logs (fce/metrics.py), in the order tables show them.
 EVAL_METRICS = (
     "nll_ebm",
@@ -36,137 +43,153 @@ EVAL_METRICS = (
 )
 # What an evaluation reports for an estimator that never trains the EBM (flow_mle).
 FLOW_METRICS = ("nll_flow", "nll_data", "kl_data_flow")
+# Keys of Hydra's instantiation machinery: not settings of the user's, so neither logged as
+# MLflow params nor compared on resume.
+INTERNAL_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
 
 
 class ConfigError(ValueError):
     """Bad user input, reported as one line that names the key and what is allowed."""
 
 
-@dataclass
-class DatasetConfig:
-    name: str = "8gaussians"
-    n_samples: int = 500_000
+# --- schemas: types only; the values live in conf/ ------------------------------------------
 
 
 @dataclass
-class GlowConfig:
-    _target_: str = "fce.flows.Glow"
-    name: str = "glow"
-    n_steps: int = 10
-    width: int = 64
-    hidden_layers: int = 2
-    scale_bound: float = 10.0  # log s >= -scale_bound in every coupling
+class Node:
+    """A config group node: what to build (``_target_``)."""
+
+    _target_: str = MISSING
 
 
 @dataclass
-class MAFConfig:
-    _target_: str = "fce.flows.MAF"
-    name: str = "maf"
-    n_blocks: int = 5
-    hidden: int = 100
-    hidden_layers: int = 2
-    scale_bound: float = 3.0
+class PartialNode(Node):
+    """A node built in two steps: the config's values now, the run's objects later."""
 
-
-@dataclass
-class EBMConfig:
-    hidden: list[int] = field(default_factory=lambda: [128, 128])
-    negative_slope: float = 0.2
-    log_z_init: float = 1.0
-
-
-@dataclass
-class OptimizerConfig:
-    _target_: str = "torch.optim.Adam"
     _partial_: bool = True
-    name: str = "adam"
-    lr_ebm: float = 1e-3
-    lr_flow: float = 7e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.0
-    fused: bool = True  # one fused kernel for the update: 0.6 ms instead of 3.5 for Glow
 
 
 @dataclass
-class FixedThresholdConfig:
-    name: str = "fixed"
-    value: float = 0.6
+class DatasetConfig(Node):
+    name: str = MISSING
+    n_samples: int = MISSING
 
 
 @dataclass
-class EMAThresholdConfig:
-    name: str = "ema"
-    value: float = 0.6
-    decay: float = 0.9
+class EBMConfig(Node):
+    hidden: list[int] = MISSING
+    negative_slope: float = MISSING
+    log_z_init: float = MISSING
 
 
 @dataclass
-class FCEEstimatorConfig:
-    name: str = "fce"
+class GlowConfig(Node):
+    name: str = MISSING
+    n_steps: int = MISSING
+    width: int = MISSING
+    hidden_layers: int = MISSING
+    scale_bound: float = MISSING  # log s >= -scale_bound in every coupling
 
 
 @dataclass
-class NCEEstimatorConfig:
-    name: str = "nce"
-    noise: str = "gaussian"
-    noise_checkpoint: str | None = None  # noise=flow: a checkpoint (or run dir) with a flow
+class MAFConfig(Node):
+    name: str = MISSING
+    n_blocks: int = MISSING
+    hidden: int = MISSING
+    hidden_layers: int = MISSING
+    scale_bound: float = MISSING
 
 
 @dataclass
-class FlowMLEEstimatorConfig:
-    name: str = "flow_mle"
+class OptimizerConfig(Node):
+    name: str = MISSING
+    lr_ebm: float = MISSING
+    lr_flow: float = MISSING
+    betas: list[float] = MISSING
+    weight_decay: float = MISSING
+    fused: bool = MISSING
+
+
+@dataclass
+class FixedThresholdConfig(Node):
+    name: str = MISSING
+    value: float = MISSING
+
+
+@dataclass
+class EMAThresholdConfig(FixedThresholdConfig):
+    decay: float = MISSING
+
+
+@dataclass
+class EstimatorConfig(PartialNode):
+    name: str = MISSING
+
+
+@dataclass
+class NCEEstimatorConfig(EstimatorConfig):
+    noise: str = MISSING
+    noise_checkpoint: str | None = MISSING  # noise=flow: a checkpoint (or run dir) with a flow
+
+
+@dataclass
+class MLflowTrackingConfig(PartialNode):
+    uri: str | None = MISSING  # None: $MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db
+    experiment: str = MISSING
+    run_name: str | None = MISSING
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 1000
-    epochs: int = 10
-    max_steps: int | None = None
-    eval_every: int = 250
-    plot_every: int = 1000
-    checkpoint_every: int = 1000
-    resume: str | None = None
+    batch_size: int = MISSING
+    epochs: int = MISSING
+    max_steps: int | None = MISSING
+    eval_every: int = MISSING
+    plot_every: int = MISSING
+    checkpoint_every: int = MISSING
+    resume: str | None = MISSING
 
 
 @dataclass
 class EvalConfig:
-    n_points: int = 20_000
-    seed: int = 0
-    grid_limit: float = 4.0
-    grid_cells: int = 256
+    n_points: int = MISSING
+    seed: int = MISSING
+    grid_limit: float = MISSING
+    grid_cells: int = MISSING
 
 
 @dataclass
-class TrackingConfig:
-    uri: str | None = None  # None: sqlite:///<project root>/mlflow.db
-    experiment: str = "fce"
-    run_name: str | None = None
+class RunConfig:
+    """One run's configuration, as composed from conf/ and typed by these schemas.
 
+    The library takes this type; at run time it is the ``DictConfig`` Hydra composed, which
+    reads the same (``cfg.flow.n_steps``) and keeps the schema's types on assignment.
+    """
 
-@dataclass
-class FCEConfig:
     dataset: DatasetConfig = MISSING
-    flow: Any = MISSING
+    ebm: EBMConfig = MISSING
+    flow: Any = MISSING  # GlowConfig | MAFConfig
     optimizer: OptimizerConfig = MISSING
-    threshold: Any = MISSING
-    estimator: Any = MISSING
-    ebm: EBMConfig = field(default_factory=EBMConfig)
+    threshold: Any = MISSING  # FixedThresholdConfig | EMAThresholdConfig
+    estimator: Any = MISSING  # EstimatorConfig | NCEEstimatorConfig
+    tracking: Any = MISSING  # MLflowTrackingConfig | PartialNode (none)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    seed: int = 42
-    device: str = "auto"
-    threads: int = 1
-    progress: str = "auto"
+    seed: int = MISSING
+    device: str = MISSING
+    threads: int = MISSING
+    progress: str = MISSING
 
 
-def upgrade(saved: DictConfig) -> DictConfig:
-    """A config saved by an older fce, with the defaults of keys added since (in place)."""
-    if "estimator" not in saved:  # before the estimator group, every run was FCE
-        saved.estimator = {"name": "fce"}
-    if saved.flow.name == "glow" and "scale_bound" not in saved.flow:
-        saved.flow.scale_bound = math.inf  # Glow's log-scale had no floor then
-    return saved
+SCHEMAS: dict[str, dict[str, type]] = {
+    "dataset": {"dataset": DatasetConfig},
+    "ebm": {"ebm": EBMConfig},
+    "flow": {"glow": GlowConfig, "maf": MAFConfig},
+    "optimizer": {"optimizer": OptimizerConfig},
+    "threshold": {"fixed": FixedThresholdConfig, "ema": EMAThresholdConfig},
+    "estimator": {"estimator": EstimatorConfig, "nce": NCEEstimatorConfig},
+    "tracking": {"mlflow": MLflowTrackingConfig, "none": PartialNode},
+}
 
 
 def register_configs() -> None:
@@ -175,16 +198,80 @@ def register_configs() -> None:
 
     store = ConfigStore.instance()
     # Schemas live in their own "schema" group so they never show up as user choices.
-    store.store(group="schema", name="fce", node=FCEConfig)
-    store.store(group="schema/dataset", name="dataset", node=DatasetConfig)
-    store.store(group="schema/flow", name="glow", node=GlowConfig)
-    store.store(group="schema/flow", name="maf", node=MAFConfig)
-    store.store(group="schema/optimizer", name="optimizer", node=OptimizerConfig)
-    store.store(group="schema/threshold", name="fixed", node=FixedThresholdConfig)
-    store.store(group="schema/threshold", name="ema", node=EMAThresholdConfig)
-    store.store(group="schema/estimator", name="fce", node=FCEEstimatorConfig)
-    store.store(group="schema/estimator", name="nce", node=NCEEstimatorConfig)
-    store.store(group="schema/estimator", name="flow_mle", node=FlowMLEEstimatorConfig)
+    store.store(group="schema", name="run", node=RunConfig)
+    for group, schemas in SCHEMAS.items():
+        for name, node in schemas.items():
+            store.store(group=f"schema/{group}", name=name, node=node)
+
+
+def user_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config without Hydra's ``_target_``/``_partial_`` keys: what the user set."""
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in INTERNAL_KEYS}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    return strip(OmegaConf.to_container(cfg, resolve=True))
+
+
+def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Keys that no schema declares (``+train.maxsteps=300``, a stray key in a YAML file)."""
+    found = []
+    schema = OmegaConf.get_type(cfg)
+    known = (
+        {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    )
+    for key in cfg:
+        name = f"{prefix}{key}"
+        if known is not None and key not in known:
+            found.append(name)
+            continue
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_missing() and not node._is_none():
+            found += unknown_keys(node, f"{name}.")
+    return found
+
+
+def upgrade(saved: DictConfig) -> DictConfig:
+    """A config saved by an older fce, completed as today's (in place).
+
+    Adds the ``_target_`` of each group node from its conf/ file, and the defaults of keys
+    added since: the estimator group (every run was FCE before it), Glow's ``scale_bound``
+    (its log-scale had no floor then).
+    """
+    if "estimator" not in saved:
+        saved.estimator = {"name": "fce"}
+    if saved.flow.name == "glow" and "scale_bound" not in saved.flow:
+        saved.flow.scale_bound = math.inf
+    if "tracking" in saved and "_target_" not in saved.tracking:
+        saved.tracking._target_ = "fce.tracking.MLflowTracker"
+        saved.tracking._partial_ = True
+    options = {
+        "dataset": "dataset",
+        "ebm": "reference",
+        "flow": saved.flow.name,
+        "optimizer": saved.optimizer.get("name", "adam"),
+        "threshold": saved.threshold.get("name", "fixed"),
+        "estimator": saved.estimator.name,
+    }
+    for group, option in options.items():
+        node = saved.get(group)
+        if node is None or "_target_" in node:
+            continue
+        path = CONF_DIR / group / f"{option}.yaml"
+        if group == "dataset":
+            path = CONF_DIR / group / f"{saved.dataset.name}.yaml"
+        current = OmegaConf.load(path)
+        for key in INTERNAL_KEYS:
+            if key in current:
+                node[key] = current[key]
+    return saved
+
+
+# --- validation: ranges and choices, one place -------------------------------------------------
 
 
 def _positive_int(cfg: DictConfig, key: str) -> None:
@@ -218,7 +305,12 @@ def _open_interval(cfg: DictConfig, key: str, low: float, high: float) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check choices and ranges of a composed config; raise ``ConfigError`` naming the key."""
+    """Check keys, choices and ranges of a composed config; raise ``ConfigError`` naming one."""
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ConfigError(
+            f"{unknown[0]}: no such setting; `python run.py --help` lists them (a typo?)"
+        )
     _choice(cfg, "dataset.name", DATASET_NAMES)
     _choice(cfg, "flow.name", FLOW_NAMES)
     _choice(cfg, "optimizer.name", OPTIMIZER_NAMES)
@@ -232,7 +324,7 @@ def validate(cfg: DictConfig) -> None:
                 "(file or run directory) of a trained flow"
             )
     _choice(cfg, "device", DEVICES)
-    _choice(cfg, "progress", ("auto", "bar", "log", "none"))
+    _choice(cfg, "progress", PROGRESS_MODES)
     for key in ("dataset.n_samples", "train.batch_size", "train.epochs", "train.eval_every"):
         _positive_int(cfg, key)
     for key in ("train.plot_every", "train.checkpoint_every"):
@@ -267,5 +359,5 @@ def validate(cfg: DictConfig) -> None:
     _positive_int(cfg, "eval.n_points")
     _positive_int(cfg, "eval.grid_cells")
     _positive_float(cfg, "eval.grid_limit")
-    if not cfg.tracking.experiment:
+    if "experiment" in cfg.tracking and not cfg.tracking.experiment:
         raise ConfigError("tracking.experiment='': must be a non-empty name")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-DATASET_NAMES = ("8gaussians", "spiral", "2spirals", "checkerboard", "rings", "pinwheel")
+from fce.config import DATASET_NAMES
 
 Sampler = Callable[[int, torch.Generator, torch.dtype], Tensor]
 LogProb = Callable[[Tensor], Tensor]
@@ -91,16 +91,20 @@ def _log_prob_8gaussians(x: Tensor) -> Tensor:
 # --- spirals ----------------------------------------------------------------------------------
 
 
+# The generator's constants, shared by the sampler and the density.
+_SPIRAL_T_MAX = 3 * math.pi  # the arc parameter t runs over [0, 3 pi] (540 degrees)
+_SPIRAL_JITTER = 0.5  # a uniform box jitter of this width on each axis ...
+_SPIRAL_SHRINK = 3  # ... then the arm is divided by this ...
+_SPIRAL_NOISE = 0.1  # ... and blurred by N(0, 0.1^2 I)
+_SPIRAL_BOX = _SPIRAL_JITTER / _SPIRAL_SHRINK  # the jitter box's side after the division
+_SPIRAL_T_NODES = 768  # Simpson intervals over t for the density
+
+
 def _spiral_arm(n: int, gen: torch.Generator, dtype: torch.dtype) -> Tensor:
-    # Arc parameter t = sqrt(u) * 3 pi (540 degrees), a box jitter of width 0.5 on each axis.
-    t = torch.sqrt(torch.rand(n, generator=gen, dtype=dtype)) * (3 * math.pi)
-    jitter = 0.5 * torch.rand(n, 2, generator=gen, dtype=dtype)
+    # Arc parameter t = sqrt(u) * t_max, then the box jitter.
+    t = torch.sqrt(torch.rand(n, generator=gen, dtype=dtype)) * _SPIRAL_T_MAX
+    jitter = _SPIRAL_JITTER * torch.rand(n, 2, generator=gen, dtype=dtype)
     return torch.stack([-torch.cos(t) * t, torch.sin(t) * t], dim=1) + jitter
-
-
-_SPIRAL_T_NODES = 768  # Simpson intervals over the arc parameter t in [0, 3 pi]
-_SPIRAL_NOISE = 0.1
-_SPIRAL_BOX = 0.5 / 3  # the jitter box's side after the division by 3
 
 
 def _log_prob_spiral_arm(x: Tensor, chunk: int = 2048) -> Tensor:
@@ -113,14 +117,14 @@ def _log_prob_spiral_arm(x: Tensor, chunk: int = 2048) -> Tensor:
     intervals (the integrand varies on scales of s / |a'(t)| >= 0.03; the nodes are 0.012
     apart; against 16,384 nodes the largest error is below 1e-4 nats, tests/test_densities.py).
     """
-    t_max = 3 * math.pi
+    t_max = _SPIRAL_T_MAX
     n = _SPIRAL_T_NODES  # even: composite Simpson over n intervals, nodes 1..n (p(0) = 0)
     h = t_max / n
     t = torch.arange(1, n + 1, dtype=torch.float64, device=x.device) * h
     simpson = torch.where(torch.arange(1, n + 1) % 2 == 1, 4.0, 2.0).to(t)
     simpson[-1] = 1.0
     log_weight = torch.log(2 * t / t_max**2 * simpson * h / 3)  # p(t) dt
-    corner = torch.stack([-torch.cos(t) * t, torch.sin(t) * t], dim=1) / 3  # (T, 2)
+    corner = torch.stack([-torch.cos(t) * t, torch.sin(t) * t], dim=1) / _SPIRAL_SHRINK
     scale = _SPIRAL_NOISE * math.sqrt(2)
     out = []
     for part in x.double().split(chunk):
@@ -150,14 +154,15 @@ def _log_prob_2spirals(x: Tensor) -> Tensor:
 
 def _sample_spiral(n: int, gen: torch.Generator, dtype: torch.dtype) -> Tensor:
     arm = _spiral_arm(n, gen, dtype)
-    return arm / 3 + 0.1 * torch.randn(n, 2, generator=gen, dtype=dtype)
+    return arm / _SPIRAL_SHRINK + _SPIRAL_NOISE * torch.randn(n, 2, generator=gen, dtype=dtype)
 
 
 def _sample_2spirals(n: int, gen: torch.Generator, dtype: torch.dtype) -> Tensor:
     arm = _spiral_arm(n, gen, dtype)
     # Each point picks one of the two arms (the second is the first rotated by pi).
     sign = 1 - 2 * torch.randint(2, (n, 1), generator=gen).to(dtype)
-    return sign * arm / 3 + 0.1 * torch.randn(n, 2, generator=gen, dtype=dtype)
+    noise = _SPIRAL_NOISE * torch.randn(n, 2, generator=gen, dtype=dtype)
+    return sign * arm / _SPIRAL_SHRINK + noise
 
 
 # --- checkerboard -----------------------------------------------------------------------------
@@ -210,8 +215,12 @@ def _log_prob_rings(x: Tensor) -> Tensor:
 # --- pinwheel ---------------------------------------------------------------------------------
 
 
+# The generator's constants, shared by the sampler and the density.
+_PIN_ARMS, _PIN_RADIAL, _PIN_TANGENTIAL, _PIN_RATE = 5, 0.3, 0.1, 0.25
+
+
 def _sample_pinwheel(n: int, gen: torch.Generator, dtype: torch.dtype) -> Tensor:
-    arms, radial_std, tangential_std, rate = 5, 0.3, 0.1, 0.25
+    arms, radial_std, tangential_std, rate = _PIN_ARMS, _PIN_RADIAL, _PIN_TANGENTIAL, _PIN_RATE
     arm = torch.randint(arms, (n,), generator=gen).to(dtype)
     noise = torch.randn(n, 2, generator=gen, dtype=dtype)
     radial = 1 + radial_std * noise[:, 0]
@@ -220,9 +229,6 @@ def _sample_pinwheel(n: int, gen: torch.Generator, dtype: torch.dtype) -> Tensor
     cos, sin = torch.cos(angle), torch.sin(angle)
     # (radial, tangential) times the rotation [[cos, -sin], [sin, cos]] from the right.
     return 2 * torch.stack([radial * cos + tangential * sin, tangential * cos - radial * sin], 1)
-
-
-_PIN_ARMS, _PIN_RADIAL, _PIN_TANGENTIAL, _PIN_RATE = 5, 0.3, 0.1, 0.25
 
 
 def _log_prob_pinwheel(x: Tensor, grid: int = 256, chunk: int = 2048) -> Tensor:
@@ -297,3 +303,23 @@ def get_dataset(name: str) -> Dataset:
         raise ValueError(
             f"unknown dataset {name!r}; choose one of: {', '.join(DATASET_NAMES)}"
         ) from None
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """The ``dataset`` config node: a dataset of the registry and the size of its training draw.
+
+    Args:
+        name: a key of ``DATASETS``.
+        n_samples: training points, drawn once per seed from the seed's ``train`` stream.
+    """
+
+    name: str
+    n_samples: int
+
+    @property
+    def dataset(self) -> Dataset:
+        return get_dataset(self.name)
+
+    def training_set(self, seed: int) -> Tensor:
+        return self.dataset.sample(self.n_samples, make_generator(seed, "train"))

@@ -23,17 +23,17 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from fce.config import ConfigError, validate
-from fce.experiment import RunContext, run
 from fce.sweep_space import Composer
 from fce.tracking import (
     MLflowTracker,
     TrackingError,
     check_reachable,
-    default_tracking_uri,
     flatten,
     set_run_status,
+    tracking_uri,
 )
-from fce.train import DivergenceError, StopRun
+from fce.train import RunContext, run
+from fce.trainer import DivergenceError, StopRun
 
 log = logging.getLogger("fce.sweep")
 # Heartbeats are "experimental" in Optuna 5 but are the documented way to fail dead trials.
@@ -200,10 +200,10 @@ def run_study(
     cfg = compose(base_overrides)
     storage_url = settings.storage or f"sqlite:///{(project_root / 'optuna.db').resolve()}"
     study_name = settings.study_name or f"{settings.name}-{cfg.dataset.name}-{cfg.flow.name}"
-    tracking_uri = cfg.tracking.uri or default_tracking_uri(project_root)
+    store = tracking_uri(cfg.tracking.uri, project_root)
     try:
-        check_reachable(tracking_uri)  # before the study is touched
-        storage = make_storage(storage_url, settings.heartbeat_s, tracking_uri)
+        check_reachable(store)  # before the study is touched
+        storage = make_storage(storage_url, settings.heartbeat_s, store)
         study = optuna.create_study(
             study_name=study_name,
             storage=storage,
@@ -227,7 +227,7 @@ def run_study(
     parent_id = study.user_attrs.get("mlflow_parent_run_id")
     try:
         parent = MLflowTracker(
-            tracking_uri,
+            store,
             cfg.tracking.experiment,
             run_name=f"study-{study_name}",
             run_id=parent_id,
@@ -259,7 +259,7 @@ def run_study(
                 base_overrides=list(base_overrides),
                 storage=storage_url,
                 study_name=study_name,
-                tracking_uri=tracking_uri,
+                tracking_uri=store,
                 experiment=cfg.tracking.experiment,
                 parent_run_id=parent.run_id,
                 sweep_dir=str(sweep_root / study_name),

@@ -1,7 +1,8 @@
 """Alternation rules: after each step, decide whether the next step trains the flow or the EBM.
 
 FCE trains the EBM while the classifier is weak and the flow once it is strong enough
-(accuracy above a threshold), keeping the game near equilibrium.
+(accuracy above a threshold), keeping the game near equilibrium. The values come from
+conf/threshold/ and are range-checked by ``fce.config.validate``.
 """
 
 from __future__ import annotations
@@ -10,13 +11,18 @@ from typing import Any
 
 
 class FixedThreshold:
-    """The reference rule: train the flow next iff this batch's accuracy > ``value``."""
+    """The reference rule: train the flow next iff this batch's accuracy > ``value``.
+
+    Args:
+        value: the threshold, in (0, 1).
+        name: the config's name of the rule (``threshold.name``); must be this rule's.
+    """
 
     name = "fixed"
 
-    def __init__(self, value: float = 0.6) -> None:
-        if not 0.0 < value < 1.0:
-            raise ValueError(f"threshold.value must be in (0, 1), got {value}")
+    def __init__(self, *, value: float, name: str = "fixed") -> None:
+        if name != self.name:
+            raise ValueError(f"threshold.name={name!r} does not name {type(self).__name__}")
         self.value = value
 
     def train_flow_next(self, accuracy: float) -> bool:
@@ -40,10 +46,8 @@ class EMAThreshold(FixedThreshold):
 
     name = "ema"
 
-    def __init__(self, value: float = 0.6, decay: float = 0.9) -> None:
-        super().__init__(value)
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"threshold.decay must be in [0, 1), got {decay}")
+    def __init__(self, *, value: float, decay: float, name: str = "ema") -> None:
+        super().__init__(value=value, name=name)
         self.decay = decay
         self.average: float | None = None
 
@@ -61,4 +65,4 @@ class EMAThreshold(FixedThreshold):
         self.average = state["average"]
 
 
-THRESHOLD_RULES: dict[str, type[FixedThreshold]] = {"fixed": FixedThreshold, "ema": EMAThreshold}
+ThresholdRule = FixedThreshold

@@ -18,41 +18,28 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from fce.cli import (  # noqa: E402
+from fce.cli import (
     check_group_choices,
     check_store,
     check_writable_dir,
     fail,
     one_line,
 )
-from fce.config import ConfigError  # noqa: E402
-from fce.tracking import TrackingError  # noqa: E402
+from fce.config import ConfigError
+from fce.tracking import TrackingError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CONF = ROOT / "conf"
 SPACES = ROOT / "sweeps" / "spaces"
 DEFAULTS = ROOT / "sweeps" / "defaults.yaml"
 
 
-_composer = None
-
-
 def make_composer():
-    """Hydra's compose API, initialised once for this process (it cannot be re-initialised
-    from other threads: DESIGN §6)."""
-    global _composer
-    if _composer is None:
-        from hydra import compose, initialize_config_dir
+    """The project's config composer (``fce.compose``): Hydra initialised once per process."""
+    from fce.compose import compose
 
-        from fce.config import register_configs
-
-        register_configs()
-        initialize_config_dir(str(CONF), version_base="1.3").__enter__()
-        _composer = lambda overrides: compose("config", overrides=list(overrides))  # noqa: E731
-    return _composer
+    return compose
 
 
 def setup_logging() -> None:
@@ -69,7 +56,7 @@ def stop_on_sigterm() -> None:
     parent run ends KILLED, and the exit code is 143. During a trial in this process, the
     run's own handler takes over and stops at the next step boundary.
     """
-    from fce.experiment import RunInterrupted
+    from fce.interrupts import RunInterrupted
 
     def handler(signum: int, _frame: object) -> None:
         raise RunInterrupted(128 + signum)
@@ -118,7 +105,7 @@ def main(argv: list[str]) -> None:
         except Exception as error:  # composition: unknown key, wrong type
             raise ConfigError(one_line(error)) from None
         check_space_against_run(settings, compose, run_overrides)
-        check_store(compose(run_overrides).tracking.uri)
+        check_store(compose(run_overrides).tracking.get("uri"))
         if str(settings.storage).startswith("sqlite:///"):
             database = Path(settings.storage.removeprefix("sqlite:///"))
             check_writable_dir(f"sweep.storage={settings.storage}", str(database.parent))

@@ -57,6 +57,12 @@ class FrozenFlow:
         return self.passes.transform_noise(z)
 
 
+def check_name(flow: Flow, name: str) -> None:
+    """A flow built from config is told its name (``flow.name``): it must be its own."""
+    if name != flow.name:
+        raise ValueError(f"flow.name={name!r} does not name {type(flow).__name__}")
+
+
 class Flow(nn.Module):
     """q_alpha(x): a standard normal base pushed through a stack of transforms.
 
@@ -64,6 +70,8 @@ class Flow(nn.Module):
     ``sample_and_log_prob`` returns reparameterised samples with their log-density from the same
     pass, so gradients flow through both the samples and log q.
     """
+
+    name = "flow"
 
     def __init__(self, transforms: list[Transform], dim: int = 2) -> None:
         super().__init__()

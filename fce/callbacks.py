@@ -1,0 +1,96 @@
+"""What leaves the loop besides metrics: density figures and checkpoints, as callbacks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fce.trainer import Trainer
+
+PANEL_SAMPLES = 100_000  # data points drawn in a density panel's first column
+
+
+class Callback:
+    """No-op hooks; subclasses override the ones they need."""
+
+    def on_start(self, trainer: Trainer) -> None:
+        pass
+
+    def on_step(self, trainer: Trainer, signals: dict[str, float]) -> None:
+        pass
+
+    def on_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        pass
+
+    def after_step(self, trainer: Trainer) -> None:
+        pass
+
+    def on_end(self, trainer: Trainer) -> None:
+        pass
+
+
+class Figures(Callback):
+    """Density panels (Data | flow | EBM) every ``plot_every`` steps and at the end, and the
+    training curves at the end, logged to the trainer's tracker."""
+
+    def __init__(self, plot_every: int) -> None:
+        self.plot_every = plot_every
+        self.seconds = 0.0
+
+    def after_step(self, trainer: Trainer) -> None:
+        step = trainer.step
+        if step < trainer.total_steps and self.plot_every and step % self.plot_every == 0:
+            self.log_panel(trainer)
+
+    def on_end(self, trainer: Trainer) -> None:
+        self.log_panel(trainer)
+        self.log_curves(trainer)
+
+    def log_panel(self, trainer: Trainer) -> None:
+        from fce.plots import PanelRow, density_panel
+
+        started = time.perf_counter()
+        evaluator = trainer.evaluator
+        log_q, log_p = evaluator.grid_log_densities(trainer.ebm, trainer.flow)
+        row = PanelRow(evaluator.dataset.name, trainer.data[:PANEL_SAMPLES], log_q, log_p)
+        flow_title, ebm_title = trainer.estimator.panel_titles
+        figure = density_panel(
+            [row], limit=evaluator.grid.limit, flow_title=flow_title, ebm_title=ebm_title
+        )
+        trainer.tracker.log_figure(figure, f"densities/step_{trainer.step:07d}.png")
+        self.seconds += time.perf_counter() - started
+
+    def log_curves(self, trainer: Trainer) -> None:
+        from fce.plots import training_curves
+
+        started = time.perf_counter()
+        curves = training_curves(trainer.history.history, names=trainer.estimator.curves)
+        trainer.tracker.log_figure(curves, "curves.png")
+        self.seconds += time.perf_counter() - started
+
+
+class Checkpoints(Callback):
+    """Calls ``save(trainer)`` every ``every`` steps (0: never) and at the last step."""
+
+    def __init__(self, save: Callable[[Trainer], Path], every: int) -> None:
+        self.save = save
+        self.every = every
+
+    def after_step(self, trainer: Trainer) -> None:
+        last = trainer.step == trainer.total_steps
+        if last or (self.every and trainer.step % self.every == 0):
+            self.save(trainer)
+
+
+class OnEval(Callback):
+    """Calls ``report(step, metrics)`` after each evaluation (a sweep's pruner); it may raise
+    ``StopRun`` to end the run early."""
+
+    def __init__(self, report: Callable[[int, dict[str, float]], Any]) -> None:
+        self.report = report
+
+    def on_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        self.report(trainer.step, metrics)

@@ -1,0 +1,118 @@
+"""What an estimator is: what a step trains, the step itself, its signals, its metrics.
+
+The training loop (``fce.trainer``) is generic: it draws the batch and the noise, calls
+``step``, checks and logs the signals the step returns, and evaluates. Which model moves, and
+by which objective, is the estimator's alone; the loop never asks which estimator it runs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from fce.ebm import EBM
+from fce.flows import Flow, FrozenFlow
+from fce.optim import Optimizers
+from fce.threshold import FixedThreshold
+
+
+@dataclass
+class Players:
+    """What the factory built for a run, handed to the estimator to pick what it trains.
+
+    Args:
+        ebm: the energy model (built for every run, so a seed initialises the flow alike
+            whatever the estimator).
+        flow: the flow of the ``flow`` group, freshly initialised.
+        optimizers: makes an optimizer for a model, with the player's learning rate.
+        rule: the alternation rule of the ``threshold`` group.
+        train_data: the training set (NCE fits its Gaussian noise to it).
+        flow_config: the run's ``flow`` settings, to check a loaded flow against.
+    """
+
+    ebm: EBM
+    flow: Flow
+    optimizers: Optimizers
+    rule: FixedThreshold
+    train_data: Tensor
+    flow_config: dict[str, Any]
+
+
+@dataclass
+class StepOutput:
+    """What one step did: its per-step signals (0-dim tensors, not yet synced to the host),
+    and which model it moved."""
+
+    signals: dict[str, Tensor]
+    stepped: nn.Module
+    trained_ebm: bool
+
+
+class Estimator(ABC):
+    """An objective, the models it moves, and the order it moves them in.
+
+    Class attributes:
+        name: the ``estimator.name`` that selects it.
+        objective: the signal that must stay finite; ``objective_label`` names it in errors.
+        signals: the per-step signals ``step`` returns, as logged.
+        uses_noise: whether ``step`` needs a draw of base noise z.
+        evaluates_ebm: whether the EBM's metrics mean anything (is it trained?).
+        panel_titles: (flow, EBM) titles of the density panels.
+        curves: the signals and metrics of the end-of-run curves figure.
+    """
+
+    name: ClassVar[str]
+    objective: ClassVar[str]
+    objective_label: ClassVar[str] = "value"
+    signals: ClassVar[tuple[str, ...]]
+    uses_noise: ClassVar[bool] = True
+    evaluates_ebm: ClassVar[bool] = True
+    panel_titles: ClassVar[tuple[str, str]] = ("Flow", "EBM")
+    curves: ClassVar[tuple[str, ...]] = (
+        "value",
+        "acc",
+        "mse_logp",
+        "nll_ebm",
+        "nll_flow",
+        "logz_gap",
+    )
+
+    def __init__(self, players: Players, name: str) -> None:
+        if name != self.name:
+            raise ValueError(f"estimator.name={name!r} does not name {type(self).__name__}")
+        self.ebm = players.ebm
+        self.flow = players.flow
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self._frozen: FrozenFlow | None = None
+
+    @abstractmethod
+    def step(self, x: Tensor, z: Tensor | None) -> StepOutput:
+        """One training step on the data batch ``x`` (and noise ``z`` if ``uses_noise``)."""
+
+    def start(self, first_batch: Tensor) -> None:
+        """Before the first step of a new run: the flow's data-dependent initialisation."""
+        self.flow.data_init(first_batch)
+        self._frozen = None
+
+    def observe(self, signals: dict[str, float]) -> None:
+        """After each step, its signals on the host: a rule may choose the next move."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The estimator's own state beyond the models and optimizers (for checkpoints)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict`` from a checkpoint, whose models are loaded already."""
+        self._frozen = None
+
+    def frozen_flow(self) -> FrozenFlow:
+        """The flow as a fixed contrast: folded once and reused until the flow moves again
+        (most of an FCE game's steps are EBM steps, many in a row)."""
+        if self._frozen is None:
+            self._frozen = self.flow.frozen()
+        return self._frozen

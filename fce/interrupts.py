@@ -1,0 +1,65 @@
+"""SIGINT and SIGTERM during a run: noted at once, acted on at the next step boundary.
+
+Raising from the signal handler itself could land inside an MLflow/SQLite write and leave the
+store locked for the KILLED status that follows; so the handler only records the signal, and
+the ``StopOnSignal`` callback raises ``RunInterrupted`` after the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from fce.callbacks import Callback
+
+if TYPE_CHECKING:
+    from fce.trainer import Trainer
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; carries the exit code the shell expects (130 or 143).
+
+    A KeyboardInterrupt, so that callers treating Ctrl-C specially (Optuna marks the trial
+    FAIL and stops the study) treat SIGTERM the same way.
+    """
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__(exit_code)
+        self.exit_code = exit_code
+
+
+class StopOnSignal(Callback):
+    """Holds the signal a handler noted; raises ``RunInterrupted`` at the step boundary."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise RunInterrupted(128 + self.signum)
+
+    def on_step(self, trainer: Trainer, signals: dict[str, float]) -> None:
+        self.check()
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[StopOnSignal]:
+    """While inside, SIGINT/SIGTERM are noted, not raised (main thread only: elsewhere
+    signals never arrive)."""
+    stop = StopOnSignal()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        stop.signum = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -1,0 +1,117 @@
+"""Resuming a run: find its checkpoint, check it belongs to this config, and say where to write.
+
+A run is resumed with ``train.resume=<run directory or checkpoint file>``. The models, the
+data, the randomness and the training settings must be those of the run that saved it; only
+how long and how often (epochs, max_steps, eval_every, plot_every, checkpoint_every) and where
+it logs may change.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fce import checkpoint
+from fce.config import ConfigError, RunConfig, upgrade, user_settings
+
+log = logging.getLogger("fce")
+
+# Keys that define the models, the data, the randomness and the optimisation: a checkpoint
+# resumes only a run that agrees on all of them. The held-out set (eval.*) may not change
+# either, so metrics stay comparable across the resume.
+RESUME_KEYS = (
+    "dataset",
+    "flow",
+    "ebm",
+    "seed",
+    "optimizer",
+    "threshold",
+    "estimator",
+    "train.batch_size",
+    "eval",
+)
+# What may change on resume, recorded on the run as a tag when it does.
+CHANGEABLE_KEYS = (
+    "train.epochs",
+    "train.max_steps",
+    "train.eval_every",
+    "train.plot_every",
+    "train.checkpoint_every",
+)
+
+
+@dataclass
+class Resume:
+    """Where a resumed run continues and the checkpoint it loads.
+
+    Args:
+        output_dir: the run's own directory; None when the checkpoint is not inside one (a
+            bare ``.pt`` file): the resumed run then writes into its new directory.
+        path, state: the checkpoint; None for a run killed before its first checkpoint,
+            which starts again from step 0 in the same directory, as a new MLflow run.
+        changed: settings that differ from the saved run's, as ``key: (old, new)``.
+    """
+
+    output_dir: Path | None
+    path: Path | None = None
+    state: dict[str, Any] | None = None
+    changed: dict[str, tuple[Any, Any]] | None = None
+
+
+def _select(settings: dict[str, Any], key: str) -> Any:
+    node: Any = settings
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def check_same_run(cfg: RunConfig, saved: DictConfig, source: str) -> dict[str, tuple]:
+    """Raise ``ConfigError`` unless ``cfg`` agrees with ``saved`` on every ``RESUME_KEYS``;
+    return the changeable settings that differ."""
+    mine, theirs = user_settings(cfg), user_settings(saved)
+    for key in RESUME_KEYS:
+        old, new = _select(theirs, key), _select(mine, key)
+        if old != new:
+            raise ConfigError(
+                f"train.resume={cfg.train.resume}: {source} has {key}={old}, this run "
+                f"{key}={new}; they must match (only {', '.join(CHANGEABLE_KEYS)} may change)"
+            )
+    return {
+        key: (_select(theirs, key), _select(mine, key))
+        for key in CHANGEABLE_KEYS
+        if _select(theirs, key) != _select(mine, key)
+    }
+
+
+def load_resume(cfg: RunConfig) -> Resume | None:
+    """The checkpoint named by ``train.resume``, checked against this run's config."""
+    if cfg.train.resume is None:
+        return None
+    target = Path(cfg.train.resume).expanduser()
+    never_checkpointed = (
+        target.is_dir()
+        and (target / "config.yaml").is_file()
+        and not checkpoint.list_checkpoints(target / "checkpoints")
+        and not checkpoint.list_checkpoints(target)
+    )
+    if never_checkpointed:
+        saved = upgrade(OmegaConf.load(target / "config.yaml"))
+        check_same_run(cfg, saved, str(target / "config.yaml"))
+        log.warning("%s has no checkpoint yet: starting again from step 0 there", target)
+        return Resume(target)
+    try:
+        path, state, warnings = checkpoint.resolve(target)
+    except checkpoint.CheckpointError as error:
+        raise ConfigError(f"train.resume={cfg.train.resume}: {error}") from None
+    for warning in warnings:
+        log.warning(warning)
+    changed = check_same_run(cfg, upgrade(OmegaConf.create(state["config"])), "the checkpoint")
+    # <run>/checkpoints/step_N.pt: the run continues in <run>. Anywhere else, in a new one.
+    output_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+    return Resume(output_dir, path, state, changed)

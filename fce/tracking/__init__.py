@@ -1,0 +1,25 @@
+"""Where metrics, figures and files go. The training loop talks to a ``Tracker``, never MLflow.
+
+``tracking=mlflow`` (the default) logs to an MLflow store; ``tracking=none`` to nowhere.
+"""
+
+from fce.tracking.base import MemoryTracker, NullTracker, Tracker, flatten
+from fce.tracking.mlflow_tracker import (
+    MLflowTracker,
+    TrackingError,
+    check_reachable,
+    set_run_status,
+    tracking_uri,
+)
+
+__all__ = [
+    "MLflowTracker",
+    "MemoryTracker",
+    "NullTracker",
+    "Tracker",
+    "TrackingError",
+    "check_reachable",
+    "flatten",
+    "set_run_status",
+    "tracking_uri",
+]

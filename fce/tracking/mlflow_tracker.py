@@ -1,0 +1,202 @@
+"""The MLflow tracker: one MLflow run per FCE run. The only module that imports mlflow."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fce.tracking.housekeeping import process_identity, reconcile_dead_runs, store_lock
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+log = logging.getLogger("fce")
+
+PROBE_TIMEOUT_S = 5.0
+# MLflow 3 opens an experiment without this tag in its GenAI view (traces, judges); with it,
+# on runs and charts.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+class TrackingError(ValueError):
+    """The MLflow store cannot be opened, or the run to resume is not in it."""
+
+
+def tracking_uri(configured: str | None, project_root: Path) -> str:
+    """The store a run logs to: ``tracking.uri`` if set, else ``$MLFLOW_TRACKING_URI`` (as
+    every MLflow tool reads it), else the project's ``sqlite:///<project root>/mlflow.db``."""
+    if configured:
+        return configured
+    from_env = os.environ.get("MLFLOW_TRACKING_URI")
+    if from_env:
+        return from_env
+    return f"sqlite:///{(project_root / 'mlflow.db').resolve()}"
+
+
+def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Fail in seconds when an HTTP tracking server does not answer.
+
+    MLflow's client retries a refused connection with backoff for minutes before it gives up;
+    one plain request with a timeout tells sooner. SQLite and databases fail fast by themselves.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # a server answers (perhaps asking for credentials): MLflow takes it from here
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", None) or error
+        raise TrackingError(
+            f"tracking.uri={uri}: no MLflow server answers ({reason}); start one "
+            "(mlflow server) or use sqlite:///<path>/mlflow.db"
+        ) from None
+
+
+def set_run_status(
+    uri: str, run_id: str, status: str | None, tags: Mapping[str, str] | None = None
+) -> None:
+    """Tag a run and/or end it with ``status`` (e.g. a sweep trial whose worker died)."""
+    from mlflow.entities import RunTag
+    from mlflow.tracking import MlflowClient
+
+    with store_lock(uri):
+        client = MlflowClient(tracking_uri=uri)
+    if tags:
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    if status is not None:
+        client.set_terminated(run_id, status=status)
+
+
+class MLflowTracker:
+    """One MLflow run, written through ``MlflowClient`` (no fluent global state, so it is safe
+    in parallel processes), metrics in batches.
+
+    A resumed run (``run_id`` given) logs each metric at each step once: steps already in the
+    store, logged before an interrupt and replayed since the last checkpoint, are skipped.
+
+    Args:
+        uri: the store; None for ``tracking_uri``'s default.
+        experiment: the experiment's name (created, tagged as model training, if new).
+        run_name: the new run's name.
+        run_id: the run to continue instead of starting one.
+        tags: set on the run, with this process's identity (host, pid) for liveness checks.
+        project_root: where the default SQLite store lives.
+    """
+
+    _BATCH = 1000  # MLflow's limit of metrics per log_batch call
+
+    def __init__(
+        self,
+        uri: str | None,
+        experiment: str,
+        run_name: str | None = None,
+        run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        project_root: Path | None = None,
+    ) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri = tracking_uri(uri, project_root or Path.cwd())
+        check_reachable(uri)
+        tags = {**(tags or {}), **process_identity()}
+        self._logged_upto: dict[str, int] = {}
+        try:
+            # Under the lock, so that no other process reconciles between our check of the
+            # store and the identity tags of the run we start or resume.
+            with store_lock(uri):
+                self.client = MlflowClient(tracking_uri=uri)
+                if run_id is not None:
+                    resumed = self.client.get_run(run_id)
+                    experiment_id = resumed.info.experiment_id
+                else:
+                    experiment_id = self._experiment_id(uri, experiment)
+                for ended in reconcile_dead_runs(self.client, experiment_id):
+                    log.warning("MLflow run %s: its process is gone; marked KILLED", ended)
+                if run_id is not None:
+                    self.run_id = resumed.info.run_id
+                    self._logged_upto = self._last_logged_steps(resumed.data.metrics)
+                    self.set_tags(tags)
+                    self.client.update_run(self.run_id, status="RUNNING")
+                else:
+                    run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
+                    self.run_id = run.info.run_id
+        except Exception as error:  # any store failure: one line for the user, not a trace
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            what = f"run {run_id} to resume" if run_id else "store"
+            raise TrackingError(
+                f"tracking.uri={uri}: cannot open the MLflow {what} ({reason})"
+            ) from None
+
+    def _experiment_id(self, uri: str, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            for key, value in EXPERIMENT_KIND.items():
+                if found.tags.get(key) != value:
+                    self.client.set_experiment_tag(found.experiment_id, key, value)
+            return found.experiment_id
+        location = None
+        if uri.startswith("sqlite:///"):
+            # Artifacts beside the database, not in the working directory.
+            root = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+            location = (root / name).as_uri()
+        try:
+            return self.client.create_experiment(
+                name, artifact_location=location, tags=EXPERIMENT_KIND
+            )
+        except MlflowException:
+            # Another process created it between our lookup and our create.
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def _last_logged_steps(self, latest: Mapping[str, float]) -> dict[str, int]:
+        """The last step at which each metric of the resumed run is already in the store."""
+        return {
+            name: max(m.step for m in self.client.get_metric_history(self.run_id, name))
+            for name in latest
+        }
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self.log_history([step], {name: [value] for name, value in metrics.items()})
+
+    def log_history(self, steps: Sequence[int], metrics: Mapping[str, Sequence[float]]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        rows = [
+            Metric(name, float(value), now, int(step))
+            for name, values in metrics.items()
+            for step, value in zip(steps, values, strict=True)
+            if step > self._logged_upto.get(name, -1)
+        ]
+        for start in range(0, len(rows), self._BATCH):
+            self.client.log_batch(self.run_id, metrics=rows[start : start + self._BATCH])
+
+    def log_figure(self, figure: Figure, name: str) -> None:
+        self.client.log_figure(self.run_id, figure, name)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, status: str) -> None:
+        """FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(self.run_id, status=status)
