@@ -6,11 +6,14 @@
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
+from fce.cli import exit_quietly_on_signals, preflight, run_job
 
-from fce.cli import preflight, run_job
-from fce.config import register_configs
+exit_quietly_on_signals()  # until a run installs its own handlers: no traceback on Ctrl-C
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from fce.config import register_configs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 register_configs()

@@ -115,8 +115,8 @@ def comparison_figure(
 ) -> Figure:
     """Rows of Data | EBM (FCE) | EBM (NCE) | Flow (FCE) | Flow (MLE), each run's lowest seed."""
     from analysis.figures import load_trainer
+    from fce.callbacks import PANEL_SAMPLES
     from fce.plots import draw_density, draw_samples, finish_panel
-    from fce.train import PANEL_SAMPLES
 
     columns = [("fce", "ebm"), ("nce", "ebm"), ("fce", "flow"), ("flow_mle", "flow")]
     titles = ["Data", "EBM (FCE)", "EBM (NCE)", "Flow (FCE)", "Flow (MLE)"]

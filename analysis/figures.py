@@ -57,7 +57,7 @@ def load_trainer(run_id: str, uri: str | None):
     from omegaconf import OmegaConf
 
     from fce.config import upgrade
-    from fce.experiment import build_trainer
+    from fce.factory import build_trainer
 
     client = _client(uri)
     (artifact,) = [a.path for a in client.list_artifacts(run_id, "checkpoints")]
@@ -71,8 +71,8 @@ def load_trainer(run_id: str, uri: str | None):
 
 def panel_row(run_id: str, uri: str | None):
     """One Data | Flow | EBM row from a run's final models."""
+    from fce.callbacks import PANEL_SAMPLES
     from fce.plots import PanelRow
-    from fce.train import PANEL_SAMPLES
 
     trainer = load_trainer(run_id, uri)
     log_q, log_p = trainer.evaluator.grid_log_densities(trainer.ebm, trainer.flow)

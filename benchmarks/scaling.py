@@ -97,17 +97,11 @@ def cpu_ceiling(processes: int, repeats: int = 20_000) -> float:
 
 def fixed_space(base_overrides: list[str], path: Path) -> Path:
     """threshold_lr's keys, each a one-choice categorical at the run config's value."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from fce.config import register_configs
+    from fce.compose import compose
 
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", base_overrides)
-    GlobalHydra.instance().clear()
+    cfg = compose(base_overrides)
     space = OmegaConf.load(ROOT / "sweeps" / "spaces" / "threshold_lr.yaml")
     params = {
         key: {"type": "categorical", "choices": [OmegaConf.select(cfg, key)]}

@@ -41,15 +41,10 @@ if str(ROOT) not in sys.path:
 
 
 def compose_default(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from fce.compose import compose
+    from fce.config import validate
 
-    from fce.config import register_configs, validate
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides)
+    cfg = compose(overrides)
     validate(cfg)
     return cfg
 
@@ -71,10 +66,10 @@ def step_flops(trainer) -> tuple[int, int]:
     from torch.utils.flop_counter import FlopCounterMode
 
     probe = copy.deepcopy(trainer)  # the timed trainer's state is left untouched
-    x = probe._batch(0)
-    z = probe._noise(0, x)
+    x = probe.batch(0)
+    z = probe.noise(0, x)
     counts = []
-    for step in (probe._ebm_step, probe._flow_step):
+    for step in (probe.estimator.ebm_step, probe.estimator.flow_step):
         with FlopCounterMode(display=False) as counter:
             step(x, z)
         counts.append(counter.get_total_flops())
@@ -84,10 +79,10 @@ def step_flops(trainer) -> tuple[int, int]:
 def step_milliseconds(trainer, repeats: int = 60, rounds: int = 5) -> tuple[float, float]:
     """Median-free, noise-robust cost of one EBM step and one flow step: the best of a few
     rounds of ``repeats`` steps on one batch (the other process on the machine only adds)."""
-    x = trainer._batch(0)
-    z = trainer._noise(0, x)
+    x = trainer.batch(0)
+    z = trainer.noise(0, x)
     best = []
-    for step in (trainer._ebm_step, trainer._flow_step):
+    for step in (trainer.estimator.ebm_step, trainer.estimator.flow_step):
         times = []
         for _ in range(rounds):
             started = time.perf_counter()
@@ -103,7 +98,7 @@ def measure_flow(
 ) -> dict:
     import torch
 
-    from fce.experiment import build_trainer
+    from fce.factory import build_trainer
 
     torch.set_num_threads(threads)
     cfg = compose_default([f"flow={flow}", "device=cpu", f"threads={threads}", *overrides])
@@ -114,9 +109,7 @@ def measure_flow(
     ebm_ms, flow_ms = step_milliseconds(copy.deepcopy(trainer))
 
     # Warm up, then time training steps only: no evaluation inside the window.
-    trainer.settings = type(trainer.settings)(
-        **{**trainer.settings.__dict__, "eval_every": 10**9, "plot_every": 0}
-    )
+    trainer.settings = type(trainer.settings)(**{**trainer.settings.__dict__, "eval_every": 10**9})
     trainer.total_steps = warmup
     trainer.run()
     flow_steps_before = trainer.flow_steps
@@ -128,11 +121,11 @@ def measure_flow(
     for _ in range(windows):
         trainer.total_steps += steps
         flow_steps_window = trainer.flow_steps
-        eval_before = trainer.seconds["eval"] + trainer.seconds["plots"]
+        eval_before = trainer.seconds["eval"]
         started = time.perf_counter()
         trainer.run()
         wall = time.perf_counter() - started
-        wall -= trainer.seconds["eval"] + trainer.seconds["plots"] - eval_before
+        wall -= trainer.seconds["eval"] - eval_before
         seconds += wall
         window_rates.append(steps / wall)
         window_shares.append(1 - (trainer.flow_steps - flow_steps_window) / steps)

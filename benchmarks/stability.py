@@ -5,9 +5,11 @@
     python benchmarks/stability.py --resume --out benchmarks/results/stability_glow.json
     python benchmarks/stability.py --report benchmarks/results/stability_*.json
 
-Each job composes the default config (plus any overrides given), trains without MLflow, and
-records the final metrics, whether anything diverged, and the largest flow sample. Prints a
-markdown table (one row per dataset x flow) and writes every job to --out as JSON.
+Each (seed, flow) is one Hydra multirun of ``run.py`` over the datasets, with
+``tracking=none`` (no store) and the joblib launcher (``--jobs`` processes). Every job leaves
+its outcome (``metrics.json``) and final checkpoint in its directory; this script reads them,
+draws samples from the final flow, prints a markdown table (one row per dataset x flow) and
+writes every job to --out as JSON.
 """
 
 from __future__ import annotations
@@ -15,53 +17,77 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
+import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
+from fce.config import DATASET_NAMES, FLOW_NAMES
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from fce.config import DATASET_NAMES, FLOW_NAMES  # noqa: E402
 
 
-def one_job(args: tuple[str, str, int, list[str]]) -> dict:
-    flow, dataset, seed, overrides = args
-    import torch
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from fce.config import register_configs, validate
-    from fce.experiment import build_trainer
-    from fce.train import DivergenceError
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            "config",
-            [
-                f"flow={flow}",
-                f"dataset={dataset}",
-                f"seed={seed}",
-                "train.plot_every=0",
-                *overrides,
-            ],
+def sweep(flow: str, seed: int, datasets: list[str], jobs: int, overrides: list[str]) -> list:
+    """Run one multirun over ``datasets`` and return a record per job."""
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [
+            sys.executable,
+            str(ROOT / "run.py"),
+            "-m",
+            "hydra/launcher=joblib",
+            f"hydra.launcher.n_jobs={jobs}",
+            f"hydra.sweep.dir={tmp}",
+            "hydra.sweep.subdir=${dataset.name}",
+            "tracking=none",
+            "progress=none",
+            "train.plot_every=0",
+            f"flow={flow}",
+            f"seed={seed}",
+            f"dataset={','.join(datasets)}",
+            *overrides,
+        ]
+        subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        records = [collect(Path(tmp) / d, flow, d, seed) for d in datasets]
+    for r in records:
+        print(
+            f"{flow:5s} {r['dataset']:12s} seed {seed}: "
+            + ("DIVERGED " + r["diverged"] if r["diverged"] else "ok")
+            + f"  nll_ebm {r.get('nll_ebm', math.nan):.3f}"
+            + f"  {r.get('steps_per_s', math.nan):.0f} steps/s",
+            flush=True,
         )
-    validate(cfg)
-    torch.set_num_threads(cfg.threads)
-    trainer = build_trainer(cfg, torch.device("cpu"))
+    return records
+
+
+def collect(job_dir: Path, flow: str, dataset: str, seed: int) -> dict:
+    """One job's record: its outcome, and samples drawn from its final flow."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from fce import checkpoint
+    from fce.config import upgrade
+    from fce.factory import build_trainer
+
     record = {"flow": flow, "dataset": dataset, "seed": seed, "diverged": None}
-    started = time.perf_counter()
+    outcome_file = job_dir / "metrics.json"
+    if not outcome_file.is_file():
+        record.update(diverged=f"crash: no outcome in {job_dir}", samples_finite=False)
+        record["max_abs_sample"] = math.nan
+        return record
+    outcome = json.loads(outcome_file.read_text())
+    record["diverged"] = outcome.pop("error")
+    record["steps"] = outcome.pop("step")
+    wall = outcome.pop("wall_time_s", math.nan)
+    outcome.pop("status")
+    record.update(outcome)
+    record["steps_per_s"] = record["steps"] / wall if wall else math.nan
     try:
-        record.update(trainer.run())
-    except DivergenceError as error:
-        record["diverged"] = str(error)
-    except Exception as error:  # a crash is a finding too: record it, keep sweeping
-        record["diverged"] = f"crash: {type(error).__name__}: {error}"
-    record["steps"] = trainer.step
-    record["steps_per_s"] = trainer.step / (time.perf_counter() - started)
+        _, state, _ = checkpoint.resolve(job_dir)
+    except checkpoint.CheckpointError:  # diverged before its first checkpoint
+        record.update(max_abs_sample=math.nan, samples_finite=False)
+        return record
+    trainer = build_trainer(upgrade(OmegaConf.create(state["config"])), torch.device("cpu"))
+    trainer.load_state_dict(state["trainer"])
     with torch.no_grad():
         samples, log_q = trainer.flow.sample_and_log_prob(20_000, torch.Generator().manual_seed(0))
     record["max_abs_sample"] = samples.abs().max().item()
@@ -69,15 +95,7 @@ def one_job(args: tuple[str, str, int, list[str]]) -> dict:
     history = trainer.history.history
     for name in ("mse_logp", "nll_ebm", "nll_flow"):
         if name in history:
-            values = history[name][1]
-            record[f"all_{name}_finite"] = all(math.isfinite(v) for v in values)
-    print(
-        f"{flow:5s} {dataset:12s} seed {seed}: "
-        + ("DIVERGED " + record["diverged"] if record["diverged"] else "ok")
-        + f"  nll_ebm {record.get('nll_ebm', float('nan')):.3f}"
-        + f"  {record['steps_per_s']:.0f} steps/s",
-        flush=True,
-    )
+            record[f"all_{name}_finite"] = all(math.isfinite(v) for v in history[name][1])
     return record
 
 
@@ -145,19 +163,15 @@ def main() -> None:
             )
         records = saved["runs"]
     done = {(r["flow"], r["dataset"], r["seed"]) for r in records}
-    # Seed-major order: a sweep stopped early has covered every dataset and flow equally.
-    jobs = [
-        (f, d, s, args.overrides)
-        for s in args.seeds
-        for f in args.flows
-        for d in args.datasets
-        if (f, d, s) not in done
-    ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with mp.get_context("spawn").Pool(args.jobs) as pool:
-        # Written after every job, so a sweep stopped half-way keeps what it measured.
-        for record in pool.imap_unordered(one_job, jobs, chunksize=1):
-            records.append(record)
+    # Seed-major order: a sweep stopped early has covered every dataset and flow equally.
+    for seed in args.seeds:
+        for flow in args.flows:
+            todo = [d for d in args.datasets if (flow, d, seed) not in done]
+            if not todo:
+                continue
+            records += sweep(flow, seed, todo, args.jobs, args.overrides)
+            # Written after every multirun, so a sweep stopped half-way keeps what it measured.
             partial = args.out.with_suffix(".tmp")
             partial.write_text(
                 json.dumps({"overrides": args.overrides, "runs": records}, indent=1)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -31,6 +33,22 @@ USER_GROUPS = (
 )
 EXIT_BAD_INPUT = 2
 _NOISE = ("Set the environment variable HYDRA_FULL_ERROR", "reference_type=", "object_type=")
+
+
+def exit_quietly_on_signals() -> None:
+    """SIGINT/SIGTERM before a run exists: one line and the shell's exit code (130, 143).
+
+    There is nothing to save or end yet; Python's default would print a KeyboardInterrupt
+    traceback from whatever import was loading. A run replaces these handlers with its own
+    (``fce.interrupts``), which stop at a step boundary.
+    """
+
+    def handler(signum: int, _frame: object) -> None:
+        sys.stderr.write("error: interrupted before the run started\n")
+        os._exit(128 + signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
@@ -93,18 +111,15 @@ def preflight(argv: Sequence[str], conf_dir: Path, config_name: str = "config") 
     check_group_choices(overrides, conf_dir)
     # Launcher and other hydra.* settings are Hydra's own; the job config is checked here.
     overrides = [a for a in overrides if not a.lstrip("+").startswith("hydra")]
-    from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf, open_dict
 
+    from fce.compose import compose
     from fce.config import ConfigError, validate
     from fce.tracking import TrackingError
 
     try:
-        with initialize_config_dir(str(conf_dir.resolve()), version_base="1.3"):
-            cfg = compose(
-                config_name, overrides=first_of_each_sweep(overrides), return_hydra_config=True
-            )
+        cfg = compose(first_of_each_sweep(overrides), config_name, return_hydra_config=True)
     except Exception as error:  # composition: unknown key, wrong type, bad syntax
         fail(one_line(error))
     finally:

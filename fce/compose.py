@@ -17,8 +17,10 @@ _lock = threading.Lock()
 _initialised = False
 
 
-def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
-    """The config ``python run.py *overrides`` would run (without its ``hydra`` node)."""
+def compose(
+    overrides: Sequence[str] = (), config_name: str = "config", return_hydra_config: bool = False
+) -> DictConfig:
+    """The config ``python run.py *overrides`` would run (with Hydra's own node if asked)."""
     global _initialised
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -30,4 +32,6 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
             GlobalHydra.instance().clear()
             initialize_config_dir(str(CONF_DIR), version_base="1.3").__enter__()
             _initialised = True
-        return hydra_compose(config_name, overrides=list(overrides))
+        return hydra_compose(
+            config_name, overrides=list(overrides), return_hydra_config=return_hydra_config
+        )

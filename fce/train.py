@@ -101,23 +101,26 @@ def run(cfg: RunConfig, context: RunContext) -> dict[str, float]:
             and tagged ``stopped_early``.
     """
     started = time.perf_counter()
-    resume = load_resume(cfg)
-    continued = resume is not None and resume.state is not None
-    torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    # A resumed run keeps writing into the directory it started in.
-    output_dir = resume.output_dir if resume and resume.output_dir else context.output_dir
-    with claimed(output_dir):
-        if not continued:
-            # First: a run dir with config.yaml and no checkpoint is one killed early, which
-            # ``train.resume`` starts again in place.
-            (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        parts = build(cfg, device)
-        run_id = resume.state.get("mlflow_run_id") if continued else None
-        tracker = open_tracker(cfg, context, run_id, output_dir, str(device))
-        if context.on_run_created is not None and tracker.run_id is not None:
-            context.on_run_created(tracker.run_id)
-        with deferred_interrupts() as stop:
+    # From here a signal is noted and acted on at a safe point: before the tracked run
+    # exists (nothing to end), or at a step boundary (a checkpoint, the run marked KILLED).
+    with deferred_interrupts() as stop:
+        resume = load_resume(cfg)
+        continued = resume is not None and resume.state is not None
+        torch.set_num_threads(cfg.threads)
+        device = resolve_device(cfg.device)
+        # A resumed run keeps writing into the directory it started in.
+        output_dir = resume.output_dir if resume and resume.output_dir else context.output_dir
+        with claimed(output_dir):
+            if not continued:
+                # First: a run dir with config.yaml and no checkpoint is one killed early,
+                # which ``train.resume`` starts again in place.
+                (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            parts = build(cfg, device)
+            stop.check()
+            run_id = resume.state.get("mlflow_run_id") if continued else None
+            tracker = open_tracker(cfg, context, run_id, output_dir, str(device))
+            if context.on_run_created is not None and tracker.run_id is not None:
+                context.on_run_created(tracker.run_id)
             return _train(cfg, context, parts, tracker, stop, output_dir, resume, started)
 
 
@@ -142,7 +145,7 @@ def _train(cfg, context, parts, tracker, stop, output_dir, resume, started) -> d
     if context.on_eval is not None:
         callbacks.append(OnEval(context.on_eval))
     trainer = parts.trainer(tracker, callbacks)
-    status = "FAILED"
+    status, final, error = "FAILED", {}, None
     try:
         if continued:
             trainer.load_state_dict(resume.state["trainer"])
@@ -162,6 +165,7 @@ def _train(cfg, context, parts, tracker, stop, output_dir, resume, started) -> d
             tracker.run_id,
         )
         try:
+            stop.check()  # a signal during the set-up: the run exists, end it KILLED
             final = trainer.run()
         except StopRun:
             status = "KILLED"
@@ -178,7 +182,6 @@ def _train(cfg, context, parts, tracker, stop, output_dir, resume, started) -> d
         tracker.log_artifact(final_path, "checkpoints")
         wall = time.perf_counter() - started
         tracker.log_metrics({"wall_time_s": wall}, trainer.step)
-        write_json(output_dir / "metrics.json", {"step": trainer.step, **final})
         status = "FINISHED"
         log.info(
             "finished %d steps in %.0fs: %s",
@@ -188,10 +191,15 @@ def _train(cfg, context, parts, tracker, stop, output_dir, resume, started) -> d
         )
         log.info("%s", where_things_went(tracker, output_dir))
         return final
-    except DivergenceError as error:
-        log.error("%s; last good checkpoint kept in %s", error, checkpoint_dir)
+    except DivergenceError as diverged:
+        error = str(diverged)
+        log.error("%s; last good checkpoint kept in %s", diverged, checkpoint_dir)
         raise
     finally:
+        # The run's outcome beside its checkpoints, whatever the tracker (tracking=none too).
+        wall = time.perf_counter() - started
+        outcome = {"status": status, "step": trainer.step, "error": error}
+        write_json(output_dir / "metrics.json", {**outcome, "wall_time_s": wall, **final})
         tracker.finish(status)
 
 

@@ -30,6 +30,46 @@ TINY_FLOW = {
 }
 
 
+def make_trainer(
+    estimator: str,
+    ebm,
+    flow,
+    data,
+    evaluator,
+    settings,
+    lr_ebm: float = 1e-3,
+    lr_flow: float = 1e-3,
+    rule=None,
+    tracker=None,
+    callbacks=None,
+    **options,
+):
+    """A trainer built in code, as a library user would: the estimator from the registry."""
+    from fce.estimators import ESTIMATORS, Players
+    from fce.optim import Optimizers
+    from fce.threshold import FixedThreshold
+    from fce.trainer import Trainer
+
+    optimizers = Optimizers(
+        name="adam",
+        lr_ebm=lr_ebm,
+        lr_flow=lr_flow,
+        betas=(0.9, 0.999),
+        weight_decay=0.0,
+        fused=False,
+    )
+    players = Players(
+        ebm=ebm,
+        flow=flow,
+        optimizers=optimizers,
+        rule=rule if rule is not None else FixedThreshold(value=0.6),
+        train_data=data,
+        flow_config={},
+    )
+    model = ESTIMATORS[estimator](players, name=estimator, **options)
+    return Trainer(model, data, evaluator, settings, tracker=tracker, callbacks=callbacks)
+
+
 def store_uri(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 

@@ -4,30 +4,28 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from fce.cli import group_options
+from fce.compose import compose
 from fce.config import (
     DATASET_NAMES,
     ESTIMATOR_NAMES,
     FLOW_NAMES,
     ConfigError,
-    register_configs,
+    upgrade,
+    user_settings,
     validate,
 )
-from fce.experiment import build_trainer
+from fce.factory import build_trainer
 from tests.helpers import ROOT, TINY, TINY_FLOW
 
 CONF = ROOT / "conf"
-register_configs()
 
 
 def compose_cfg(overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("config", overrides=overrides)
+    return compose(overrides)
 
 
 def test_groups_hold_exactly_the_documented_options():
@@ -65,9 +63,10 @@ def test_reference_experiment_pins_100_epochs():
     assert cfg.train.epochs == 100 and cfg.flow.n_steps == 10 and cfg.flow.width == 64
 
 
+INSTANTIABLE = ("dataset", "ebm", "flow", "optimizer", "threshold", "estimator", "tracking")
 GROUP_OPTIONS = [
     (group, option)
-    for group in ("dataset", "flow", "optimizer", "threshold", "estimator", "experiment")
+    for group in (*INSTANTIABLE, "experiment")
     for option in group_options(CONF, group)
 ]
 
@@ -79,12 +78,52 @@ def test_every_option_composes_validates_and_builds(group, option):
     validate(cfg)
     trainer = build_trainer(cfg, torch.device("cpu"))
     assert trainer.data.shape == (cfg.dataset.n_samples, 2)
-    noise = cfg.estimator.name == "nce"  # NCE's default noise: a Gaussian fitted to the data
+    estimator = trainer.estimator
+    noise = estimator.name == "nce"  # NCE's default noise: a Gaussian fitted to the data
     assert type(trainer.flow).__name__.lower() == ("gaussian" if noise else cfg.flow.name)
-    assert trainer.estimator == cfg.estimator.name
-    assert type(trainer.opt_ebm).__name__.lower() == cfg.optimizer.name
-    assert trainer.opt_flow.param_groups[0]["lr"] == cfg.optimizer.lr_flow
-    assert trainer.rule.name == cfg.threshold.name
+    assert estimator.name == cfg.estimator.name
+    for name, optimizer in estimator.optimizers.items():
+        assert type(optimizer).__name__.lower() == cfg.optimizer.name
+        lr = cfg.optimizer.lr_ebm if name == "opt_ebm" else cfg.optimizer.lr_flow
+        assert optimizer.param_groups[0]["lr"] == lr
+    if estimator.name == "fce":
+        assert estimator.rule.name == cfg.threshold.name
+
+
+@pytest.mark.parametrize(("group", "option"), [g for g in GROUP_OPTIONS if g[0] in INSTANTIABLE])
+def test_every_group_node_is_instantiable_as_it_stands(group, option):
+    # lightning-hydra style: the node alone, with its _target_, builds its object.
+    node = compose_cfg([f"{group}={option}"])[group]
+    built = instantiate(node)
+    if node.get("_partial_"):
+        assert built.func.__module__.startswith("fce.")
+    else:
+        assert type(built).__module__.startswith("fce.")
+    assert user_settings(node) == {
+        k: v for k, v in OmegaConf.to_container(node).items() if not k.startswith("_")
+    }
+
+
+def test_a_key_no_schema_knows_is_refused_with_or_without_plus():
+    for override in ("+train.maxsteps=300", "+flow.widht=3", "+extra=1"):
+        with pytest.raises(ConfigError, match=r"no such setting"):
+            validate(compose_cfg([override]))
+
+
+def test_internal_keys_are_not_user_settings():
+    settings = user_settings(compose_cfg([]))
+    flat = str(settings)
+    assert "_target_" not in flat and "_partial_" not in flat
+    assert settings["threshold"] == {"name": "fixed", "value": 0.6}
+
+
+def test_an_old_config_without_targets_is_upgraded_to_build():
+    old = OmegaConf.create(user_settings(compose_cfg(["flow=maf", "threshold=ema"])))
+    upgraded = upgrade(old)
+    assert upgraded.flow._target_ == "fce.flows.MAF"
+    assert upgraded.threshold._target_ == "fce.threshold.EMAThreshold"
+    assert upgraded.estimator._target_ == "fce.estimators.FCE"
+    validate(compose_cfg(["flow=maf", "threshold=ema"]))
 
 
 @pytest.mark.parametrize(

@@ -13,12 +13,14 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal
 
+from fce.callbacks import Figures
 from fce.config import FLOW_METRICS
 from fce.data import Dataset
 from fce.ebm import EBM
 from fce.flows import Gaussian, Glow
 from fce.metrics import Evaluator, Grid
-from fce.train import FCETrainer, LoopSettings
+from fce.trainer import LoopSettings, Trainer
+from tests import helpers
 from tests.helpers import TINY, run_cli, runs, store_uri
 
 MEAN = torch.tensor([0.5, -0.3])
@@ -34,21 +36,25 @@ def gaussian_dataset() -> Dataset:
     return Dataset("gaussian", sample, lambda x: TRUTH.log_prob(x.float()).to(x.dtype))
 
 
-def make_trainer(estimator: str, flow, steps: int, lr_ebm: float = 3e-3) -> FCETrainer:
+def make_trainer(estimator: str, flow, steps: int, lr_ebm: float = 3e-3) -> Trainer:
     torch.manual_seed(0)
     ds = gaussian_dataset()
     data = ds.sample(20_000, torch.Generator().manual_seed(1))
     evaluator = Evaluator(ds, ds.sample(4000, torch.Generator().manual_seed(2)), Grid.make())
     ebm = EBM(hidden=(32, 32))
-    return FCETrainer(
+    settings = LoopSettings(batch_size=500, epochs=1000, max_steps=steps, eval_every=100, seed=0)
+    # NCE against the noise given here (noise=flow without a checkpoint: the flow as it is).
+    options = {"noise": "flow", "noise_checkpoint": None} if estimator == "nce" else {}
+    return helpers.make_trainer(
+        estimator,
         ebm,
         flow,
-        torch.optim.Adam(ebm.parameters(), lr_ebm),
-        torch.optim.Adam([p for p in flow.parameters() if p.requires_grad] or [torch.zeros(1)]),
         data,
         evaluator,
-        LoopSettings(batch_size=500, epochs=1000, max_steps=steps, eval_every=100, seed=0),
-        estimator=estimator,
+        settings,
+        lr_ebm=lr_ebm,
+        callbacks=[Figures(plot_every=0)],
+        **options,
     )
 
 
@@ -184,28 +190,23 @@ def test_a_study_of_flow_mle_needs_an_objective_the_flow_reports(tmp_path):
 
 
 def test_a_checkpoint_saved_before_the_estimator_group_still_resumes(tmp_path):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
     from fce import checkpoint
-    from fce.config import register_configs
-    from fce.experiment import load_resume
-    from tests.helpers import ROOT
+    from fce.compose import compose
+    from fce.config import user_settings
+    from fce.resume import load_resume
 
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", [*TINY, f"train.resume={tmp_path / 'run'}"])
-    old = OmegaConf.to_container(cfg, resolve=True)
-    del old["estimator"]  # what fce wrote before estimators existed
+    cfg = compose([*TINY, f"train.resume={tmp_path / 'run'}"])
+    old = user_settings(cfg)  # what fce wrote before the config nodes had targets ...
+    del old["estimator"]  # ... and before estimators existed
     checkpoint.save(
         {"config": old, "trainer": {}, "mlflow_run_id": "x"}, tmp_path / "run" / "checkpoints", 5
     )
     resume = load_resume(cfg)
     assert resume is not None and resume.state["config"] == old
     # ... and only an FCE run may continue it.
-    cfg.estimator = {"name": "nce", "noise": "gaussian", "noise_checkpoint": None}
+    cfg.estimator = OmegaConf.merge(cfg.estimator, compose(["estimator=nce"]).estimator)
     with pytest.raises(
         ValueError, match=re.escape("the checkpoint has estimator={'name': 'fce'}")
     ):

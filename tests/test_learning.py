@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from fce.config import register_configs, validate
-from fce.experiment import build_trainer
-from tests.helpers import ROOT
+from fce.compose import compose
+from fce.config import validate
+from fce.factory import build_trainer
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flow", ["glow", "maf"])
 def test_fce_reaches_mse_005_within_5000_steps(flow):
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        # The defaults are the reference's values (seed 42, batch 1000, 500k samples, Adam
-        # 1e-3 / 7e-4, threshold 0.6); 10 epochs are 5,000 steps.
-        cfg = compose("config", [f"flow={flow}", "train.plot_every=0", "device=cpu"])
+    # The defaults are the reference's values (seed 42, batch 1000, 500k samples, Adam
+    # 1e-3 / 7e-4, threshold 0.6); 10 epochs are 5,000 steps.
+    cfg = compose([f"flow={flow}", "train.plot_every=0", "device=cpu"])
     validate(cfg)
     trainer = build_trainer(cfg, torch.device("cpu"))
     assert trainer.total_steps == 5000

@@ -52,9 +52,7 @@ def test_run_command_composes_and_validates(args):
 
 @pytest.mark.parametrize("args", TUNE_COMMANDS, ids=" ".join)
 def test_tune_command_composes_and_validates(args):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
+    from fce.compose import compose
     from fce.sweep_space import check_space_against_run, load_sweep
 
     (space,) = [a.split("=", 1)[1] for a in args if a.startswith("sweep=")]
@@ -65,10 +63,7 @@ def test_tune_command_composes_and_validates(args):
     settings = load_sweep(
         space, ROOT / "sweeps" / "spaces", ROOT / "sweeps" / "defaults.yaml", sweep
     )
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        check_space_against_run(settings, lambda o: compose("config", list(o)), overrides)
+    check_space_against_run(settings, compose, overrides)
 
 
 @pytest.mark.parametrize(

@@ -432,7 +432,8 @@ def test_runs_whose_process_is_gone_are_marked_killed_by_the_next_start(tmp_path
     """Host and pid are run tags; a new run against the store ends the dead ones."""
     from mlflow.tracking import MlflowClient
 
-    from fce.tracking import MLflowTracker, process_identity
+    from fce.tracking import MLflowTracker
+    from fce.tracking.housekeeping import process_identity
 
     uri = copy_store(empty_store, tmp_path)
     client = MlflowClient(tracking_uri=uri)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fce.tracking.housekeeping import store_lock
 from tests.helpers import TINY, TINY_FLOW, run_cli, runs, start_cli, store_uri
 
 
@@ -81,6 +82,12 @@ def test_interrupt_marks_killed_writes_a_checkpoint_and_exits_128_plus_signal(tm
     args = [*tiny(tmp_path), "train.max_steps=100000", "train.epochs=100000"]
     proc = start_cli([*args, "train.checkpoint_every=0"], tmp_path)
     _wait_for("outputs/*/*/config.yaml", tmp_path, proc)
+    while True:  # until the tracked run exists (under the lock that guards a new store)
+        with store_lock(store_uri(tmp_path)):
+            if runs(store_uri(tmp_path))[1]:
+                break
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.2)
     time.sleep(1.0)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)

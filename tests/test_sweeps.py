@@ -8,11 +8,9 @@ from pathlib import Path
 
 import optuna
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from fce.config import register_configs
-from tests.helpers import GRID_TINY, ROOT, TINY, run_cli, runs, start_cli, store_uri
+from fce.compose import compose
+from tests.helpers import GRID_TINY, TINY, run_cli, runs, start_cli, store_uri
 
 STUDY_TINY = [*TINY, "flow.n_steps=2", "flow.width=16"]
 
@@ -61,10 +59,7 @@ def test_multirun_grid_with_joblib_logs_every_job_with_one_sweep_id(tmp_path):
 
 
 def test_slurm_launcher_config_composes():
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", ["hydra/launcher=slurm"], return_hydra_config=True)
+    cfg = compose(["hydra/launcher=slurm"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.cpus_per_task == 1 and launcher.timeout_min == 120

@@ -24,8 +24,9 @@ class NCE(Estimator):
 
     Args:
         noise: ``gaussian``, a Gaussian with the training set's mean and covariance; or
-            ``flow``, the flow of ``noise_checkpoint`` (a run's checkpoint or directory),
-            frozen. Its architecture must be the run's ``flow`` group's.
+            ``flow``, the players' flow, frozen: loaded from ``noise_checkpoint`` (a run's
+            checkpoint or directory, whose flow must be the run's ``flow`` group's), or as
+            given when there is none (a noise model built in code).
     """
 
     name = "nce"
@@ -54,6 +55,10 @@ def noise_model(players: Players, noise: str, noise_checkpoint: str | None) -> F
     """NCE's fixed noise: a fitted Gaussian, or a trained flow loaded and frozen."""
     if noise == "gaussian":
         return Gaussian.fit(players.train_data)
+    flow = players.flow
+    flow.requires_grad_(False)
+    if noise_checkpoint is None:
+        return flow
     where = f"estimator.noise_checkpoint={noise_checkpoint}"
     try:
         _, state, _ = checkpoint.resolve(Path(str(noise_checkpoint)).expanduser())
@@ -66,9 +71,7 @@ def noise_model(players: Players, noise: str, noise_checkpoint: str | None) -> F
             f"{where}: its flow is {saved_flow}, this run's flow={mine}; "
             "choose the same flow group and sizes"
         )
-    flow = players.flow
     flow.load_state_dict(state["trainer"]["flow"])
-    flow.requires_grad_(False)
     return flow
 
 
