@@ -15,7 +15,7 @@ from torch import Tensor
 from fce.callbacks import Callback
 from fce.config import ConfigError, RunConfig, user_settings
 from fce.data import make_generator
-from fce.estimators import Estimator, Players
+from fce.estimators import ESTIMATORS, Estimator, Players
 from fce.metrics import Evaluator, Grid
 from fce.tracking import Tracker
 from fce.trainer import LoopSettings, Trainer
@@ -86,10 +86,7 @@ def build_trainer(cfg: RunConfig, device: torch.device) -> Trainer:
 
 
 def run_name(cfg: RunConfig) -> str:
-    """``<dataset>-<flow>-s<seed>`` for FCE; the baselines say which they are."""
-    name = cfg.estimator.name
-    if name == "nce":
-        model = "gaussian" if cfg.estimator.noise == "gaussian" else cfg.flow.name
-        return f"{cfg.dataset.name}-nce-{model}-s{cfg.seed}"
-    prefix = "mle-" if name == "flow_mle" else ""
-    return f"{cfg.dataset.name}-{prefix}{cfg.flow.name}-s{cfg.seed}"
+    """``<dataset>-<model>-s<seed>``, the model as the estimator names it (``glow`` for FCE
+    with Glow, ``nce-gaussian``, ``mle-maf``...)."""
+    model = ESTIMATORS[cfg.estimator.name].model_label(cfg.estimator, cfg.flow.name)
+    return f"{cfg.dataset.name}-{model}-s{cfg.seed}"

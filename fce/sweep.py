@@ -1,7 +1,7 @@
 """Optuna studies whose trials are FCE runs, each an MLflow child run of one parent run.
 
 Optuna itself (5.x) drives the study; Hydra only composes each trial's config (the
-hydra-optuna-sweeper plugin pins optuna < 3 and cannot prune: DESIGN §6). Trials report the
+hydra-optuna-sweeper plugin pins optuna < 3 and cannot prune: docs/decisions.md). Trials report the
 objective at every evaluation so that a pruner can stop poor ones; the study lives in an RDB
 storage (SQLite by default, PostgreSQL or MySQL to share it between machines), so rerunning
 the command continues it and parallel workers cooperate through it.

@@ -6,6 +6,6 @@ import torch
 
 @pytest.fixture(autouse=True)
 def _one_thread_and_seed():
-    # Tiny models: one thread is the fast setting on this CPU (DESIGN §6).
+    # Tiny models: one torch thread per process is the fast setting (docs/performance.md).
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -48,6 +48,15 @@ def test_run_logs_params_metrics_artifacts_and_finishes(tmp_path, flow):
     assert panels == {"densities/step_0000040.png", "densities/step_0000060.png"}
     ckpts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
     assert ckpts == ["checkpoints/step_0000060.pt"]
+    # The user's settings only: no Hydra internals in the params (they clutter comparisons).
+    assert not [k for k in params if "_target_" in k or "_partial_" in k]
+    # The experiment opens on runs and charts in MLflow 3's UI, not its GenAI view.
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # The last lines say where things went.
+    said = result.stdout + result.stderr
+    assert f"MLflow run {run.info.run_id}" in said
+    assert f"mlflow ui --backend-store-uri {store_uri(tmp_path)}" in said
 
 
 def test_every_dataset_logs_the_metrics_against_its_density(tmp_path):
@@ -105,3 +114,120 @@ def test_resume_rejects_a_checkpoint_of_another_run(tmp_path):
     assert "the checkpoint has seed=42, this run seed=7" in result.stderr
     _, found = runs(store_uri(tmp_path))
     assert [r.info.status for r in found] == ["FINISHED"]
+
+
+def test_tracking_none_needs_no_store_and_leaves_the_outcome_in_the_run_dir(tmp_path):
+    import json
+
+    args = [a for a in tiny(tmp_path) if not a.startswith("tracking.")]
+    result = run_cli([*args, "tracking=none"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert not list(tmp_path.glob("*.db"))
+    outcome = json.loads((_run_dir(tmp_path) / "metrics.json").read_text())
+    assert outcome["status"] == "FINISHED" and outcome["step"] == 60 and outcome["error"] is None
+    assert outcome["nll_ebm"] > 0 and "not tracked" in result.stdout + result.stderr
+
+
+def test_mlflow_tracking_uri_from_the_environment_is_honoured_and_the_setting_wins(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    env_store = f"sqlite:///{tmp_path / 'env.db'}"
+    args = [a for a in tiny(tmp_path) if not a.startswith("tracking.")]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": env_store}
+    for extra in ([], [f"tracking.uri={store_uri(tmp_path)}"]):
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "run.py"), *args, *extra, f"hydra.run.dir={tmp_path}/o"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert len(runs(env_store)[1]) == 1  # no tracking.uri: the environment's store
+    assert len(runs(store_uri(tmp_path))[1]) == 1  # tracking.uri set: it wins
+
+
+def test_resume_refuses_a_changed_learning_rate_in_one_line(tmp_path):
+    assert run_cli(tiny(tmp_path), cwd=tmp_path).returncode == 0
+    run_dir = _run_dir(tmp_path)
+    more = ["train.max_steps=80", f"train.resume={run_dir}"]
+    result = run_cli([*tiny(tmp_path), *more, "optimizer.lr_ebm=0.01"], cwd=tmp_path)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "optimizer=" in line and "they must match" in line
+    # A longer run is a change that is allowed, applied, and recorded on the run.
+    result = run_cli([*tiny(tmp_path), *more], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    client, (run,) = runs(store_uri(tmp_path))
+    assert run.data.tags["fce.resumed_at_step_60"] == "train.max_steps: 60 -> 80"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "value")]
+    assert steps == list(range(1, 81))
+
+
+def test_resume_from_a_bare_checkpoint_file_writes_into_its_own_directory(tmp_path):
+    import shutil
+
+    assert run_cli(tiny(tmp_path), cwd=tmp_path).returncode == 0
+    checkpoint = sorted((_run_dir(tmp_path) / "checkpoints").glob("step_*.pt"))[-1]
+    bare = tmp_path / "saved" / "model.pt"
+    bare.parent.mkdir()
+    shutil.copy(checkpoint, bare)
+    new_dir = tmp_path / "continued"
+    more = ["train.max_steps=80", f"train.resume={bare}", f"hydra.run.dir={new_dir}"]
+    result = run_cli([*tiny(tmp_path), *more], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (new_dir / "checkpoints").glob("*.pt")) == ["step_0000080.pt"]
+    assert sorted(p.name for p in bare.parent.iterdir()) == ["model.pt"]  # nothing beside it
+    assert not (tmp_path / "checkpoints").exists()  # nor in its grandparent
+
+
+def test_a_second_process_on_a_live_run_is_refused(tmp_path):
+    args = [*tiny(tmp_path), "train.max_steps=100000", "train.epochs=100000"]
+    proc = start_cli([*args, "train.checkpoint_every=20"], tmp_path)
+    try:
+        _wait_for("outputs/*/*/checkpoints/step_*.pt", tmp_path, proc)
+        run_dir = _run_dir(tmp_path)
+        second = run_cli([*args, f"train.resume={run_dir}"], cwd=tmp_path)
+        assert second.returncode == 2
+        (line,) = second.stderr.strip().splitlines()
+        assert (
+            line
+            == f"error: {run_dir}: this run is live in pid {proc.pid}; wait for it or stop it first"
+        )
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    client, (run,) = runs(store_uri(tmp_path))
+    assert run.info.status == "KILLED"
+
+
+def test_bad_input_found_after_torch_loads_leaves_no_folder(tmp_path):
+    result = run_cli([*tiny(tmp_path), f"train.resume={tmp_path}/nothing.pt"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "no such checkpoint file" in result.stderr
+    assert not list((tmp_path / "outputs").glob("*/*"))
+
+
+def test_ctrl_c_then_resume_logs_every_step_exactly_once(tmp_path):
+    args = [*tiny(tmp_path), "train.max_steps=100000", "train.epochs=100000"]
+    proc = start_cli([*args, "train.checkpoint_every=20", "train.eval_every=7"], tmp_path)
+    _wait_for("outputs/*/*/checkpoints/step_*.pt", tmp_path, proc)
+    time.sleep(1.5)  # well past the checkpoint: steps are buffered since the last flush
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    run_dir = _run_dir(tmp_path)
+    client, (run,) = runs(store_uri(tmp_path))
+    interrupted_at = max(m.step for m in client.get_metric_history(run.info.run_id, "value"))
+    total = interrupted_at + 30
+    more = [f"train.max_steps={total}", "train.checkpoint_every=20", "train.eval_every=7"]
+    result = run_cli([*tiny(tmp_path), *more, f"train.resume={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for name in ("value", "acc", "trained_ebm"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, name)]
+        assert sorted(steps) == list(range(1, total + 1)), name

@@ -89,6 +89,11 @@ class Estimator(ABC):
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self._frozen: FrozenFlow | None = None
 
+    @classmethod
+    def model_label(cls, settings: Any, flow: str) -> str:
+        """What a run of this estimator trains, for run names: the flow's name for FCE."""
+        return flow
+
     @abstractmethod
     def step(self, x: Tensor, z: Tensor | None) -> StepOutput:
         """One training step on the data batch ``x`` (and noise ``z`` if ``uses_noise``)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from fce.estimators.base import Estimator, Players, StepOutput
@@ -18,6 +20,10 @@ class FlowMLE(Estimator):
     evaluates_ebm = False  # the EBM is never trained: its numbers would mean nothing
     panel_titles = ("Flow (MLE)", "EBM (not trained)")
     curves = ("loss", "nll_flow", "kl_data_flow")
+
+    @classmethod
+    def model_label(cls, settings: Any, flow: str) -> str:
+        return f"mle-{flow}"
 
     def __init__(self, players: Players, name: str) -> None:
         super().__init__(players, name)

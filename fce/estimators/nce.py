@@ -42,6 +42,10 @@ class NCE(Estimator):
         self.opt_ebm = players.optimizers.for_ebm(self.ebm)
         self.optimizers = {"opt_ebm": self.opt_ebm}
 
+    @classmethod
+    def model_label(cls, settings: Any, flow: str) -> str:
+        return f"nce-{'gaussian' if settings.noise == 'gaussian' else flow}"
+
     def start(self, first_batch: Tensor) -> None:
         pass  # the noise is fixed: fitted or loaded as it is
 
