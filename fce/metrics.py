@@ -110,7 +110,7 @@ def true_log_prob(dataset: Dataset, points: Tensor) -> Tensor:
 
 
 class Evaluator:
-    """Computes the metrics (docs/method.md, "Metrics") for an (EBM, flow) pair on fixed held-out points.
+    """The metrics of an (EBM, flow) pair on fixed held-out points (docs/method.md, Metrics).
 
     Metrics (nats):
         nll_ebm            test NLL of the grid-normalised EBM p_hat.

@@ -195,14 +195,12 @@ def test_a_second_process_on_a_live_run_is_refused(tmp_path):
         second = run_cli([*args, f"train.resume={run_dir}"], cwd=tmp_path)
         assert second.returncode == 2
         (line,) = second.stderr.strip().splitlines()
-        assert (
-            line
-            == f"error: {run_dir}: this run is live in pid {proc.pid}; wait for it or stop it first"
-        )
+        live = f"error: {run_dir}: this run is live in pid {proc.pid}"
+        assert line == f"{live}; wait for it or stop it first"
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
-    client, (run,) = runs(store_uri(tmp_path))
+    _, (run,) = runs(store_uri(tmp_path))
     assert run.info.status == "KILLED"
 
 
