@@ -1,5 +1,6 @@
-"""The README's commands are real: every `python run.py` and `python sweeps/tune.py` line
-composes and validates exactly as typed (without training), and the scripts it names start."""
+"""The README's and the docs' commands are real: every `python run.py` and `python
+sweeps/tune.py` line composes and validates exactly as typed (without training), and the
+scripts they name start."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from fce.config import register_configs
 from tests.helpers import ROOT
 
 README = (ROOT / "README.md").read_text()
+DOCS = README + "".join(p.read_text() for p in sorted((ROOT / "docs").glob("*.md")))
 
 
 def commands(prefix: str) -> list[list[str]]:
     """Arguments of every README line that starts with ``prefix`` (continuations joined)."""
-    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    blocks = re.findall(r"```bash\n(.*?)```", DOCS, flags=re.S)
     text = "\n".join(blocks).replace("\\\n", " ")
     found = []
     for line in text.splitlines():
@@ -34,7 +36,14 @@ TUNE_COMMANDS = commands("python sweeps/tune.py")
 
 
 def test_the_readme_has_the_commands_users_type():
-    assert len(RUN_COMMANDS) >= 8 and len(TUNE_COMMANDS) >= 4
+    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", README, flags=re.S))
+    assert blocks.count("python run.py") >= 8 and blocks.count("python sweeps/tune.py") >= 4
+
+
+def test_the_readme_is_a_front_door():
+    assert len(README.splitlines()) <= 200
+    for page in re.findall(r"\]\((docs/[\w./-]+)\)", README):
+        assert (ROOT / page).is_file(), page
 
 
 @pytest.mark.parametrize("args", RUN_COMMANDS, ids=" ".join)
@@ -78,7 +87,7 @@ def test_tune_command_composes_and_validates(args):
     ],
 )
 def test_scripts_the_readme_names_start(script):
-    assert f"python {script}" in README
+    assert f"python {script}" in DOCS
     result = subprocess.run(
         [sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True
     )
