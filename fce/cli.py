@@ -99,6 +99,44 @@ def first_of_each_sweep(args: Sequence[str]) -> list[str]:
     return concrete
 
 
+def resume_in_place(argv: Sequence[str]) -> list[str]:
+    """``hydra.run.dir=<the run's directory>`` for ``train.resume=<run dir or its checkpoint>``
+    (unless a directory is given): Hydra then writes its files there, not in a new folder."""
+    if any(a in ("-m", "--multirun") for a in argv) or any(
+        a.lstrip("+").startswith("hydra.run.dir=") for a in argv
+    ):
+        return []
+    targets = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("train.resume=")]
+    if not targets or targets[-1] in ("", "null"):
+        return []
+    target = Path(targets[-1]).expanduser()
+    if target.is_file() and target.parent.name == "checkpoints":
+        target = target.parent.parent
+    elif target.is_dir() and target.name == "checkpoints":
+        target = target.parent
+    if not target.is_dir() or not (
+        (target / "config.yaml").is_file() or (target / ".hydra").is_dir()
+    ):
+        return []  # not a run directory: the resumed run gets one of its own
+    return [f"hydra.run.dir={target.resolve()}"]
+
+
+def every_value_of_each_sweep(args: Sequence[str]) -> list[list[str]]:
+    """The concrete jobs that together use every value of every swept key once: the first
+    value of each, then each other value of one key with the first of the rest."""
+    base = first_of_each_sweep(args)
+    jobs = [base]
+    for arg in args:
+        match = re.fullmatch(r"([+~]?[\w./@-]+)=(.*)", arg)
+        if not (match and "," in match.group(2) and "[" not in match.group(2)):
+            continue
+        key, values = match.group(1), match.group(2).split(",")
+        first = f"{key}={values[0]}"
+        for value in values[1:]:
+            jobs.append([f"{key}={value}" if a == first else a for a in base])
+    return jobs
+
+
 def preflight(argv: Sequence[str], conf_dir: Path, config_name: str = "config") -> None:
     """Compose the config the command line asks for and validate it, or exit with one line.
 
@@ -118,21 +156,26 @@ def preflight(argv: Sequence[str], conf_dir: Path, config_name: str = "config") 
     from fce.config import ConfigError, validate
     from fce.tracking import TrackingError
 
+    jobs = every_value_of_each_sweep(overrides)
     try:
-        cfg = compose(first_of_each_sweep(overrides), config_name, return_hydra_config=True)
+        # Every value of a multirun's lists, not only the first job's: a bad later value
+        # must not fail after the first jobs have run.
+        composed = [compose(job, config_name, return_hydra_config=True) for job in jobs]
     except Exception as error:  # composition: unknown key, wrong type, bad syntax
         fail(one_line(error))
     finally:
         GlobalHydra.instance().clear()
+    cfg = composed[0]
     key = "hydra.sweep.dir" if any(a in ("-m", "--multirun") for a in argv) else "hydra.run.dir"
     given = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith(f"{key}=")]
     node = cfg.hydra.sweep if key == "hydra.sweep.dir" else cfg.hydra.run
     run_dir = given[-1] if given else OmegaConf.to_container(node)["dir"]
     check_writable_dir(f"{key}={run_dir}", run_dir)
-    with open_dict(cfg):
-        del cfg["hydra"]
     try:
-        validate(cfg)
+        for job in composed:
+            with open_dict(job):
+                del job["hydra"]
+            validate(job)
         check_store(cfg.tracking.get("uri"))
     except (ConfigError, TrackingError) as error:
         fail(str(error))

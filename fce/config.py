@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,8 @@ def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (called once, from the entry points)."""
     from hydra.core.config_store import ConfigStore
 
+    # ``${pid:}`` in conf/config.yaml: the run directory of each process is its own.
+    OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
     store = ConfigStore.instance()
     # Schemas live in their own "schema" group so they never show up as user choices.
     store.store(group="schema", name="run", node=RunConfig)
@@ -274,10 +277,63 @@ def upgrade(saved: DictConfig) -> DictConfig:
 # --- validation: ranges and choices, one place -------------------------------------------------
 
 
+# Upper bounds on sizes: far above anything these 2-D models need, far below what would end
+# in an allocator error or a run of days (docs/configuration.md).
+LIMITS = {
+    "dataset.n_samples": 50_000_000,
+    "train.batch_size": 1_000_000,
+    "eval.n_points": 1_000_000,
+    "eval.grid_cells": 2048,
+    "threads": 256,
+    "flow.n_steps": 256,
+    "flow.n_blocks": 256,
+    "flow.width": 8192,
+    "flow.hidden": 8192,
+    "flow.hidden_layers": 32,
+    "ebm.hidden": 8192,
+}
+SEED_MAX = 2**63 - 1  # torch.manual_seed's range, and the streams' seeds
+
+
 def _positive_int(cfg: DictConfig, key: str) -> None:
     value = OmegaConf.select(cfg, key)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{key}={value!r}: must be a positive integer")
+    limit = LIMITS.get(key)
+    if limit is not None and value > limit:
+        raise ConfigError(f"{key}={value}: must be at most {limit:,}")
+
+
+def _seed(cfg: DictConfig, key: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= SEED_MAX:
+        raise ConfigError(f"{key}={value!r}: must be an integer in [0, 2**63 - 1]")
+
+
+def _finite(cfg: DictConfig, key: str, low: float = -math.inf) -> None:
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, int | float) or not math.isfinite(value) or value < low:
+        bound = "" if low == -math.inf else f" >= {low:g}"
+        raise ConfigError(f"{key}={value!r}: must be a finite number{bound}")
+
+
+def missing_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Settings without a value: a key removed with ``~key``, or a group with ``~group``."""
+    schema = OmegaConf.get_type(cfg)
+    if not dataclasses.is_dataclass(schema):
+        return []
+    found = []
+    for spec in dataclasses.fields(schema):
+        name = f"{prefix}{spec.name}"
+        node = cfg._get_node(spec.name) if spec.name in cfg else None
+        optional = "None" in str(spec.type)
+        if node is None or node._is_missing() or (node._is_none() and not optional):
+            found.append(name)
+        elif isinstance(node, DictConfig):
+            inner = missing_keys(node, f"{name}.")
+            every = len(inner) == len(dataclasses.fields(OmegaConf.get_type(node) or object))
+            found += [name] if inner and every else inner
+    return found
 
 
 def _non_negative_int(cfg: DictConfig, key: str) -> None:
@@ -311,6 +367,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"{unknown[0]}: no such setting; `python run.py --help` lists them (a typo?)"
         )
+    missing = missing_keys(cfg)
+    if missing:
+        key = missing[0].split(".")[0] if "." in missing[0] else missing[0]
+        raise ConfigError(f"{missing[0]}: has no value (removed with ~{key}?); every run needs it")
     _choice(cfg, "dataset.name", DATASET_NAMES)
     _choice(cfg, "flow.name", FLOW_NAMES)
     _choice(cfg, "optimizer.name", OPTIMIZER_NAMES)
@@ -340,8 +400,7 @@ def validate(cfg: DictConfig) -> None:
         _positive_float(cfg, key)
     if len(cfg.optimizer.betas) != 2 or not all(0 <= b < 1 for b in cfg.optimizer.betas):
         raise ConfigError(f"optimizer.betas={list(cfg.optimizer.betas)}: two numbers in [0, 1)")
-    if cfg.optimizer.weight_decay < 0:
-        raise ConfigError(f"optimizer.weight_decay={cfg.optimizer.weight_decay}: must be >= 0")
+    _finite(cfg, "optimizer.weight_decay", low=0.0)
     _open_interval(cfg, "threshold.value", 0.0, 1.0)
     if cfg.threshold.name == "ema" and not 0 <= cfg.threshold.decay < 1:
         raise ConfigError(f"threshold.decay={cfg.threshold.decay}: must be in [0, 1)")
@@ -353,8 +412,19 @@ def validate(cfg: DictConfig) -> None:
     bound = cfg.flow.scale_bound  # Glow: inf is no floor, as in the reference's Glow
     if not isinstance(bound, int | float) or not bound > 0:
         raise ConfigError(f"flow.scale_bound={bound!r}: must be a positive number (or inf)")
-    if not cfg.ebm.hidden or any(not isinstance(h, int) or h <= 0 for h in cfg.ebm.hidden):
-        raise ConfigError(f"ebm.hidden={list(cfg.ebm.hidden)}: a non-empty list of positive ints")
+    hidden = list(cfg.ebm.hidden)
+    if not hidden or any(
+        not isinstance(h, int) or not 0 < h <= LIMITS["ebm.hidden"] for h in hidden
+    ):
+        raise ConfigError(
+            f"ebm.hidden={hidden}: a non-empty list of integers in [1, {LIMITS['ebm.hidden']}]"
+        )
+    if len(hidden) > LIMITS["flow.hidden_layers"]:
+        raise ConfigError(f"ebm.hidden={hidden}: at most {LIMITS['flow.hidden_layers']} layers")
+    _finite(cfg, "ebm.negative_slope")
+    _finite(cfg, "ebm.log_z_init")
+    _seed(cfg, "seed")
+    _seed(cfg, "eval.seed")
     _positive_int(cfg, "threads")
     _positive_int(cfg, "eval.n_points")
     _positive_int(cfg, "eval.grid_cells")

@@ -11,12 +11,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from fce import checkpoint
 from fce.config import ConfigError, RunConfig, upgrade, user_settings
+
+if TYPE_CHECKING:
+    from fce.factory import RunParts
 
 log = logging.getLogger("fce")
 
@@ -94,15 +97,20 @@ def load_resume(cfg: RunConfig) -> Resume | None:
     if cfg.train.resume is None:
         return None
     target = Path(cfg.train.resume).expanduser()
+    # A run killed before its first checkpoint has its config.yaml, or at least the config
+    # Hydra wrote when the job started (killed before fce wrote its own).
+    configs = [
+        p for p in (target / "config.yaml", target / ".hydra" / "config.yaml") if p.is_file()
+    ]
     never_checkpointed = (
         target.is_dir()
-        and (target / "config.yaml").is_file()
+        and configs
         and not checkpoint.list_checkpoints(target / "checkpoints")
         and not checkpoint.list_checkpoints(target)
     )
     if never_checkpointed:
-        saved = upgrade(OmegaConf.load(target / "config.yaml"))
-        check_same_run(cfg, saved, str(target / "config.yaml"))
+        saved = upgrade(OmegaConf.load(configs[0]))
+        check_same_run(cfg, saved, str(configs[0]))
         log.warning("%s has no checkpoint yet: starting again from step 0 there", target)
         return Resume(target)
     try:
@@ -115,3 +123,24 @@ def load_resume(cfg: RunConfig) -> Resume | None:
     # <run>/checkpoints/step_N.pt: the run continues in <run>. Anywhere else, in a new one.
     output_dir = path.parent.parent if path.parent.name == "checkpoints" else None
     return Resume(output_dir, path, state, changed)
+
+
+def check_fits(parts: RunParts, resume: Resume) -> None:
+    """Raise ``ConfigError`` unless the checkpoint loads into this run's models and its step
+    is within this run's length: found before the tracked run is reopened, so a bad
+    checkpoint never turns a FINISHED run FAILED."""
+    where = f"train.resume={resume.path}"
+    probe = parts.trainer()
+    try:
+        probe.load_state_dict(resume.state["trainer"])
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ConfigError(f"{where}: the checkpoint does not fit this run ({reason})") from None
+    step = probe.step
+    if not isinstance(step, int) or step < 0:
+        raise ConfigError(f"{where}: the checkpoint's step {step!r} is not a step count")
+    if step > probe.total_steps:
+        raise ConfigError(
+            f"{where}: the checkpoint is at step {step}, beyond this run's {probe.total_steps} "
+            "steps; raise train.max_steps or train.epochs to continue it"
+        )

@@ -27,7 +27,7 @@ from fce.factory import build, resolve_device, run_name
 from fce.interrupts import RunInterrupted, deferred_interrupts
 from fce.progress import Progress
 from fce.provenance import git_commit
-from fce.resume import load_resume
+from fce.resume import check_fits, load_resume
 from fce.tracking import Tracker, TrackingError, flatten
 from fce.trainer import DivergenceError, StopRun, Trainer
 
@@ -111,11 +111,18 @@ def run(cfg: RunConfig, context: RunContext) -> dict[str, float]:
         # A resumed run keeps writing into the directory it started in.
         output_dir = resume.output_dir if resume and resume.output_dir else context.output_dir
         with claimed(output_dir):
+            if resume is None and (output_dir / "config.yaml").exists():
+                raise ConfigError(
+                    f"{output_dir}: already holds a run; continue it with train.resume="
+                    f"{output_dir}, or choose another hydra.run.dir"
+                )
             if not continued:
                 # First: a run dir with config.yaml and no checkpoint is one killed early,
                 # which ``train.resume`` starts again in place.
                 (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
             parts = build(cfg, device)
+            if continued:
+                check_fits(parts, resume)
             stop.check()
             run_id = resume.state.get("mlflow_run_id") if continued else None
             tracker = open_tracker(cfg, context, run_id, output_dir, str(device))

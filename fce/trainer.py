@@ -23,12 +23,16 @@ from fce.flows import Flow
 from fce.metrics import Evaluator
 from fce.tracking import MemoryTracker, NullTracker, Tracker
 
+# A finite blow-up is a divergence too: a loss, value or test NLL beyond this many nats (the
+# models' numbers are a few nats; a run whose EBM NLL reaches 1e4 has left the data).
+DIVERGENCE_BOUND = 1e4
+
 
 class DivergenceError(RuntimeError):
-    """A non-finite quantity appeared; the message names the step and the quantity."""
+    """A non-finite (or absurdly large) quantity appeared; the message names the step and it."""
 
-    def __init__(self, step: int, quantity: str) -> None:
-        super().__init__(f"diverged at step {step}: {quantity} is not finite")
+    def __init__(self, step: int, quantity: str, reason: str = "is not finite") -> None:
+        super().__init__(f"diverged at step {step}: {quantity} {reason}")
         self.step = step
         self.quantity = quantity
 
@@ -179,9 +183,10 @@ class Trainer:
         values = torch.stack([norm.to(dtype), *(signals[n].to(dtype) for n in names)]).tolist()
         norm_f, *rest = values
         synced = dict(zip(names, rest, strict=True))
-        if not math.isfinite(synced[objective]):
-            label = self.estimator.objective_label
-            raise DivergenceError(self.step, f"the {self.estimator.name.upper()} {label}")
+        value = synced[objective]
+        if not math.isfinite(value) or abs(value) > DIVERGENCE_BOUND:
+            label = f"the {self.estimator.name.upper()} {self.estimator.objective_label}"
+            raise DivergenceError(self.step, label, _why(value))
         if not math.isfinite(norm_f):
             which = "EBM" if stepped is self.ebm else "flow"
             bad = next(
@@ -216,6 +221,11 @@ class Trainer:
         for name, value in metrics.items():
             if not math.isfinite(value):
                 raise DivergenceError(self.step, f"the evaluation metric {name}")
+        for name in self.estimator.bounded_metrics:
+            if abs(metrics[name]) > DIVERGENCE_BOUND:
+                raise DivergenceError(
+                    self.step, f"the evaluation metric {name}", _why(metrics[name])
+                )
         metrics["flow_step_share"] = self.flow_step_share
         self.flush()
         self.tracker.log_metrics(metrics, step=self.step)
@@ -261,3 +271,9 @@ class Trainer:
         self.last_metrics = dict(state["last_metrics"])
         if "torch_rng" in state:  # absent from checkpoints of fce before 0.1.0's release
             torch.set_rng_state(state["torch_rng"])
+
+
+def _why(value: float) -> str:
+    if not math.isfinite(value):
+        return "is not finite"
+    return f"is {value:.3g}, beyond the bound of {DIVERGENCE_BOUND:g} (fce.trainer)"

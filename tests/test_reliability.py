@@ -99,6 +99,26 @@ RUN_BAD_INPUTS = [
         ["-m", "seed=1,2", "hydra.sweep.dir={tmp}/afile/sub"],
         "hydra.sweep.dir={tmp}/afile/sub: {tmp}/afile is a file, not a directory",
     ),
+    # Keys no schema knows, and settings removed with ~: refused, with or without Hydra's +.
+    ("unknown-key-plus", ["+train.maxsteps=300"], "train.maxsteps: no such setting"),
+    ("unknown-top-key-plus", ["+lr=0.1"], "lr: no such setting"),
+    ("removed-seed", ["~seed"], "seed: has no value (removed with ~seed?)"),
+    ("removed-dataset", ["~dataset"], "(removed with ~dataset?)"),
+    ("removed-train", ["~train"], "train: has no value (removed with ~train?)"),
+    # Values that passed validation and then crashed inside torch.
+    ("seed-too-big", ["seed=1180591620717411303424"], "seed=1180591620717411303424: must be"),
+    ("seed-negative", ["seed=-1"], "seed=-1: must be an integer in [0, 2**63 - 1]"),
+    ("weight-decay-nan", ["optimizer.weight_decay=nan"], "optimizer.weight_decay=nan: must"),
+    ("weight-decay-inf", ["optimizer.weight_decay=inf"], "optimizer.weight_decay=inf: must"),
+    ("slope-nan", ["ebm.negative_slope=nan"], "ebm.negative_slope=nan: must be a finite"),
+    ("log-z-inf", ["ebm.log_z_init=inf"], "ebm.log_z_init=inf: must be a finite number"),
+    ("absurd-samples", ["dataset.n_samples=10000000000"], "must be at most 50,000,000"),
+    ("absurd-eval-points", ["eval.n_points=1000000000"], "eval.n_points=1000000000: must be"),
+    ("absurd-grid", ["eval.grid_cells=100000"], "eval.grid_cells=100000: must be at most"),
+    ("absurd-width", ["ebm.hidden=[100000,128]"], "ebm.hidden=[100000, 128]: a non-empty"),
+    ("absurd-threads", ["threads=1000000"], "threads=1000000: must be at most 256"),
+    # A multirun checks every value of its lists before the first job starts.
+    ("multirun-later-value", ["-m", "threshold.value=0.6,1.5"], "threshold.value=1.5: must be"),
     (
         "tracking-unreachable",
         ["tracking.uri=http://127.0.0.1:9"],

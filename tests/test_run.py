@@ -138,9 +138,9 @@ def test_mlflow_tracking_uri_from_the_environment_is_honoured_and_the_setting_wi
     env_store = f"sqlite:///{tmp_path / 'env.db'}"
     args = [a for a in tiny(tmp_path) if not a.startswith("tracking.")]
     env = {**os.environ, "MLFLOW_TRACKING_URI": env_store}
-    for extra in ([], [f"tracking.uri={store_uri(tmp_path)}"]):
+    for n, extra in enumerate(([], [f"tracking.uri={store_uri(tmp_path)}"])):
         done = subprocess.run(
-            [sys.executable, str(ROOT / "run.py"), *args, *extra, f"hydra.run.dir={tmp_path}/o"],
+            [sys.executable, str(ROOT / "run.py"), *args, *extra, f"hydra.run.dir={tmp_path}/o{n}"],
             cwd=tmp_path,
             env=env,
             capture_output=True,
@@ -229,3 +229,79 @@ def test_ctrl_c_then_resume_logs_every_step_exactly_once(tmp_path):
     for name in ("value", "acc", "trained_ebm"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, name)]
         assert sorted(steps) == list(range(1, total + 1)), name
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_and_the_run_stays_finished(tmp_path):
+    import torch
+
+    assert run_cli(tiny(tmp_path), cwd=tmp_path).returncode == 0
+    run_dir = _run_dir(tmp_path)
+    newest = sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1]
+    state = torch.load(newest, weights_only=True)
+    broken = {
+        "missing-key": lambda s: s["trainer"].pop("opt_flow"),
+        "wrong-shape": lambda s: s["trainer"]["ebm"].update({"log_z": torch.zeros(3)}),
+        "absurd-step": lambda s: s["trainer"].update({"step": 10**12}),
+    }
+    for name, damage in broken.items():
+        copy = {**state, "trainer": {**state["trainer"], "ebm": dict(state["trainer"]["ebm"])}}
+        damage(copy)
+        path = tmp_path / f"{name}.pt"
+        torch.save(copy, path)
+        result = run_cli([*tiny(tmp_path), f"train.resume={path}"], cwd=tmp_path)
+        assert result.returncode == 2, (name, result.stderr)
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"error: train.resume={path}: the checkpoint"), line
+    # Fewer steps than the checkpoint has done: said before anything runs.
+    fewer = [*tiny(tmp_path), "train.max_steps=40", f"train.resume={run_dir}"]
+    result = run_cli(fewer, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "is at step 60, beyond this run's 40 steps" in result.stderr
+    _, (run,) = runs(store_uri(tmp_path))
+    assert run.info.status == "FINISHED"
+
+
+def test_runs_started_at_once_each_get_their_own_directory(tmp_path):
+    import torch
+
+    procs = [start_cli([*tiny(tmp_path), f"seed={s}"], tmp_path) for s in range(3)]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+    run_dirs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    assert len(run_dirs) == 3
+    client, found = runs(store_uri(tmp_path))
+    by_id = {r.info.run_id: r for r in found}
+    for run_dir in run_dirs:
+        newest = sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1]
+        state = torch.load(newest, weights_only=True)
+        run = by_id[state["mlflow_run_id"]]  # each checkpoint names its own run ...
+        assert run.data.tags["output_dir"] == str(run_dir)  # ... and that run its directory
+        assert str(state["config"]["seed"]) == run.data.params["seed"]
+
+
+def test_a_new_run_never_writes_into_another_runs_directory(tmp_path):
+    fixed = [*tiny(tmp_path), f"hydra.run.dir={tmp_path / 'same'}"]
+    assert run_cli(fixed, cwd=tmp_path).returncode == 0
+    again = run_cli([*fixed, "seed=3"], cwd=tmp_path)
+    assert again.returncode == 2
+    assert f"{tmp_path / 'same'}: already holds a run" in again.stderr
+    _, found = runs(store_uri(tmp_path))
+    assert len(found) == 1
+
+
+def test_killed_in_the_first_seconds_then_resumed_in_place(tmp_path):
+    proc = start_cli(tiny(tmp_path), tmp_path)
+    _wait_for("outputs/*/*/.hydra/config.yaml", tmp_path, proc)
+    proc.send_signal(signal.SIGINT)  # before (or while) the run sets itself up
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: interrupted")
+    run_dir = _run_dir(tmp_path)
+    result = run_cli([*tiny(tmp_path), f"train.resume={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()] == [run_dir]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))[-1] == "step_0000060.pt"
+    _, found = runs(store_uri(tmp_path))
+    assert [r.info.status for r in found if r.info.status != "KILLED"] == ["FINISHED"]

@@ -61,6 +61,8 @@ class Estimator(ABC):
         signals: the per-step signals ``step`` returns, as logged.
         uses_noise: whether ``step`` needs a draw of base noise z.
         evaluates_ebm: whether the EBM's metrics mean anything (is it trained?).
+        bounded_metrics: evaluation metrics of the trained model that mark a divergence when
+            beyond ``fce.trainer.DIVERGENCE_BOUND`` (finite, but absurd).
         panel_titles: (flow, EBM) titles of the density panels.
         curves: the signals and metrics of the end-of-run curves figure.
     """
@@ -71,6 +73,7 @@ class Estimator(ABC):
     signals: ClassVar[tuple[str, ...]]
     uses_noise: ClassVar[bool] = True
     evaluates_ebm: ClassVar[bool] = True
+    bounded_metrics: ClassVar[tuple[str, ...]] = ("nll_ebm", "logz_gap")
     panel_titles: ClassVar[tuple[str, str]] = ("Flow", "EBM")
     curves: ClassVar[tuple[str, ...]] = (
         "value",
