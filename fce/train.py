@@ -164,12 +164,12 @@ def _train(cfg, context, parts, tracker, stop, output_dir, resume, started) -> d
             tracker.log_params(flatten(user_settings(cfg)))
             tracker.log_artifact(output_dir / "config.yaml")
         log.info(
-            "ready in %.1fs: %s on %s, %s steps, run %s",
+            "ready in %.1fs: %s on %s, %s steps, %s",
             time.perf_counter() - started,
             cfg.flow.name,
             cfg.dataset.name,
             trainer.total_steps,
-            tracker.run_id,
+            f"MLflow run {tracker.run_id}" if tracker.run_id else "not tracked",
         )
         try:
             stop.check()  # a signal during the set-up: the run exists, end it KILLED

@@ -140,7 +140,7 @@ def test_mlflow_tracking_uri_from_the_environment_is_honoured_and_the_setting_wi
     env = {**os.environ, "MLFLOW_TRACKING_URI": env_store}
     for n, extra in enumerate(([], [f"tracking.uri={store_uri(tmp_path)}"])):
         done = subprocess.run(
-            [sys.executable, str(ROOT / "run.py"), *args, *extra, f"hydra.run.dir={tmp_path}/o{n}"],
+            [sys.executable, str(ROOT / "run.py"), *args, *extra, f"hydra.run.dir={tmp_path}/{n}"],
             cwd=tmp_path,
             env=env,
             capture_output=True,
@@ -270,7 +270,7 @@ def test_runs_started_at_once_each_get_their_own_directory(tmp_path):
         assert proc.returncode == 0, stderr
     run_dirs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
     assert len(run_dirs) == 3
-    client, found = runs(store_uri(tmp_path))
+    _, found = runs(store_uri(tmp_path))
     by_id = {r.info.run_id: r for r in found}
     for run_dir in run_dirs:
         newest = sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1]
