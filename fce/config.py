@@ -1,210 +1,42 @@
-"""The run configuration: typed schemas, their validation, and the upgrade of older configs.
+"""Validation of the run configuration, in one place, and the upgrade of older configs.
 
 Torch-free on purpose: ``run.py`` validates the composed config and reports bad input in well
 under a second, before torch or mlflow are imported.
 
 One source of truth: the values of every setting are written once, in ``conf/`` (the YAML
-files); the schemas here give their types (checked by Hydra at composition) and ``validate``
-checks ranges and choices, naming the offending key. Every group node carries a ``_target_``
-and is built by ``hydra.utils.instantiate`` as it stands (``fce/factory.py``).
+files); ``fce/schema.py`` gives their types (checked by Hydra at composition) and ``validate``
+checks ranges, choices and keys, naming the offending one. Every group node carries a
+``_target_`` and is built by ``hydra.utils.instantiate`` as it stands (``fce/factory.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-DATASET_NAMES = ("8gaussians", "spiral", "2spirals", "checkerboard", "rings", "pinwheel")
-FLOW_NAMES = ("glow", "maf")
-OPTIMIZER_NAMES = ("adam", "adamw")
-THRESHOLD_NAMES = ("fixed", "ema")
-ESTIMATOR_NAMES = ("fce", "nce", "flow_mle")
-NOISE_NAMES = ("gaussian", "flow")  # NCE's fixed noise: a fitted Gaussian or a frozen flow
-DEVICES = ("auto", "cpu", "cuda")
-PROGRESS_MODES = ("auto", "bar", "log", "none")
-# What an evaluation logs (fce/metrics.py), in the order tables show them.
-EVAL_METRICS = (
-    "nll_ebm",
-    "nll_flow",
-    "nll_data",
-    "kl_data_ebm",
-    "kl_data_flow",
-    "tv_ebm",
-    "mse_logp",
-    "mse_logp_centered",
-    "logz_gap",
-    "flow_step_share",
+from fce.schema import (  # noqa: F401 (the names the rest of the package imports from here)
+    CONF_DIR,
+    DATASET_NAMES,
+    DEVICES,
+    ESTIMATOR_NAMES,
+    EVAL_METRICS,
+    FLOW_METRICS,
+    FLOW_NAMES,
+    INTERNAL_KEYS,
+    NOISE_NAMES,
+    OPTIMIZER_NAMES,
+    PROGRESS_MODES,
+    THRESHOLD_NAMES,
+    RunConfig,
+    register_configs,
 )
-# What an evaluation reports for an estimator that never trains the EBM (flow_mle).
-FLOW_METRICS = ("nll_flow", "nll_data", "kl_data_flow")
-# Keys of Hydra's instantiation machinery: not settings of the user's, so neither logged as
-# MLflow params nor compared on resume.
-INTERNAL_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
 
 
 class ConfigError(ValueError):
     """Bad user input, reported as one line that names the key and what is allowed."""
-
-
-# --- schemas: types only; the values live in conf/ ------------------------------------------
-
-
-@dataclass
-class Node:
-    """A config group node: what to build (``_target_``)."""
-
-    _target_: str = MISSING
-
-
-@dataclass
-class PartialNode(Node):
-    """A node built in two steps: the config's values now, the run's objects later."""
-
-    _partial_: bool = True
-
-
-@dataclass
-class DatasetConfig(Node):
-    name: str = MISSING
-    n_samples: int = MISSING
-
-
-@dataclass
-class EBMConfig(Node):
-    hidden: list[int] = MISSING
-    negative_slope: float = MISSING
-    log_z_init: float = MISSING
-
-
-@dataclass
-class GlowConfig(Node):
-    name: str = MISSING
-    n_steps: int = MISSING
-    width: int = MISSING
-    hidden_layers: int = MISSING
-    scale_bound: float = MISSING  # log s >= -scale_bound in every coupling
-
-
-@dataclass
-class MAFConfig(Node):
-    name: str = MISSING
-    n_blocks: int = MISSING
-    hidden: int = MISSING
-    hidden_layers: int = MISSING
-    scale_bound: float = MISSING
-
-
-@dataclass
-class OptimizerConfig(Node):
-    name: str = MISSING
-    lr_ebm: float = MISSING
-    lr_flow: float = MISSING
-    betas: list[float] = MISSING
-    weight_decay: float = MISSING
-    fused: bool = MISSING
-
-
-@dataclass
-class FixedThresholdConfig(Node):
-    name: str = MISSING
-    value: float = MISSING
-
-
-@dataclass
-class EMAThresholdConfig(FixedThresholdConfig):
-    decay: float = MISSING
-
-
-@dataclass
-class EstimatorConfig(PartialNode):
-    name: str = MISSING
-
-
-@dataclass
-class NCEEstimatorConfig(EstimatorConfig):
-    noise: str = MISSING
-    noise_checkpoint: str | None = MISSING  # noise=flow: a checkpoint (or run dir) with a flow
-
-
-@dataclass
-class MLflowTrackingConfig(PartialNode):
-    uri: str | None = MISSING  # None: $MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db
-    experiment: str = MISSING
-    run_name: str | None = MISSING
-
-
-@dataclass
-class TrainConfig:
-    batch_size: int = MISSING
-    epochs: int = MISSING
-    max_steps: int | None = MISSING
-    eval_every: int = MISSING
-    plot_every: int = MISSING
-    checkpoint_every: int = MISSING
-    resume: str | None = MISSING
-
-
-@dataclass
-class EvalConfig:
-    n_points: int = MISSING
-    seed: int = MISSING
-    grid_limit: float = MISSING
-    grid_cells: int = MISSING
-
-
-@dataclass
-class RunConfig:
-    """One run's configuration, as composed from conf/ and typed by these schemas.
-
-    The library takes this type; at run time it is the ``DictConfig`` Hydra composed, which
-    reads the same (``cfg.flow.n_steps``) and keeps the schema's types on assignment.
-    """
-
-    dataset: DatasetConfig = MISSING
-    ebm: EBMConfig = MISSING
-    flow: Any = MISSING  # GlowConfig | MAFConfig
-    optimizer: OptimizerConfig = MISSING
-    threshold: Any = MISSING  # FixedThresholdConfig | EMAThresholdConfig
-    estimator: Any = MISSING  # EstimatorConfig | NCEEstimatorConfig
-    tracking: Any = MISSING  # MLflowTrackingConfig | PartialNode (none)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = MISSING
-    device: str = MISSING
-    threads: int = MISSING
-    progress: str = MISSING
-
-
-SCHEMAS: dict[str, dict[str, type]] = {
-    "dataset": {"dataset": DatasetConfig},
-    "ebm": {"ebm": EBMConfig},
-    "flow": {"glow": GlowConfig, "maf": MAFConfig},
-    "optimizer": {"optimizer": OptimizerConfig},
-    "threshold": {"fixed": FixedThresholdConfig, "ema": EMAThresholdConfig},
-    "estimator": {"estimator": EstimatorConfig, "nce": NCEEstimatorConfig},
-    "tracking": {"mlflow": MLflowTrackingConfig, "none": PartialNode},
-}
-
-
-def register_configs() -> None:
-    """Register the schemas with Hydra's ConfigStore (called once, from the entry points)."""
-    from hydra.core.config_store import ConfigStore
-
-    # ``${pid:}`` in conf/config.yaml: the run directory of each process is its own.
-    OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
-    store = ConfigStore.instance()
-    # Schemas live in their own "schema" group so they never show up as user choices.
-    store.store(group="schema", name="run", node=RunConfig)
-    for group, schemas in SCHEMAS.items():
-        for name, node in schemas.items():
-            store.store(group=f"schema/{group}", name=name, node=node)
 
 
 def user_settings(cfg: DictConfig) -> dict[str, Any]:

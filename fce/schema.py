@@ -1,0 +1,193 @@
+"""Typed schemas of the run configuration: the types of every key; the values live in conf/.
+
+Hydra registers these dataclasses as structured configs, so types are checked when a config
+is composed; ``fce.config.validate`` then checks ranges, choices and keys. Torch-free.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+DATASET_NAMES = ("8gaussians", "spiral", "2spirals", "checkerboard", "rings", "pinwheel")
+FLOW_NAMES = ("glow", "maf")
+OPTIMIZER_NAMES = ("adam", "adamw")
+THRESHOLD_NAMES = ("fixed", "ema")
+ESTIMATOR_NAMES = ("fce", "nce", "flow_mle")
+NOISE_NAMES = ("gaussian", "flow")  # NCE's fixed noise: a fitted Gaussian or a frozen flow
+DEVICES = ("auto", "cpu", "cuda")
+PROGRESS_MODES = ("auto", "bar", "log", "none")
+# What an evaluation logs (fce/metrics.py), in the order tables show them.
+EVAL_METRICS = (
+    "nll_ebm",
+    "nll_flow",
+    "nll_data",
+    "kl_data_ebm",
+    "kl_data_flow",
+    "tv_ebm",
+    "mse_logp",
+    "mse_logp_centered",
+    "logz_gap",
+    "flow_step_share",
+)
+# What an evaluation reports for an estimator that never trains the EBM (flow_mle).
+FLOW_METRICS = ("nll_flow", "nll_data", "kl_data_flow")
+# Keys of Hydra's instantiation machinery: not settings of the user's, so neither logged as
+# MLflow params nor compared on resume.
+INTERNAL_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
+
+
+@dataclass
+class Node:
+    """A config group node: what to build (``_target_``)."""
+
+    _target_: str = MISSING
+
+
+@dataclass
+class PartialNode(Node):
+    """A node built in two steps: the config's values now, the run's objects later."""
+
+    _partial_: bool = True
+
+
+@dataclass
+class DatasetConfig(Node):
+    name: str = MISSING
+    n_samples: int = MISSING
+
+
+@dataclass
+class EBMConfig(Node):
+    hidden: list[int] = MISSING
+    negative_slope: float = MISSING
+    log_z_init: float = MISSING
+
+
+@dataclass
+class GlowConfig(Node):
+    name: str = MISSING
+    n_steps: int = MISSING
+    width: int = MISSING
+    hidden_layers: int = MISSING
+    scale_bound: float = MISSING  # log s >= -scale_bound in every coupling
+
+
+@dataclass
+class MAFConfig(Node):
+    name: str = MISSING
+    n_blocks: int = MISSING
+    hidden: int = MISSING
+    hidden_layers: int = MISSING
+    scale_bound: float = MISSING
+
+
+@dataclass
+class OptimizerConfig(Node):
+    name: str = MISSING
+    lr_ebm: float = MISSING
+    lr_flow: float = MISSING
+    betas: list[float] = MISSING
+    weight_decay: float = MISSING
+    fused: bool = MISSING
+
+
+@dataclass
+class FixedThresholdConfig(Node):
+    name: str = MISSING
+    value: float = MISSING
+
+
+@dataclass
+class EMAThresholdConfig(FixedThresholdConfig):
+    decay: float = MISSING
+
+
+@dataclass
+class EstimatorConfig(PartialNode):
+    name: str = MISSING
+
+
+@dataclass
+class NCEEstimatorConfig(EstimatorConfig):
+    noise: str = MISSING
+    noise_checkpoint: str | None = MISSING  # noise=flow: a checkpoint (or run dir) with a flow
+
+
+@dataclass
+class MLflowTrackingConfig(PartialNode):
+    uri: str | None = MISSING  # None: $MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db
+    experiment: str = MISSING
+    run_name: str | None = MISSING
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = MISSING
+    epochs: int = MISSING
+    max_steps: int | None = MISSING
+    eval_every: int = MISSING
+    plot_every: int = MISSING
+    checkpoint_every: int = MISSING
+    resume: str | None = MISSING
+
+
+@dataclass
+class EvalConfig:
+    n_points: int = MISSING
+    seed: int = MISSING
+    grid_limit: float = MISSING
+    grid_cells: int = MISSING
+
+
+@dataclass
+class RunConfig:
+    """One run's configuration, as composed from conf/ and typed by these schemas.
+
+    The library takes this type; at run time it is the ``DictConfig`` Hydra composed, which
+    reads the same (``cfg.flow.n_steps``) and keeps the schema's types on assignment.
+    """
+
+    dataset: DatasetConfig = MISSING
+    ebm: EBMConfig = MISSING
+    flow: Any = MISSING  # GlowConfig | MAFConfig
+    optimizer: OptimizerConfig = MISSING
+    threshold: Any = MISSING  # FixedThresholdConfig | EMAThresholdConfig
+    estimator: Any = MISSING  # EstimatorConfig | NCEEstimatorConfig
+    tracking: Any = MISSING  # MLflowTrackingConfig | PartialNode (none)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = MISSING
+    device: str = MISSING
+    threads: int = MISSING
+    progress: str = MISSING
+
+
+SCHEMAS: dict[str, dict[str, type]] = {
+    "dataset": {"dataset": DatasetConfig},
+    "ebm": {"ebm": EBMConfig},
+    "flow": {"glow": GlowConfig, "maf": MAFConfig},
+    "optimizer": {"optimizer": OptimizerConfig},
+    "threshold": {"fixed": FixedThresholdConfig, "ema": EMAThresholdConfig},
+    "estimator": {"estimator": EstimatorConfig, "nce": NCEEstimatorConfig},
+    "tracking": {"mlflow": MLflowTrackingConfig, "none": PartialNode},
+}
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (called once, from the entry points)."""
+    from hydra.core.config_store import ConfigStore
+
+    # ``${pid:}`` in conf/config.yaml: the run directory of each process is its own.
+    OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
+    store = ConfigStore.instance()
+    # Schemas live in their own "schema" group so they never show up as user choices.
+    store.store(group="schema", name="run", node=RunConfig)
+    for group, schemas in SCHEMAS.items():
+        for name, node in schemas.items():
+            store.store(group=f"schema/{group}", name=name, node=node)
