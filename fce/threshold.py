@@ -63,6 +63,3 @@ class EMAThreshold(FixedThreshold):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.average = state["average"]
-
-
-ThresholdRule = FixedThreshold
