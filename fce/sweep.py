@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fce.config import ConfigError, validate
 from fce.experiment import RunContext, run
-from fce.sweep_space import Composer
+from fce.sweep_space import Composer, override
 from fce.tracking import (
     MLflowTracker,
     TrackingError,
@@ -50,7 +50,7 @@ def suggest(trial: optuna.Trial, params: DictConfig) -> list[str]:
             value = trial.suggest_int(key, spec.low, spec.high, log=spec.get("log", False))
         else:
             value = trial.suggest_float(key, spec.low, spec.high, log=spec.get("log", False))
-        overrides.append(f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}")
+        overrides.append(override(key, value))
     return overrides
 
 

@@ -117,7 +117,7 @@ def main(argv: list[str]) -> None:
             compose(run_overrides)
         except Exception as error:  # composition: unknown key, wrong type
             raise ConfigError(one_line(error)) from None
-        check_space_against_run(settings, compose, run_overrides)
+        check_space_against_run(settings, compose, run_overrides, CONF)
         check_store(compose(run_overrides).tracking.uri)
         if str(settings.storage).startswith("sqlite:///"):
             database = Path(settings.storage.removeprefix("sqlite:///"))

@@ -190,12 +190,72 @@ SWEEP_BAD_INPUTS = [
         [A_SPACE, "sweep.storage=sqlite:///{tmp}/afile/optuna.db"],
         "sweep.storage=sqlite:///{tmp}/afile/optuna.db: {tmp}/afile is a file, not a directory",
     ),
+    ("sweep-seed-negative", [A_SPACE, "sweep.seed=-1"], "sweep.seed=-1: must be an integer in"),
+    ("sweep-seed-text", [A_SPACE, "sweep.seed=abc"], "sweep.seed='abc': must be an integer in"),
+    # Every value a space can produce is checked before the study starts, not when a trial
+    # draws it: each choice, both ends of each range, under each choice of its group.
+    (
+        "space-unknown-choice",
+        ["sweep={tmp}/unknown_choice.yaml"],
+        "sweep=unknown_choice: params.flow: 'nosuch': unknown flow; choose one of: glow, maf",
+    ),
+    (
+        "space-group-by-int",
+        ["sweep={tmp}/group_int.yaml"],
+        "sweep=group_int: params.flow: 1: unknown flow; choose one of: glow, maf",
+    ),
+    (
+        "space-group-as-range",
+        ["sweep={tmp}/group_range.yaml"],
+        "sweep=group_range: params.threshold: threshold is a config group; search it with "
+        "type: categorical over its options: ema, fixed",
+    ),
+    (
+        "space-float-on-int-key",
+        ["sweep={tmp}/float_on_int.yaml"],
+        "sweep=float_on_int: params.train.eval_every can be 10.0: Error merging override "
+        "train.eval_every=10.0",
+    ),
+    (
+        "space-int-with-float-bounds",
+        ["sweep={tmp}/int_float_bounds.yaml"],
+        "params.train.eval_every: type int needs integer low and high, got 10.5, 20",
+    ),
+    (
+        "space-out-of-range",
+        ["sweep={tmp}/out_of_range.yaml"],
+        "sweep=out_of_range: params.threshold.value can be 1.5: threshold.value=1.5: must be "
+        "in (0, 1)",
+    ),
+    (
+        "space-key-of-one-group-option",
+        ["sweep={tmp}/one_flow_only.yaml"],
+        "sweep=one_flow_only: params.flow.n_steps can be 2 with flow=maf: Could not override "
+        "'flow.n_steps'",
+    ),
+    (
+        "space-categorical-out-of-range",
+        ["sweep={tmp}/lr_zero.yaml"],
+        "sweep=lr_zero: params.optimizer.lr_ebm can be 0.0: optimizer.lr_ebm=0.0: must be a "
+        "positive number",
+    ),
 ]
 SPACES = {
     "low_high": "params:\n  optimizer.lr_ebm: {type: float, low: 1.0, high: 0.1}\n",
     "not_yaml": "params: [unclosed\n",
     "no_type": "params:\n  threshold.value: {low: 0.5, high: 0.7}\n",
     "unknown_key": "params:\n  train.bogus: {type: float, low: 0.5, high: 0.7}\n",
+    "unknown_choice": "params:\n  flow: {type: categorical, choices: [glow, nosuch]}\n",
+    "group_int": "params:\n  flow: {type: categorical, choices: [1, 2]}\n",
+    "group_range": "params:\n  threshold: {type: int, low: 0, high: 1}\n",
+    "float_on_int": "params:\n  train.eval_every: {type: float, low: 10, high: 20}\n",
+    "int_float_bounds": "params:\n  train.eval_every: {type: int, low: 10.5, high: 20}\n",
+    "out_of_range": "params:\n  threshold.value: {type: float, low: 0.5, high: 1.5}\n",
+    "one_flow_only": (
+        "params:\n  flow: {type: categorical, choices: [glow, maf]}\n"
+        "  flow.n_steps: {type: int, low: 2, high: 4}\n"
+    ),
+    "lr_zero": "params:\n  optimizer.lr_ebm: {type: categorical, choices: [1.0e-3, 0.0]}\n",
 }
 KEPT_STUDY = "kept"
 # Lines a failing command may print before its error: log records (Hydra's, MLflow's, Optuna's).
