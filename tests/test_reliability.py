@@ -3,6 +3,7 @@ determinism. Every test runs the real commands against temporary stores."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -238,6 +239,14 @@ SWEEP_BAD_INPUTS = [
         ["sweep={tmp}/lr_zero.yaml"],
         "sweep=lr_zero: params.optimizer.lr_ebm can be 0.0: optimizer.lr_ebm=0.0: must be a "
         "positive number",
+    ),
+    # The study "kept" was run with threshold.value in [0.5, 0.8]; flow_arch searches other keys.
+    (
+        "space-differs-from-the-study",
+        ["sweep=flow_arch", "sweep.n_trials=1"],
+        "sweep=flow_arch: study kept in sqlite:///{tmp}/optuna.db was run with another search "
+        "space (its params differ in: flow, threshold, threshold.value); use another "
+        "sweep.study_name, or the same space",
     ),
 ]
 SPACES = {
@@ -644,20 +653,22 @@ def alive(pid: int) -> bool:
         return False
 
 
-def start_two_worker_study(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
-    """A 2-worker study of long trials, returned once both workers are training."""
+def start_two_worker_study(
+    tmp_path: Path, n_trials: int = 2, steps: int = 1000000, new_session: bool = False
+) -> tuple[subprocess.Popen, list[int]]:
+    """A 2-worker study (long trials by default), returned once both workers are training."""
     args = [
         "sweep=threshold_lr",
-        "sweep.n_trials=2",
+        f"sweep.n_trials={n_trials}",
         "sweep.n_jobs=2",
         f"sweep.storage=sqlite:///{tmp_path / 'optuna.db'}",
         f"tracking.uri={store_uri(tmp_path)}",
-        *TINY,
+        *[a for a in TINY if not a.startswith("train.max_steps")],
         *TINY_FLOW["glow"],
-        "train.max_steps=1000000",
+        f"train.max_steps={steps}",
         "train.epochs=1000000",
     ]
-    driver = start_cli(args, tmp_path, script="sweeps/tune.py")
+    driver = start_cli(args, tmp_path, script="sweeps/tune.py", new_session=new_session)
     deadline = time.monotonic() + 180
     while len(list(tmp_path.glob("**/trial_*/config.yaml"))) < 2:
         assert driver.poll() is None, driver.communicate()
@@ -697,3 +708,66 @@ def test_a_stopped_or_killed_driver_takes_its_workers_with_it(tmp_path, sig):
     assert len(trials) == 2 and {r.info.status for r in trials} == {"KILLED"}
     if sig == signal.SIGTERM:  # the driver lived to end its parent run too
         assert {r.info.status for r in found} == {"KILLED"}
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_two_worker_study_is_one_line_and_leaves_nothing_running(tmp_path):
+    """Ctrl-C in a terminal sends SIGINT to the driver and both workers at once."""
+    import optuna
+
+    driver, workers = start_two_worker_study(tmp_path, new_session=True)
+    os.killpg(driver.pid, signal.SIGINT)
+    stdout, stderr = driver.communicate(timeout=90)
+    assert driver.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stdout + stderr, stderr[-3000:]
+    said = [line for line in stderr.splitlines() if line.strip() and not LOG_RECORD.match(line)]
+    assert said == ["interrupted: finished trials are kept; rerun the command to continue"]
+    assert wait_gone(workers, 30) == []
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.load_study(study_name="threshold_lr-8gaussians-glow", storage=storage)
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
+    assert {t.user_attrs["error"] for t in study.trials} <= {
+        "interrupted by SIGINT",
+        "interrupted by SIGTERM",  # the driver's, if it came first
+    }
+    _, found = runs(store_uri(tmp_path))
+    trial_runs = [r for r in found if "optuna.trial" in r.data.tags]
+    assert len(trial_runs) == 2
+    assert {(r.info.status, r.data.tags["optuna.state"]) for r in trial_runs} == {
+        ("KILLED", "FAIL")
+    }
+    (parent,) = [r for r in found if "optuna.trial" not in r.data.tags]
+    assert parent.info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_a_worker_killed_alone_fails_its_trial_and_the_others_finish_the_study(tmp_path):
+    """As the out-of-memory killer would: SIGKILL to one worker. The driver fails its trial
+    at once, the other worker runs the study to n_trials, and the driver exits 1 saying so."""
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    driver, workers = start_two_worker_study(tmp_path, n_trials=3, steps=1000)
+    study = optuna.load_study(study_name="threshold_lr-8gaussians-glow", storage=storage)
+    running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    victim = max(running, key=lambda t: t.datetime_start)  # the one furthest from its end
+    pid = int(victim.user_attrs["fce.worker"]["fce.pid"])
+    assert pid in workers
+    os.kill(pid, signal.SIGKILL)
+    _, stderr = driver.communicate(timeout=300)
+
+    assert driver.returncode == 1, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: worker ") and f"(pid {pid}) was killed by SIGKILL" in last
+    assert f"its trial {victim.number} marked FAIL" in last and "has 3 of 3 trials" in last
+    done = optuna.load_study(study_name=study.study_name, storage=storage).trials
+    assert len(done) == 3
+    for trial in done:
+        assert trial.state.name == ("FAIL" if trial.number == victim.number else "COMPLETE")
+    assert "SIGKILL" in done[victim.number].user_attrs["error"]
+    _, found = runs(store_uri(tmp_path))
+    by_trial = {r.data.tags["optuna.trial"]: r for r in found if "optuna.trial" in r.data.tags}
+    assert by_trial.pop(str(victim.number)).info.status == "KILLED"
+    assert {r.info.status for r in by_trial.values()} == {"FINISHED"}
+    (parent,) = [r for r in found if "optuna.trial" not in r.data.tags]
+    assert parent.info.status == "FAILED"
