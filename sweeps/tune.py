@@ -145,7 +145,7 @@ def usage() -> str:
     settings = [f"  {line}" for line in DEFAULTS.read_text().splitlines() if line.strip()]
     return "\n".join(
         [
-            (__doc__ or "").strip(),
+            f"usage: {(__doc__ or '').strip()}",
             "",
             f"Search spaces ({SPACES.relative_to(ROOT)}/, sweep=<name>):",
             *spaces,

@@ -52,6 +52,14 @@ def test_run_command_composes_and_validates(args):
 
 @pytest.mark.parametrize("args", TUNE_COMMANDS, ids=" ".join)
 def test_tune_command_composes_and_validates(args):
+    if "--help" in args:
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "sweeps" / "tune.py"), *args],
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0 and "threshold_lr" in result.stdout
+        return
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -68,7 +76,8 @@ def test_tune_command_composes_and_validates(args):
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        check_space_against_run(settings, lambda o: compose("config", list(o)), overrides)
+        compose_run = lambda o: compose("config", list(o))  # noqa: E731
+        check_space_against_run(settings, compose_run, overrides, ROOT / "conf")
 
 
 @pytest.mark.parametrize(

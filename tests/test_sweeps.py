@@ -203,7 +203,7 @@ def test_help_prints_usage_with_the_spaces_and_settings():
     result = run_cli(["--help"], ROOT, timeout=60, script="sweeps/tune.py")
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
-    assert result.stdout.startswith("python sweeps/tune.py sweep=<space>")
+    assert result.stdout.startswith("usage: python sweeps/tune.py sweep=<space>")
     for space in (ROOT / "sweeps" / "spaces").glob("*.yaml"):
         assert f"  {space.stem} " in result.stdout
     defaults = yaml.safe_load((ROOT / "sweeps" / "defaults.yaml").read_text())
