@@ -365,10 +365,11 @@ def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stoppi
                 interrupted.append(signum)
                 trial.set_user_attr("error", f"interrupted by {signal.Signals(signum).name}")
             except BaseException:
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
                 raise
         complete = state == optuna.trial.TrialState.COMPLETE
-        study.tell(trial, value if complete else None, state=state)
+        # Skipped if the trial was failed meanwhile (its worker thought dead, its beat stale).
+        study.tell(trial, value if complete else None, state=state, skip_if_finished=True)
         done = f" {settings.objective}={value:.4g}" if complete else ""
         log.info("trial %d %s%s", trial.number, state.name, done)
         run_id = trial.user_attrs.get("mlflow_run_id")
