@@ -220,6 +220,7 @@ class StudyPlan:
     project_root: str
     conf_dir: str
     trials_before: int
+    driver: int = 0  # how many drivers of this study started before this one
 
 
 def make_storage(
@@ -244,10 +245,13 @@ def make_storage(
     )
 
 
-def make_sampler(settings: DictConfig, worker: int, done: int) -> optuna.samplers.BaseSampler:
-    # Distinct streams per worker and per continuation: with one seed, parallel workers (and a
-    # resumed study) would propose the same random start-up points again.
-    seed = settings.seed + 1009 * done + worker
+def make_sampler(
+    settings: DictConfig, worker: int, done: int, driver: int = 0
+) -> optuna.samplers.BaseSampler:
+    # Distinct streams per worker, per continuation and per driver of the study: with one
+    # seed, parallel workers (a resumed study, a second driver started alongside) would
+    # propose the same random start-up points again.
+    seed = (settings.seed + 1009 * done + worker + 7919 * driver) % 2**32
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
@@ -303,7 +307,7 @@ def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stoppi
     study = optuna.load_study(
         study_name=plan.study_name,
         storage=storage,
-        sampler=make_sampler(settings, worker, plan.trials_before),
+        sampler=make_sampler(settings, worker, plan.trials_before, plan.driver),
         pruner=make_pruner(settings, first.train.eval_every),
     )
     study_id = storage.get_study_id_from_name(plan.study_name)
@@ -599,6 +603,8 @@ def run_study(
             raise ConfigError(str(error)) from None
         if parent_id is None:
             study.set_user_attr("mlflow_parent_run_id", parent.run_id)
+        driver = study.user_attrs.get("fce.drivers", 0)
+        study.set_user_attr("fce.drivers", driver + 1)
     if parent_id is None:
         parent.log_params(
             {f"sweep.{k}": v for k, v in flatten(OmegaConf.to_container(settings)).items()}
@@ -631,6 +637,7 @@ def run_study(
                 project_root=str(project_root),
                 conf_dir=str(conf_dir),
                 trials_before=len(study.trials),
+                driver=driver,
             )
             log.info(
                 "study %s: up to %d trial(s) to run on %d worker(s)",

@@ -257,6 +257,7 @@ def test_two_drivers_on_one_study_run_n_trials_under_one_parent_run(tmp_path):
     assert [t.state.name for t in done] == ["COMPLETE"] * 4
     # Both drivers ran trials: they overlapped, so the count was shared.
     assert len({t.user_attrs["fce.worker"]["fce.pid"] for t in done}) == 2
+    assert len({tuple(sorted(t.params.items())) for t in done}) == 4  # no trial drawn twice
     _, found = runs(store_uri(tmp_path))
     parents = [r for r in found if r.info.run_name.startswith("study-")]
     children = [r for r in found if "mlflow.parentRunId" in r.data.tags]
