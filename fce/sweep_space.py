@@ -5,11 +5,14 @@ So a malformed space or a bad ``sweep.*`` value is reported in a fraction of a s
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fce.cli import one_line
 from fce.config import EVAL_METRICS, FLOW_METRICS, ConfigError, validate
 
 SAMPLERS = ("tpe", "random")
@@ -17,6 +20,10 @@ PRUNERS = ("median", "hyperband", "none")
 DIRECTIONS = ("minimize", "maximize")
 METRICS = EVAL_METRICS
 PARAM_TYPES = ("float", "int", "categorical")
+# Config groups a space may search over: their values are option names, not numbers.
+GROUPS = ("dataset", "flow", "optimizer", "threshold", "estimator")
+# Samplers seed numpy, which takes seeds below 2**32; workers and continuations add to it.
+MAX_SEED = 2**31 - 1
 
 Composer = Callable[[list[str]], DictConfig]
 
@@ -51,9 +58,15 @@ def load_sweep(name: str, space_dir: Path, defaults: Path, overrides: list[str])
     return settings
 
 
-def _int_at_least(settings: DictConfig, key: str, low: int) -> None:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_at_least(settings: DictConfig, key: str, low: int, high: int | None = None) -> None:
     value = settings.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+    if high is not None and not (_is_int(value) and low <= value <= high):
+        raise ConfigError(f"sweep.{key}={value!r}: must be an integer in [{low}, {high}]")
+    if not _is_int(value) or value < low:
         raise ConfigError(f"sweep.{key}={value!r}: must be an integer >= {low}")
 
 
@@ -70,6 +83,7 @@ def validate_sweep(settings: DictConfig, path: Path, known: tuple[str, ...] = ()
     _int_at_least(settings, "pruner_startup_trials", 0)
     _int_at_least(settings, "pruner_warmup_evals", 0)
     _int_at_least(settings, "heartbeat_s", 1)
+    _int_at_least(settings, "seed", 0, MAX_SEED)
     for key, allowed in (
         ("sampler", SAMPLERS),
         ("pruner", PRUNERS),
@@ -94,14 +108,39 @@ def validate_sweep(settings: DictConfig, path: Path, known: tuple[str, ...] = ()
         low, high = spec.get("low"), spec.get("high")
         if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high)):
             raise ConfigError(f"{where}: needs numeric low and high")
+        if spec.type == "int" and not (_is_int(low) and _is_int(high)):
+            raise ConfigError(f"{where}: type int needs integer low and high, got {low}, {high}")
         if not low < high:
             raise ConfigError(f"{where}: low={low} must be < high={high}")
         if spec.get("log", False) and low <= 0:
             raise ConfigError(f"{where}: a log-scale range needs low > 0, got {low}")
 
 
-def check_space_against_run(settings: DictConfig, compose: Composer, base: list[str]) -> None:
-    """Every searched key exists and one trial's config validates."""
+def override(key: str, value: Any) -> str:
+    """The Hydra override that sets ``key`` to a sampled ``value`` (floats in full precision)."""
+    return f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}"
+
+
+def extreme_values(spec: DictConfig) -> list[Any]:
+    """The values of one searched key that bound what a trial can get: every choice of a
+    categorical, both ends of a range (as the sampler returns them: floats stay floats)."""
+    if spec.type == "categorical":
+        return list(spec.choices)
+    cast = int if spec.type == "int" else float
+    return [cast(spec.low), cast(spec.high)]
+
+
+def check_space_against_run(
+    settings: DictConfig, compose: Composer, base: list[str], conf_dir: Path
+) -> None:
+    """Every value the space can produce composes and validates, before any trial exists.
+
+    Each choice of a categorical and both ends of each range are composed with the run's
+    overrides and validated, under every combination of the config groups the space
+    chooses (a ``flow.*`` key may exist in one flow and not in another). So a bad option, a
+    float on an integer key or an out-of-range bound is one line at the start, not a
+    traceback in the middle of the study.
+    """
     cfg = compose(base)
     validate(cfg)
     if cfg.estimator.name == "flow_mle" and settings.objective not in FLOW_METRICS:
@@ -109,7 +148,48 @@ def check_space_against_run(settings: DictConfig, compose: Composer, base: list[
             f"sweep.objective={settings.objective}: estimator=flow_mle trains no EBM; "
             f"choose one of: {', '.join(FLOW_METRICS)}"
         )
-    groups = ("dataset", "flow", "optimizer", "threshold", "estimator")
+    where = f"sweep={settings.name}: params"
+    groups = {key: spec for key, spec in settings.params.items() if key in GROUPS}
+    for key, spec in groups.items():
+        options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
+        if spec.type != "categorical":
+            raise ConfigError(
+                f"{where}.{key}: {key} is a config group; search it with type: categorical "
+                f"over its options: {', '.join(options)}"
+            )
+        for choice in spec.choices:
+            if not isinstance(choice, str) or choice not in options:
+                raise ConfigError(
+                    f"{where}.{key}: {choice!r}: unknown {key}; choose one of: "
+                    f"{', '.join(options)}"
+                )
     for key in settings.params:
         if key not in groups and OmegaConf.select(cfg, key, default="<absent>") == "<absent>":
             raise ConfigError(f"sweep param {key}: no such key in the run config")
+
+    def check(overrides: list[str], what: str) -> None:
+        try:
+            trial_cfg = compose([*base, *overrides])
+        except Exception as error:  # composition: a key this group lacks, a wrong type
+            raise ConfigError(f"{where}{what}: {one_line(error)}") from None
+        try:
+            validate(trial_cfg)
+        except ConfigError as error:
+            raise ConfigError(f"{where}{what}: {error}") from None
+
+    def combinations(names: list[str]) -> list[list[str]]:
+        chosen = itertools.product(*(groups[name].choices for name in names))
+        return [[override(n, c) for n, c in zip(names, combo, strict=True)] for combo in chosen]
+
+    for combo in combinations(list(groups)):
+        if combo:
+            check(combo, f" can choose {' '.join(combo)}")
+    for key, spec in settings.params.items():
+        if key in groups:
+            continue
+        # The groups that decide whether (and with which type) this key exists.
+        owners = [name for name in groups if key.startswith(f"{name}.")]
+        for combo in combinations(owners):
+            with_groups = f" with {' '.join(combo)}" if combo else ""
+            for value in extreme_values(spec):
+                check([*combo, override(key, value)], f".{key} can be {value!r}{with_groups}")

@@ -5,7 +5,10 @@ An Optuna study whose trials are FCE runs, each logged to MLflow under one paren
     python sweeps/tune.py sweep=threshold_lr dataset=spiral flow=maf train.max_steps=2000
     python sweeps/tune.py sweep=threshold_lr sweep.n_trials=40 sweep.n_jobs=2  # continue it
 
-Search spaces are sweeps/spaces/<space>.yaml; study settings are sweeps/defaults.yaml.
+Search spaces are sweeps/spaces/<space>.yaml (or any YAML file: sweep=path/to/space.yaml);
+study settings are sweeps/defaults.yaml; run overrides are those of `python run.py --help`.
+Ctrl-C or SIGTERM stops every trial at its next step (exit 130 or 143); a worker that dies
+has its trial failed while the others go on, and the driver then exits 1.
 """
 
 from __future__ import annotations
@@ -48,20 +51,43 @@ def setup_logging() -> None:
     )
 
 
-def stop_on_sigterm() -> None:
-    """SIGTERM (``kill``, a scheduler's stop) ends the study the way Ctrl-C does.
+class Stop:
+    """SIGINT and SIGTERM, recorded by the handler and acted on at a safe point.
 
-    By default it would end the driver at once and leave its workers training, orphaned.
-    Raised as ``RunInterrupted`` (a KeyboardInterrupt): the driver stops its workers, the
-    parent run ends KILLED, and the exit code is 143. During a trial in this process, the
-    run's own handler takes over and stops at the next step boundary.
+    Raising from a handler could land inside an Optuna or MLflow write and leave a SQLite
+    store locked, a trial RUNNING or a run without its status; so the handler only records the
+    signal, and the driver and its workers look at it between trials and at every
+    evaluation (a run in progress has its own handler, which stops it at the next step). The
+    wakeup fd keeps a signal that the run's handler took after its last look, as it ended.
+    Calling the instance returns the signal number, or None.
     """
-    from fce.interrupts import RunInterrupted
 
-    def handler(signum: int, _frame: object) -> None:
-        raise RunInterrupted(128 + signum)
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._wakeup: int | None = None
 
-    signal.signal(signal.SIGTERM, handler)
+    def install(self) -> None:
+        read, write = os.pipe()
+        os.set_blocking(read, False)
+        os.set_blocking(write, False)
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        self._wakeup = read
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._record)
+
+    def _record(self, signum: int, _frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def __call__(self) -> int | None:
+        if self.signum is None and self._wakeup is not None:
+            try:
+                received = os.read(self._wakeup, 512)
+            except BlockingIOError:
+                received = b""
+            stops = [s for s in received if s in (signal.SIGINT, signal.SIGTERM)]
+            self.signum = stops[0] if stops else None
+        return self.signum
 
 
 def watch_parent(interval_s: float = 2.0) -> None:
@@ -76,23 +102,59 @@ def watch_parent(interval_s: float = 2.0) -> None:
     threading.Thread(target=watch, name="watch-parent", daemon=True).start()
 
 
-def worker_entry(plan, worker: int, n_trials: int) -> None:
-    """One worker process of a parallel study (spawned: a fresh interpreter)."""
+def worker_entry(plan, worker: int, stop_event) -> None:
+    """One worker process of a parallel study (spawned: a fresh interpreter). Exits 130 or
+    143 when a signal, or the driver through ``stop_event``, stopped it."""
+    stop = Stop()
+    stop.install()
     setup_logging()
-    stop_on_sigterm()
     watch_parent()
     from fce.sweep import run_worker
 
-    run_worker(plan, worker, n_trials, make_composer())
+    def stopping() -> int | None:
+        return stop() or (signal.SIGTERM if stop_event.is_set() else None)
+
+    signum = run_worker(plan, worker, make_composer(), stopping)
+    if signum is not None:
+        raise SystemExit(128 + signum)
+
+
+def usage() -> str:
+    from omegaconf import OmegaConf
+
+    spaces = []
+    for path in sorted(SPACES.glob("*.yaml")):
+        try:
+            searched = ", ".join(OmegaConf.load(path).get("params", {}))
+        except Exception:  # a broken space is reported when it is used
+            searched = "(not valid YAML)"
+        spaces.append(f"  {path.stem:<14} {searched}")
+    settings = [f"  {line}" for line in DEFAULTS.read_text().splitlines() if line.strip()]
+    return "\n".join(
+        [
+            f"usage: {(__doc__ or '').strip()}",
+            "",
+            f"Search spaces ({SPACES.relative_to(ROOT)}/, sweep=<name>):",
+            *spaces,
+            "",
+            f"Study settings ({DEFAULTS.relative_to(ROOT)}, sweep.<key>=<value>):",
+            *settings,
+        ]
+    )
 
 
 def main(argv: list[str]) -> None:
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage())
+        return
+    stop = Stop()
+    stop.install()
     names = [a.split("=", 1)[1] for a in argv if a.startswith("sweep=")]
     sweep_overrides = [a.removeprefix("sweep.") for a in argv if a.startswith("sweep.")]
     run_overrides = [a for a in argv if not a.startswith(("sweep=", "sweep."))]
     if len(names) != 1:
         spaces = ", ".join(sorted(p.stem for p in SPACES.glob("*.yaml")))
-        fail(f"sweep=<space> is required once; choose one of: {spaces}")
+        fail(f"sweep=<space> is required once; choose one of: {spaces} (--help for more)")
     check_group_choices(run_overrides, CONF)
     setup_logging()
     try:
@@ -104,18 +166,23 @@ def main(argv: list[str]) -> None:
             compose(run_overrides)
         except Exception as error:  # composition: unknown key, wrong type
             raise ConfigError(one_line(error)) from None
-        check_space_against_run(settings, compose, run_overrides)
+        check_space_against_run(settings, compose, run_overrides, CONF)
         check_store(compose(run_overrides).tracking.get("uri"))
         if str(settings.storage).startswith("sqlite:///"):
             database = Path(settings.storage.removeprefix("sqlite:///"))
             check_writable_dir(f"sweep.storage={settings.storage}", str(database.parent))
         # Only now the heavy imports (torch, optuna, mlflow).
-        from fce.sweep import run_study
+        from fce.interrupts import RunInterrupted
+        from fce.sweep import SweepError, run_study
 
-        stop_on_sigterm()
+        if stop() is not None:
+            raise RunInterrupted(128 + stop())
         # Trial output directories sit under the working directory, as Hydra's do.
         sweep_root = Path.cwd().resolve() / "multirun" / "optuna"
-        run_study(settings, run_overrides, compose, ROOT, CONF, sweep_root, worker_entry)
+        try:
+            run_study(settings, run_overrides, compose, ROOT, CONF, sweep_root, worker_entry, stop)
+        except SweepError as error:
+            fail(str(error), code=1)
     except (ConfigError, TrackingError) as error:
         fail(str(error))
     except KeyboardInterrupt as interrupt:

@@ -88,7 +88,11 @@ def run_cli(
     )
 
 
-def start_cli(args: list[str], cwd: Path, script: str = "run.py") -> subprocess.Popen:
+def start_cli(
+    args: list[str], cwd: Path, script: str = "run.py", new_session: bool = False
+) -> subprocess.Popen:
+    """Start a command; ``new_session`` makes it lead its own process group, as a command
+    typed in a terminal does (so that a test can send Ctrl-C's SIGINT to the group)."""
     return subprocess.Popen(
         [sys.executable, str(ROOT / script), *args],
         cwd=cwd,
@@ -96,6 +100,7 @@ def start_cli(args: list[str], cwd: Path, script: str = "run.py") -> subprocess.
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=new_session,
     )
 
 

@@ -61,6 +61,14 @@ def test_run_command_composes_and_validates(args):
 
 @pytest.mark.parametrize("args", TUNE_COMMANDS, ids=" ".join)
 def test_tune_command_composes_and_validates(args):
+    if "--help" in args:
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "sweeps" / "tune.py"), *args],
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0 and "threshold_lr" in result.stdout
+        return
     from fce.compose import compose
     from fce.sweep_space import check_space_against_run, load_sweep
 
@@ -72,7 +80,7 @@ def test_tune_command_composes_and_validates(args):
     settings = load_sweep(
         space, ROOT / "sweeps" / "spaces", ROOT / "sweeps" / "defaults.yaml", sweep
     )
-    check_space_against_run(settings, compose, overrides)
+    check_space_against_run(settings, compose, overrides, ROOT / "conf")
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ determinism. Every test runs the real commands against temporary stores."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -210,12 +211,80 @@ SWEEP_BAD_INPUTS = [
         [A_SPACE, "sweep.storage=sqlite:///{tmp}/afile/optuna.db"],
         "sweep.storage=sqlite:///{tmp}/afile/optuna.db: {tmp}/afile is a file, not a directory",
     ),
+    ("sweep-seed-negative", [A_SPACE, "sweep.seed=-1"], "sweep.seed=-1: must be an integer in"),
+    ("sweep-seed-text", [A_SPACE, "sweep.seed=abc"], "sweep.seed='abc': must be an integer in"),
+    # Every value a space can produce is checked before the study starts, not when a trial
+    # draws it: each choice, both ends of each range, under each choice of its group.
+    (
+        "space-unknown-choice",
+        ["sweep={tmp}/unknown_choice.yaml"],
+        "sweep=unknown_choice: params.flow: 'nosuch': unknown flow; choose one of: glow, maf",
+    ),
+    (
+        "space-group-by-int",
+        ["sweep={tmp}/group_int.yaml"],
+        "sweep=group_int: params.flow: 1: unknown flow; choose one of: glow, maf",
+    ),
+    (
+        "space-group-as-range",
+        ["sweep={tmp}/group_range.yaml"],
+        "sweep=group_range: params.threshold: threshold is a config group; search it with "
+        "type: categorical over its options: ema, fixed",
+    ),
+    (
+        "space-float-on-int-key",
+        ["sweep={tmp}/float_on_int.yaml"],
+        "sweep=float_on_int: params.train.eval_every can be 10.0: Error merging override "
+        "train.eval_every=10.0",
+    ),
+    (
+        "space-int-with-float-bounds",
+        ["sweep={tmp}/int_float_bounds.yaml"],
+        "params.train.eval_every: type int needs integer low and high, got 10.5, 20",
+    ),
+    (
+        "space-out-of-range",
+        ["sweep={tmp}/out_of_range.yaml"],
+        "sweep=out_of_range: params.threshold.value can be 1.5: threshold.value=1.5: must be "
+        "in (0, 1)",
+    ),
+    (
+        "space-key-of-one-group-option",
+        ["sweep={tmp}/one_flow_only.yaml"],
+        "sweep=one_flow_only: params.flow.n_steps can be 2 with flow=maf: Could not override "
+        "'flow.n_steps'",
+    ),
+    (
+        "space-categorical-out-of-range",
+        ["sweep={tmp}/lr_zero.yaml"],
+        "sweep=lr_zero: params.optimizer.lr_ebm can be 0.0: optimizer.lr_ebm=0.0: must be a "
+        "positive number",
+    ),
+    # The study "kept" was run with threshold.value in [0.5, 0.8]; flow_arch searches other keys.
+    (
+        "space-differs-from-the-study",
+        ["sweep=flow_arch", "sweep.n_trials=1"],
+        "sweep=flow_arch: study kept in sqlite:///{tmp}/optuna.db was run with another search "
+        "space (its params differ in: flow, threshold, threshold.value); use another "
+        "sweep.study_name, or the same space",
+    ),
 ]
 SPACES = {
     "low_high": "params:\n  optimizer.lr_ebm: {type: float, low: 1.0, high: 0.1}\n",
     "not_yaml": "params: [unclosed\n",
     "no_type": "params:\n  threshold.value: {low: 0.5, high: 0.7}\n",
     "unknown_key": "params:\n  train.bogus: {type: float, low: 0.5, high: 0.7}\n",
+    "unknown_choice": "params:\n  flow: {type: categorical, choices: [glow, nosuch]}\n",
+    "group_int": "params:\n  flow: {type: categorical, choices: [1, 2]}\n",
+    "group_range": "params:\n  threshold: {type: int, low: 0, high: 1}\n",
+    "float_on_int": "params:\n  train.eval_every: {type: float, low: 10, high: 20}\n",
+    "int_float_bounds": "params:\n  train.eval_every: {type: int, low: 10.5, high: 20}\n",
+    "out_of_range": "params:\n  threshold.value: {type: float, low: 0.5, high: 1.5}\n",
+    "one_flow_only": (
+        "params:\n  flow: {type: categorical, choices: [glow, maf]}\n"
+        "  flow.n_steps: {type: int, low: 2, high: 4}\n"
+    ),
+    "lr_zero": "params:\n  optimizer.lr_ebm: {type: categorical, choices: [1.0e-3, 0.0]}\n",
 }
 KEPT_STUDY = "kept"
 # Lines a failing command may print before its error: log records (Hydra's, MLflow's, Optuna's).
@@ -605,20 +674,22 @@ def alive(pid: int) -> bool:
         return False
 
 
-def start_two_worker_study(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
-    """A 2-worker study of long trials, returned once both workers are training."""
+def start_two_worker_study(
+    tmp_path: Path, n_trials: int = 2, steps: int = 1000000, new_session: bool = False
+) -> tuple[subprocess.Popen, list[int]]:
+    """A 2-worker study (long trials by default), returned once both workers are training."""
     args = [
         "sweep=threshold_lr",
-        "sweep.n_trials=2",
+        f"sweep.n_trials={n_trials}",
         "sweep.n_jobs=2",
         f"sweep.storage=sqlite:///{tmp_path / 'optuna.db'}",
         f"tracking.uri={store_uri(tmp_path)}",
-        *TINY,
+        *[a for a in TINY if not a.startswith("train.max_steps")],
         *TINY_FLOW["glow"],
-        "train.max_steps=1000000",
+        f"train.max_steps={steps}",
         "train.epochs=1000000",
     ]
-    driver = start_cli(args, tmp_path, script="sweeps/tune.py")
+    driver = start_cli(args, tmp_path, script="sweeps/tune.py", new_session=new_session)
     deadline = time.monotonic() + 180
     while len(list(tmp_path.glob("**/trial_*/config.yaml"))) < 2:
         assert driver.poll() is None, driver.communicate()
@@ -658,3 +729,66 @@ def test_a_stopped_or_killed_driver_takes_its_workers_with_it(tmp_path, sig):
     assert len(trials) == 2 and {r.info.status for r in trials} == {"KILLED"}
     if sig == signal.SIGTERM:  # the driver lived to end its parent run too
         assert {r.info.status for r in found} == {"KILLED"}
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_two_worker_study_is_one_line_and_leaves_nothing_running(tmp_path):
+    """Ctrl-C in a terminal sends SIGINT to the driver and both workers at once."""
+    import optuna
+
+    driver, workers = start_two_worker_study(tmp_path, new_session=True)
+    os.killpg(driver.pid, signal.SIGINT)
+    stdout, stderr = driver.communicate(timeout=90)
+    assert driver.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stdout + stderr, stderr[-3000:]
+    said = [line for line in stderr.splitlines() if line.strip() and not LOG_RECORD.match(line)]
+    assert said == ["interrupted: finished trials are kept; rerun the command to continue"]
+    assert wait_gone(workers, 30) == []
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.load_study(study_name="threshold_lr-8gaussians-glow", storage=storage)
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
+    assert {t.user_attrs["error"] for t in study.trials} <= {
+        "interrupted by SIGINT",
+        "interrupted by SIGTERM",  # the driver's, if it came first
+    }
+    _, found = runs(store_uri(tmp_path))
+    trial_runs = [r for r in found if "optuna.trial" in r.data.tags]
+    assert len(trial_runs) == 2
+    assert {(r.info.status, r.data.tags["optuna.state"]) for r in trial_runs} == {
+        ("KILLED", "FAIL")
+    }
+    (parent,) = [r for r in found if "optuna.trial" not in r.data.tags]
+    assert parent.info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_a_worker_killed_alone_fails_its_trial_and_the_others_finish_the_study(tmp_path):
+    """As the out-of-memory killer would: SIGKILL to one worker. The driver fails its trial
+    at once, the other worker runs the study to n_trials, and the driver exits 1 saying so."""
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    driver, workers = start_two_worker_study(tmp_path, n_trials=3, steps=1000)
+    study = optuna.load_study(study_name="threshold_lr-8gaussians-glow", storage=storage)
+    running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    victim = max(running, key=lambda t: t.datetime_start)  # the one furthest from its end
+    pid = int(victim.user_attrs["fce.worker"]["fce.pid"])
+    assert pid in workers
+    os.kill(pid, signal.SIGKILL)
+    _, stderr = driver.communicate(timeout=300)
+
+    assert driver.returncode == 1, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: worker ") and f"(pid {pid}) was killed by SIGKILL" in last
+    assert f"its trial {victim.number} marked FAIL" in last and "has 3 of 3 trials" in last
+    done = optuna.load_study(study_name=study.study_name, storage=storage).trials
+    assert len(done) == 3
+    for trial in done:
+        assert trial.state.name == ("FAIL" if trial.number == victim.number else "COMPLETE")
+    assert "SIGKILL" in done[victim.number].user_attrs["error"]
+    _, found = runs(store_uri(tmp_path))
+    by_trial = {r.data.tags["optuna.trial"]: r for r in found if "optuna.trial" in r.data.tags}
+    assert by_trial.pop(str(victim.number)).info.status == "KILLED"
+    assert {r.info.status for r in by_trial.values()} == {"FINISHED"}
+    (parent,) = [r for r in found if "optuna.trial" not in r.data.tags]
+    assert parent.info.status == "FAILED"

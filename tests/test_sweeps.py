@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import re
 import signal
 import time
 from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 
 from fce.compose import compose
-from tests.helpers import GRID_TINY, TINY, run_cli, runs, start_cli, store_uri
+from tests.helpers import GRID_TINY, ROOT, TINY, run_cli, runs, start_cli, store_uri
 
+# Lines a command prints as log records (its own, Optuna's, MLflow's), not as messages.
+LOG_RECORD = re.compile(r"^(\[|\d{4}/\d\d/\d\d \d\d:)")
 STUDY_TINY = [*TINY, "flow.n_steps=2", "flow.width=16"]
 
 
@@ -149,17 +155,20 @@ def test_poor_trials_are_pruned_and_marked_in_mlflow(tmp_path):
 
 
 def test_divergent_trials_fail_and_the_study_goes_on(tmp_path):
-    space = write_space(tmp_path, "  ebm.log_z_init: {type: categorical, choices: [1.0, .nan]}\n")
+    # A learning rate of 1e4 blows the EBM up within steps: a divergence, not bad input.
+    space = write_space(
+        tmp_path, "  optimizer.lr_ebm: {type: categorical, choices: [1.0e-3, 1.0e+4]}\n"
+    )
     args = study_args(tmp_path, space, "sweep.n_trials=4", "sweep.sampler=random")
     result = run_cli(args, tmp_path, script="sweeps/tune.py")
     assert result.returncode == 0, result.stderr[-3000:]
     done = trials(tmp_path, "space-8gaussians-glow")
     assert len(done) == 4
     for trial in done:
-        diverges = trial.params["ebm.log_z_init"] != trial.params["ebm.log_z_init"]  # NaN
+        diverges = trial.params["optimizer.lr_ebm"] > 1
         assert trial.state.name == ("FAIL" if diverges else "COMPLETE")
         if diverges:
-            assert "diverged at step 0" in trial.user_attrs["error"]
+            assert "diverged at step" in trial.user_attrs["error"]
     _, found = runs(store_uri(tmp_path))
     statuses = sorted(r.info.status for r in found if "optuna.trial" in r.data.tags)
     assert statuses.count("FAILED") == sum(t.state.name == "FAIL" for t in done)
@@ -186,3 +195,153 @@ def test_killed_sweep_leaves_nothing_running_after_the_next_start(tmp_path):
     assert states == ["FAIL", "COMPLETE"]
     _, found = runs(store_uri(tmp_path))
     assert "RUNNING" not in {r.info.status for r in found}
+
+
+def test_help_prints_usage_with_the_spaces_and_settings():
+    result = run_cli(["--help"], ROOT, timeout=60, script="sweeps/tune.py")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.startswith("usage: python sweeps/tune.py sweep=<space>")
+    for space in (ROOT / "sweeps" / "spaces").glob("*.yaml"):
+        assert f"  {space.stem} " in result.stdout
+    defaults = yaml.safe_load((ROOT / "sweeps" / "defaults.yaml").read_text())
+    for key in defaults:
+        assert f"  {key}:" in result.stdout
+
+
+def test_a_config_error_in_a_trial_fails_that_trial_and_trials_are_named_apart(tmp_path):
+    """Each value is valid alone, so the space passes the check; two of them together are
+    not (a batch larger than the data): those trials FAIL, the study goes on."""
+    space = write_space(
+        tmp_path,
+        "  train.batch_size: {type: categorical, choices: [100, 2000]}\n"
+        "  dataset.n_samples: {type: categorical, choices: [5000, 1000]}\n",
+    )
+    args = study_args(tmp_path, space, "sweep.n_trials=6", "sweep.sampler=random")
+    result = run_cli(args, tmp_path, script="sweeps/tune.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    done = trials(tmp_path, "space-8gaussians-glow")
+    assert len(done) == 6
+    invalid = [t for t in done if t.params["train.batch_size"] > t.params["dataset.n_samples"]]
+    assert invalid, "the sampler never drew the invalid pair: choose another sweep.seed"
+    for trial in done:
+        if trial in invalid:
+            assert trial.state.name == "FAIL"
+            assert "larger than dataset.n_samples" in trial.user_attrs["error"]
+        else:
+            assert trial.state.name == "COMPLETE"
+
+    _, found = runs(store_uri(tmp_path))
+    children = [r for r in found if "optuna.trial" in r.data.tags]
+    assert len(children) == 6 - len(invalid)  # an invalid config starts no run
+    names = [r.info.run_name for r in children]
+    assert len(set(names)) == len(names)
+    for run in children:
+        trial = done[int(run.data.tags["optuna.trial"])]
+        assert run.info.run_name.startswith(f"t{trial.number:03d} ")
+        assert f"batch_size={trial.params['train.batch_size']}" in run.info.run_name
+        assert f"n_samples={trial.params['dataset.n_samples']}" in run.info.run_name
+
+
+@pytest.mark.slow
+def test_two_drivers_on_one_study_run_n_trials_under_one_parent_run(tmp_path):
+    args = study_args(tmp_path, "threshold_lr", "sweep.n_trials=4", "sweep.sampler=random")
+    drivers = [start_cli(args, tmp_path, script="sweeps/tune.py") for _ in range(2)]
+    for driver in drivers:
+        _, stderr = driver.communicate(timeout=300)
+        assert driver.returncode == 0, stderr[-3000:]
+    done = trials(tmp_path, "threshold_lr-8gaussians-glow")
+    assert [t.state.name for t in done] == ["COMPLETE"] * 4
+    # Both drivers ran trials: they overlapped, so the count was shared.
+    assert len({t.user_attrs["fce.worker"]["fce.pid"] for t in done}) == 2
+    assert len({tuple(sorted(t.params.items())) for t in done}) == 4  # no trial drawn twice
+    _, found = runs(store_uri(tmp_path))
+    parents = [r for r in found if r.info.run_name.startswith("study-")]
+    children = [r for r in found if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+
+
+def load_tune():
+    spec = importlib.util.spec_from_file_location("tune_under_test", ROOT / "sweeps" / "tune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def restore_signals():
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    signal.set_wakeup_fd(-1)
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def deliver(sig: int) -> None:
+    os.kill(os.getpid(), sig)
+    time.sleep(0.05)  # Python runs the handler between two bytecodes of this thread
+
+
+def test_the_driver_handler_records_a_signal_and_raises_nothing(restore_signals):
+    """Raising from the handler could land inside a store write (a trial left RUNNING, a
+    SQLite store left locked); the driver acts on the signal at its next safe point."""
+    stop = load_tune().Stop()
+    stop.install()
+    assert stop() is None
+    deliver(signal.SIGTERM)
+    assert stop() == signal.SIGTERM
+    deliver(signal.SIGINT)  # a second signal changes nothing: the first is acted on
+    assert stop() == signal.SIGTERM
+
+
+def test_a_signal_taken_by_a_runs_own_handler_still_reaches_the_driver(restore_signals):
+    """A run in the driver's process installs its own handler; a signal it takes after its
+    last look (as the run ends) must still stop the study rather than start the next trial."""
+    from fce.interrupts import deferred_interrupts
+
+    stop = load_tune().Stop()
+    stop.install()
+    with deferred_interrupts() as request:
+        deliver(signal.SIGINT)
+    assert request.signum == signal.SIGINT
+    assert stop() == signal.SIGINT
+
+
+def test_sigterm_stops_a_study_at_a_step_and_leaves_nothing_running(tmp_path):
+    long = ["train.max_steps=1000000", "train.epochs=1000000"]
+    driver = start_cli(
+        study_args(tmp_path, "threshold_lr", "sweep.n_trials=2", *long),
+        tmp_path,
+        script="sweeps/tune.py",
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("**/trial_0000/config.yaml")):
+        assert driver.poll() is None, driver.communicate()
+        assert time.monotonic() < deadline, "the trial never started"
+        time.sleep(0.1)
+    # Until the trial's MLflow run exists (a signal before that ends the trial with no run).
+    while not any(
+        "mlflow_run_id" in t.user_attrs for t in trials(tmp_path, "threshold_lr-8gaussians-glow")
+    ):
+        assert driver.poll() is None, driver.communicate()
+        assert time.monotonic() < deadline, "the trial's run never started"
+        time.sleep(0.1)
+    time.sleep(0.5)
+    driver.send_signal(signal.SIGTERM)
+    stdout, stderr = driver.communicate(timeout=60)
+    assert driver.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stdout + stderr, stderr[-3000:]
+    said = [line for line in stderr.splitlines() if line.strip() and not LOG_RECORD.match(line)]
+    assert said == ["interrupted: finished trials are kept; rerun the command to continue"]
+    (trial,) = trials(tmp_path, "threshold_lr-8gaussians-glow")
+    assert trial.state.name == "FAIL"
+    assert trial.user_attrs["error"] == "interrupted by SIGTERM"
+    _, found = runs(store_uri(tmp_path))
+    by_id = {r.info.run_id: r for r in found}
+    run = by_id.pop(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "FAIL"
+    assert list(tmp_path.glob("**/trial_0000/checkpoints/step_*.pt"))  # saved as it stopped
+    (parent,) = by_id.values()
+    assert parent.info.status == "KILLED"
