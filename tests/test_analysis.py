@@ -86,7 +86,7 @@ def test_history_is_long_and_complete(store):
 def test_aggregate_over_seeds(store):
     runs = load_runs(store_uri(store), ["fce"])
     table = aggregate(runs)
-    assert len(table) == 4 and set(table["n_seeds"]) == {2}
+    assert len(table) == 4 and set(table["n"]) == {2}
     row = table[(table["dataset.name"] == "8gaussians") & (table["flow.name"] == "glow")].iloc[0]
     values = runs[(runs["dataset.name"] == "8gaussians") & (runs["flow.name"] == "glow")][
         "nll_ebm"
