@@ -164,3 +164,33 @@ def test_repeats_needs_the_loader_columns():
     frame = pd.DataFrame({"dataset.name": ["rings"], "seed": [0], "nll_ebm": [math.pi]})
     with pytest.raises(ValueError, match="load_runs"):
         repeats(frame)
+
+
+def test_the_comparison_takes_one_group_per_cell_not_the_newest_run_per_seed(tmp_path):
+    """An older 5,000-step comparison at seeds 0-2, a newer 2,000-step one at seeds 0-1: the
+    table is made of the newer runs only, not of two 2,000-step runs and a 5,000-step one."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    from analysis.compare import load_comparison
+
+    uri = store_uri(tmp_path)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("compare")
+    clock = itertools.count(1_700_000_000_000, 60_000)
+    for sweep, steps, seeds in (
+        ("multirun/compare/a", 5000, (0, 1, 2)),
+        ("multirun/compare/b", 2000, (0, 1)),
+    ):
+        for estimator, seed in itertools.product(("fce", "nce"), seeds):
+            given = params(f"estimator={estimator}", f"seed={seed}", f"train.max_steps={steps}")
+            run = client.create_run(experiment, tags={"sweep_id": sweep}, start_time=next(clock))
+            client.log_batch(
+                run.info.run_id,
+                params=[Param(k, v) for k, v in given.items()],
+                metrics=[Metric("nll_ebm", steps / 1000 + seed, 0, steps)],
+            )
+            client.set_terminated(run.info.run_id, "FINISHED")
+    chosen = load_comparison(uri, "compare")
+    assert set(chosen["train.max_steps"]) == {2000}
+    assert sorted(chosen["seed"]) == [0, 0, 1, 1]
