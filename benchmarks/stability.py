@@ -20,10 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from fce.config import DATASET_NAMES, FLOW_NAMES
 
-from fce.config import DATASET_NAMES, FLOW_NAMES  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def one_job(args: tuple[str, str, int, list[str]]) -> dict:
