@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
 from analysis.loader import aggregate, cast, format_table, load_history, load_runs
-from tests.helpers import GRID_TINY, ROOT, run_cli, store_uri
+from tests.helpers import GRID_TINY, ROOT, run_cli, runs, store_uri
 
 # These tests read one store made by 8 runs and a study (about a minute to make).
 pytestmark = pytest.mark.slow
@@ -99,20 +100,58 @@ def test_aggregate_over_seeds(store):
     assert not math.isnan(row["nll_flow_mean"])
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "analysis").glob("*.ipynb")))
-def test_notebook_runs_headless(store, name, monkeypatch):
+NOTEBOOKS = sorted(p.stem for p in (ROOT / "analysis").glob("*.ipynb"))
+# What each notebook ends with, dumped by a cell the test appends: its table of runs.
+DUMPED = {"datasets_x_flows": "table", "optuna_study": "children", "training_dynamics": "chosen"}
+
+
+@pytest.mark.parametrize(
+    ("name", "experiment"),
+    [(n, "study" if n == "optuna_study" else "fce") for n in NOTEBOOKS]
+    + [("datasets_x_flows", "study")],  # a study's parent run is in the store: no NaN row
+)
+def test_notebook_runs_headless(store, name, experiment, monkeypatch, tmp_path):
+    assert set(DUMPED) == set(NOTEBOOKS)
     path = ROOT / "analysis" / f"{name}.ipynb"
     notebook = nbformat.read(path, as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
+    assert "sys.path" not in path.read_text()  # the package is installed
+    dump = tmp_path / "dump.csv"
+    notebook.cells.append(nbformat.v4.new_code_cell(f"{DUMPED[name]}.to_csv({str(dump)!r})"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri(store))
     monkeypatch.setenv("OPTUNA_STORAGE", f"sqlite:///{store / 'optuna.db'}")
-    monkeypatch.setenv("FCE_EXPERIMENT", "study" if name == "optuna_study" else "fce")
+    monkeypatch.setenv("FCE_EXPERIMENT", experiment)
     # Run from analysis/, as `jupyter lab analysis/` would.
     resources = {"metadata": {"path": str(ROOT / "analysis")}}
     NotebookClient(notebook, timeout=300, resources=resources).execute()
     outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
-    assert any("image/png" in o.get("data", {}) for o in outputs) or name == "optuna_study"
+    images = [
+        sum("image/png" in o.get("data", {}) for o in cell.get("outputs", []))
+        for cell in notebook.cells
+    ]
+    assert max(images) == 1  # every figure shown, and shown once
+
+    table = pd.read_csv(dump)
+    _, logged = runs(store_uri(store), experiment)
+    # A study's parent run holds its trials and trains nothing.
+    trained = [
+        r
+        for r in logged
+        if "optuna.study" not in r.data.tags or "mlflow.parentRunId" in r.data.tags
+    ]
+    assert len(trained) == len(logged) - (experiment == "study")
+    if name == "datasets_x_flows":
+        assert table["dataset.name"].notna().all()
+        assert table["n"].sum() == len(trained)
+        # The grid's rows are its seeds; a study's trials differ in their settings: one each.
+        assert set(table["n"]) == ({2} if experiment == "fce" else {1})
+    if name == "optuna_study":
+        assert sorted(table["optuna.trial"]) == sorted(
+            int(r.data.tags["optuna.trial"]) for r in trained
+        )
+    if name == "training_dynamics":
+        assert set(table["seed"]) == {0, 1} and len(table) == 4  # glow and maf, 2 seeds each
 
 
 def test_figures_command_regenerates_figures_and_table(store, tmp_path):
