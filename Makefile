@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP_INDEX := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint clean ui-check
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,11 @@ run: setup
 # the fast default suite (about 3 minutes).
 test: setup
 	$(PY) -m pytest -m "slow or not slow" $(ARGS)
+
+# The MLflow UI in a headless browser on a fresh run (needs chromium:
+# analysis/install_chromium.sh); about a minute.
+ui-check: setup
+	$(PY) analysis/ui_check.py $(ARGS)
 
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

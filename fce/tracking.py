@@ -220,6 +220,11 @@ def reconcile_dead_runs(client: Any, experiment_id: str) -> list[str]:
     return ended
 
 
+# MLflow 3 opens an experiment without this tag in its GenAI view (traces, judges); tagged as
+# model training, it opens on the runs table and their charts.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 class MLflowTracker:
     """One MLflow run, written through ``MlflowClient`` (no fluent global state, so it is safe
     in parallel processes), metrics in batches. The only module that imports mlflow.
@@ -271,6 +276,8 @@ class MLflowTracker:
 
         found = self.client.get_experiment_by_name(name)
         if found is not None:
+            if EXPERIMENT_KIND[0] not in found.tags:  # made by an older fce, or by hand
+                self.client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
             return found.experiment_id
         location = None
         if uri.startswith("sqlite:///"):
@@ -278,7 +285,9 @@ class MLflowTracker:
             root = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
             location = (root / name).as_uri()
         try:
-            return self.client.create_experiment(name, artifact_location=location)
+            return self.client.create_experiment(
+                name, artifact_location=location, tags=dict([EXPERIMENT_KIND])
+            )
         except MlflowException:
             # Another process created it between our lookup and our create.
             return self.client.get_experiment_by_name(name).experiment_id
