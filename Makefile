@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP_INDEX := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: setup run test lint clean ui-check
+.PHONY: setup run test lint clean notebooks ui-check
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,16 @@ run: setup
 # the fast default suite (about 3 minutes).
 test: setup
 	$(PY) -m pytest -m "slow or not slow" $(ARGS)
+
+# JupyterLab on the analysis notebooks; installs it into .venv the first time (the `notebooks`
+# extra). Options go through ARGS, e.g. make notebooks ARGS="--no-browser --port 8890"; as root
+# (a container) it adds --allow-root, which Jupyter otherwise asks for.
+notebooks: $(VENV)/.notebooks
+	$(VENV)/bin/jupyter lab analysis/ $(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
+
+$(VENV)/.notebooks: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev,notebooks]'
+	touch $@
 
 # The MLflow UI in a headless browser on a fresh run (needs chromium:
 # analysis/install_chromium.sh); about a minute.

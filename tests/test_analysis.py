@@ -176,3 +176,40 @@ def test_figures_command_regenerates_figures_and_table(store, tmp_path):
     assert "| 8gaussians | fce | glow | fixed |" in table and "| 2 |" in table
     header = table.splitlines()[0]
     assert "tv_ebm" in header and "kl_data_flow" in header  # recomputed from checkpoints
+
+
+def test_make_notebooks_serves_the_notebooks(tmp_path):
+    """`make notebooks` (the README's command) starts JupyterLab on analysis/. The first time,
+    it installs the `notebooks` extra (jupyterlab) into .venv."""
+    import json
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = f"ARGS=--no-browser --port={port} --IdentityProvider.token=fce-test"
+    log = open(tmp_path / "jupyter.log", "w")  # noqa: SIM115 (closed below)
+    server = subprocess.Popen(
+        ["make", "notebooks", args], cwd=ROOT, stdout=log, stderr=log, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert server.poll() is None, (tmp_path / "jupyter.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "JupyterLab did not answer in 10 minutes"
+            try:
+                url = f"http://127.0.0.1:{port}/api/contents?token=fce-test"
+                with urllib.request.urlopen(url, timeout=5) as reply:
+                    listing = json.load(reply)
+                break
+            except OSError:
+                time.sleep(1)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+        log.close()
+    served = {item["name"] for item in listing["content"] if item["type"] == "notebook"}
+    assert served == {f"{name}.ipynb" for name in NOTEBOOKS}
