@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch goes in first, so that the project's `torch>=2.4` is already met and
+# The CPU build of torch goes in first, so that the project's `torch>=2.6` is already met and
 # pip never pulls a multi-GB CUDA build. Elsewhere, e.g. for a GPU:
 #   make setup TORCH_SPEC='torch' TORCH_INDEX=<your wheel index>
 TORCH_SPEC ?= torch==2.13.0
