@@ -24,8 +24,9 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(PY) run.py $(ARGS)
 
-# Every test, the slow ones too (about 10 minutes on 2 cores). `.venv/bin/pytest` alone runs
-# the fast default suite (about 3 minutes).
+# Every test, the slow ones too (about 20 minutes on 2 cores: 19.6 measured on 2026-12-01, on
+# 2 cores shared with other work). `.venv/bin/pytest` alone runs the fast default suite (about
+# 5 minutes there: 4.5).
 test: setup
 	$(PY) -m pytest -m "slow or not slow" $(ARGS)
 

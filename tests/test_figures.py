@@ -20,10 +20,11 @@ def test_the_final_checkpoint_is_the_highest_step():
     assert final_checkpoint(["checkpoints/step_9999999.pt", "checkpoints/step_10000000.pt"]) == (
         "checkpoints/step_10000000.pt"
     )
-    with pytest.raises(ValueError, match="no checkpoints/step_<N>.pt"):
+    with pytest.raises(ValueError, match=r"no checkpoints/step_<N>\.pt"):
         final_checkpoint(["checkpoints/notes.txt"])
 
 
+@pytest.mark.slow  # three processes: a run, its resume, figures.py (20 to 45 s)
 def test_figures_reads_a_run_resumed_for_more_steps(tmp_path):
     uri = store_uri(tmp_path)
     run_dir = tmp_path / "run"

@@ -115,3 +115,9 @@ def test_the_readme_and_the_makefile_agree_on_the_torch_floor():
     makefile = (ROOT / "Makefile").read_text()
     for text in (README, makefile):
         assert set(re.findall(r"torch>=([\d.]+)", text)) == {floor}
+
+
+def test_the_readme_and_the_makefile_agree_on_how_long_make_test_takes():
+    makefile = (ROOT / "Makefile").read_text()
+    pattern = r"about (\d+) minutes on 2 cores"
+    assert re.findall(pattern, README)[:1] == re.findall(pattern, makefile)[:1] != []
