@@ -2,14 +2,14 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch goes in first, so that the project's `torch>=2.4` is already met and
+# The CPU build of torch goes in first, so that the project's `torch>=2.6` is already met and
 # pip never pulls a multi-GB CUDA build. Elsewhere, e.g. for a GPU:
 #   make setup TORCH_SPEC='torch' TORCH_INDEX=<your wheel index>
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP_INDEX := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint clean notebooks ui-check
 
 setup: $(VENV)/.installed
 
@@ -24,10 +24,26 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(PY) run.py $(ARGS)
 
-# Every test, the slow ones too (about 10 minutes on 2 cores). `.venv/bin/pytest` alone runs
-# the fast default suite (about 3 minutes).
+# Every test, the slow ones too (about 20 minutes on 2 cores: 19.6 measured on 2026-12-01, on
+# 2 cores shared with other work). `.venv/bin/pytest` alone runs the fast default suite (about
+# 5 minutes there: 4.5).
 test: setup
 	$(PY) -m pytest -m "slow or not slow" $(ARGS)
+
+# JupyterLab on the analysis notebooks; installs it into .venv the first time (the `notebooks`
+# extra). Options go through ARGS, e.g. make notebooks ARGS="--no-browser --port 8890"; as root
+# (a container) it adds --allow-root, which Jupyter otherwise asks for.
+notebooks: $(VENV)/.notebooks
+	$(VENV)/bin/jupyter lab analysis/ $(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
+
+$(VENV)/.notebooks: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev,notebooks]'
+	touch $@
+
+# The MLflow UI in a headless browser on a fresh run (needs chromium:
+# analysis/install_chromium.sh); about a minute.
+ui-check: setup
+	$(PY) analysis/ui_check.py $(ARGS)
 
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -1,7 +1,7 @@
 """FCE vs NCE (the EBM) and FCE vs maximum likelihood (the flow): table and figure.
 
     from analysis.compare import load_comparison, comparison_table
-    runs = load_comparison(experiment="compare")   # newest FINISHED run per cell and seed
+    runs = load_comparison(experiment="compare")   # per cell, the newest group of repeats
     table = comparison_table(runs)                  # one row per dataset, mean ± std
 
 ``python sweeps/compare.py`` runs the grid and calls ``write_report``.
@@ -16,9 +16,9 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.loader import load_runs
+from analysis.loader import load_runs, newest_group
 
-CELL = ("dataset.name", "estimator.name", "flow.name", "seed")
+CELL = ("dataset.name", "estimator.name", "flow.name")
 # (metric, estimator) columns of the table: the EBMs of FCE and NCE, then the two flows.
 EBM_COLUMNS = [
     (metric, estimator)
@@ -36,14 +36,16 @@ LABELS = {"fce": "FCE", "nce": "NCE", "flow_mle": "MLE"}
 def load_comparison(
     uri: str | None = None, experiment: str = "compare", flow: str | None = None
 ) -> pd.DataFrame:
-    """The newest FINISHED run of each dataset x estimator x flow x seed in ``experiment``."""
+    """The FINISHED runs of ``experiment``: per dataset x estimator x flow, the seeds of its
+    newest group of repeats (one sweep, one config; see ``analysis.loader.repeats``), so a
+    2,000-step run never stands beside a 5,000-step one in a cell."""
     runs = load_runs(uri, [experiment])
     if not len(runs):
         return runs
     runs = runs[runs["status"] == "FINISHED"]
     if flow is not None:
         runs = runs[runs["flow.name"] == flow]
-    return runs.sort_values("start_time").drop_duplicates(list(CELL), keep="last")
+    return newest_group(runs, CELL)
 
 
 def _stats(runs: pd.DataFrame, dataset: str, estimator: str, metric: str) -> pd.Series:

@@ -7,7 +7,8 @@
 Writes ``fce-glow.png`` and ``fce-maf.png`` (rows 8gaussians, pinwheel, 2spirals; columns
 Data | Flow | EBM, as the reference's figure, from each run's final checkpoint),
 ``curves-8gaussians.png`` (mse_logp, value and accuracy, Glow vs MAF, mean over seeds) and
-``results.md`` (final metrics, mean ± std over seeds).
+``results.md`` (final metrics, mean ± std over the seeds of each group of repeats: runs of one
+sweep that differ by the seed alone, ``n`` of them; see analysis/loader.py).
 """
 
 from __future__ import annotations
@@ -15,26 +16,26 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import sys
+import re
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from analysis.loader import (  # noqa: E402
+from analysis.loader import (
+    ROOT,
     _client,
     aggregate,
     format_table,
     load_history,
     load_runs,
+    newest_group,
+    repeats,
 )
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 PANEL_DATASETS = ("8gaussians", "pinwheel", "2spirals")
 FLOW_TITLES = {"glow": "Glow", "maf": "MAF"}
@@ -50,6 +51,18 @@ TABLE_METRICS = (
 )
 
 
+CHECKPOINT = re.compile(r"step_(\d+)\.pt$")
+
+
+def final_checkpoint(paths: list[str]) -> str:
+    """The checkpoint artifact of the highest step: a finished run resumed for more steps
+    logged one at each end."""
+    steps = {int(m.group(1)): path for path in paths if (m := CHECKPOINT.search(path))}
+    if not steps:
+        raise ValueError(f"no checkpoints/step_<N>.pt artifact among {sorted(paths)}")
+    return steps[max(steps)]
+
+
 @functools.cache  # panels and --reevaluate need the same runs
 def load_trainer(run_id: str, uri: str | None):
     """A run's models, data and evaluator, rebuilt from its final checkpoint artifact."""
@@ -60,7 +73,7 @@ def load_trainer(run_id: str, uri: str | None):
     from fce.factory import build_trainer
 
     client = _client(uri)
-    (artifact,) = [a.path for a in client.list_artifacts(run_id, "checkpoints")]
+    artifact = final_checkpoint([a.path for a in client.list_artifacts(run_id, "checkpoints")])
     with tempfile.TemporaryDirectory() as tmp:
         path = client.download_artifacts(run_id, artifact, tmp)
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -96,8 +109,10 @@ def reevaluate(runs: pd.DataFrame, uri: str | None) -> pd.DataFrame:
 
 
 def reference_figure(runs: pd.DataFrame, flow: str, uri: str | None) -> Figure | None:
+    """Data | Flow | EBM rows, each from the lowest seed of the newest group of repeats."""
     from fce.plots import density_panel
 
+    runs = newest_group(runs, ["dataset.name", "flow.name"])
     rows = []
     for dataset in PANEL_DATASETS:
         match = runs[(runs["dataset.name"] == dataset) & (runs["flow.name"] == flow)]
@@ -110,7 +125,11 @@ def reference_figure(runs: pd.DataFrame, flow: str, uri: str | None) -> Figure |
 
 
 def curves_figure(runs: pd.DataFrame, uri: str | None, dataset: str = "8gaussians") -> Figure:
-    """mse_logp, value and accuracy over steps, Glow vs MAF, mean over seeds (band: min-max)."""
+    """mse_logp, value and accuracy over steps, Glow vs MAF, mean over seeds (band: min-max).
+
+    Each flow's curve is from the newest group of repeats (runs that differ by seed alone).
+    """
+    runs = newest_group(runs, ["dataset.name", "flow.name"])
     chosen = runs[runs["dataset.name"] == dataset]
     history = load_history(chosen["run_id"], ("mse_logp", "value", "acc"), uri)
     history = history.merge(chosen[["run_id", "flow.name", "seed"]], on="run_id")
@@ -172,7 +191,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     runs = load_runs(args.uri, [args.experiment])
-    runs = runs[runs["status"] == "FINISHED"] if len(runs) else runs
+    runs = repeats(runs[runs["status"] == "FINISHED"]) if len(runs) else runs
     if not len(runs):
         raise SystemExit(f"error: no FINISHED run in experiment {args.experiment!r}")
     args.out.mkdir(parents=True, exist_ok=True)

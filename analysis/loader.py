@@ -2,11 +2,18 @@
 
 from analysis.loader import load_runs, load_history, aggregate
 runs = load_runs()                                  # MLFLOW_TRACKING_URI or the project store
-table = aggregate(runs[runs.status == "FINISHED"])  # mean, std, n per dataset x flow x rule
+table = aggregate(runs[runs.status == "FINISHED"])  # mean, std and n per group of repeats
+
+Only repeats are averaged: runs of one sweep (a Hydra grid's ``sweep_id``, an Optuna study)
+whose configs differ by the seed alone. A 5,000-step run, a 300-step grid and a study's tuned
+trials on the same dataset and flow are separate rows, each with the number of runs behind it,
+and a study's parent run (it trains nothing) is never a row.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -20,6 +27,34 @@ ROOT = Path(__file__).resolve().parents[1]
 GROUP_BY = ("dataset.name", "estimator.name", "flow.name", "threshold.name")
 FINAL_METRICS = EVAL_METRICS
 TAGS = ("sweep_id", "job_num", "optuna.study", "optuna.trial", "optuna.state", "git_commit")
+# Params that say where and how a run was executed, logged and shown, not what it trained:
+# runs that differ only in these and the seed are repeats of one experiment. (Hydra's
+# ``_target_``/``_partial_`` say how an object is built, not what it is.)
+BOOKKEEPING = (
+    "seed",
+    "tracking.",
+    "progress",
+    "device",
+    "threads",
+    "train.resume",
+    "train.eval_every",
+    "train.plot_every",
+    "train.checkpoint_every",
+)
+HYDRA_KEYS = ("._target_", "._partial_")
+
+
+def is_bookkeeping(param: str) -> bool:
+    """True for a param that does not change what a run trains (see ``BOOKKEEPING``)."""
+    return param.endswith(HYDRA_KEYS) or any(
+        param == key or (key.endswith(".") and param.startswith(key)) for key in BOOKKEEPING
+    )
+
+
+def config_of(params: dict[str, str]) -> str:
+    """The run's experiment as canonical JSON: every param but the seed and bookkeeping."""
+    kept = {k: v for k, v in sorted(params.items()) if not is_bookkeeping(k)}
+    return json.dumps(kept, sort_keys=True)
 
 
 def tracking_uri(uri: str | None = None) -> str:
@@ -86,6 +121,12 @@ def load_runs(
             row.update(data.metrics)
             row.update({k: data.tags.get(k) for k in TAGS})
             row["parent_run_id"] = data.tags.get("mlflow.parentRunId")
+            # What makes runs comparable, kept apart from the columns above, which a
+            # merge or a selection of columns may drop.
+            row["config"] = config_of(data.params)
+            row["is_parent"] = is_parent(
+                info.run_name, data.params, data.tags.get("optuna.study"), row["parent_run_id"]
+            )
             rows.append(row)
         page_token = page.token
         if not page_token:
@@ -98,6 +139,14 @@ def load_runs(
         "fce"
     )
     return frame.sort_values("start_time", ignore_index=True)
+
+
+def is_parent(
+    run_name: str | None, params: dict, study: str | None, parent_run_id: str | None
+) -> bool:
+    """A run that holds others and trains nothing: a study's parent (``study-<name>``)."""
+    study_parent = study is not None and parent_run_id is None
+    return not params or study_parent or (run_name or "").startswith("study-")
 
 
 def load_history(
@@ -117,33 +166,107 @@ def load_history(
     return frame.sort_values(["run_id", "metric", "step"], ignore_index=True)
 
 
+def sweep_of(runs: pd.DataFrame) -> pd.Series:
+    """Each run's sweep: its Hydra grid (``sweep_id``), else its Optuna study, else None."""
+    sweep = pd.Series(None, index=runs.index, dtype=object)
+    for tag in ("optuna.study", "sweep_id"):  # a grid's id wins over a study's name
+        if tag in runs.columns:
+            sweep = runs[tag].where(runs[tag].notna(), sweep)
+    return sweep
+
+
+def repeats(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs that can be averaged, each with the ``group`` of repeats it belongs to.
+
+    Parent runs are left out. A group is one sweep (or no sweep) and one config: runs in it
+    differ by the seed alone (and by bookkeeping such as ``tracking.*`` or ``progress``). Of
+    two runs of a group with the same seed, the newest is kept, so ``n`` counts seeds.
+
+    Returns:
+        ``runs`` without parents and duplicates, plus columns ``sweep`` and ``group`` (an id
+        of 8 hex digits, stable across calls).
+    """
+    if "config" not in runs.columns:
+        raise ValueError("runs: no 'config' column; load them with analysis.loader.load_runs")
+    if "is_parent" in runs.columns:
+        runs = runs[~runs["is_parent"].astype(bool)]
+    runs = runs.assign(sweep=sweep_of(runs))
+    keys = runs["sweep"].fillna("").astype(str) + "\n" + runs["config"]
+    group = keys.map(lambda k: hashlib.sha1(k.encode()).hexdigest()[:8])
+    runs = runs.assign(group=group)
+    if "start_time" in runs.columns:
+        runs = runs.sort_values("start_time")
+    if "seed" in runs.columns:
+        runs = runs.drop_duplicates(["group", "seed"], keep="last")
+    return runs
+
+
+def newest_group(runs: pd.DataFrame, cell: Sequence[str]) -> pd.DataFrame:
+    """Per ``cell`` (e.g. dataset x flow), only the runs of its most recently run group.
+
+    For a figure that shows one curve or panel per cell, from repeats of one experiment.
+    """
+    runs = repeats(runs)
+    if not len(runs):
+        return runs
+    last = runs.groupby("group")["start_time"].transform("max")
+    newest = runs.assign(_last=last).groupby(list(cell), dropna=False)["_last"].transform("max")
+    return runs[last == newest]
+
+
+def settings_that_differ(runs: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
+    """The params, beyond ``by``, whose values tell the groups of ``repeats(runs)`` apart.
+
+    Returns one column per such param, one row per run (values as logged, strings).
+    """
+    settings = pd.DataFrame(list(runs["config"].map(json.loads)), index=runs.index)
+    settings = settings.fillna("-").astype(str)
+    per_group = settings.groupby(runs["group"]).first()
+    differ = [c for c in per_group.columns if c not in by and per_group[c].nunique() > 1]
+    return settings[differ]
+
+
 def aggregate(
     runs: pd.DataFrame,
     by: Sequence[str] = GROUP_BY,
     metrics: Sequence[str] = FINAL_METRICS,
 ) -> pd.DataFrame:
-    """Mean and std of each final metric per group, with the number of seeds behind them.
+    """Mean and std of each final metric per group of repeats (see ``repeats``).
 
-    Returns columns ``<metric>_mean``, ``<metric>_std`` and ``n_seeds``, one row per group.
+    Returns one row per group: the ``by`` columns, then what else tells the rows apart (the
+    settings that differ between groups, the sweep where there are several),
+    ``<metric>_mean``, ``<metric>_std``, and ``n``: how many runs (one per seed) went in.
     """
+    runs = repeats(runs)
     present = [m for m in metrics if m in runs.columns]
-    grouped = runs.groupby(list(by), dropna=False)
+    settings = settings_that_differ(runs, by) if len(runs) else pd.DataFrame(index=runs.index)
+    frame = pd.concat(
+        [runs.drop(columns=list(settings.columns), errors="ignore"), settings], axis=1
+    )
+    frame["sweep"] = frame["sweep"].fillna("-")
+    sweeps = ["sweep"] if frame.drop_duplicates("group")["sweep"].nunique() > 1 else []
+    keys = [*by, *settings.columns, *sweeps, "group"]
+    # Within a group every key has one value: grouping by them only carries them along.
+    grouped = frame.groupby(keys, dropna=False, sort=True)
     table = grouped[present].agg(["mean", "std"])
     table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
-    seeds = grouped["seed"].nunique() if "seed" in runs.columns else grouped.size()
-    return table.assign(n_seeds=seeds).reset_index()
+    table = table.assign(n=grouped.size()).reset_index()
+    return table.drop(columns="group")
 
 
 def format_table(table: pd.DataFrame, metrics: Sequence[str], digits: int = 3) -> pd.DataFrame:
-    """``mean ± std`` strings, for a README or a notebook."""
-    keys = [c for c in table.columns if not c.endswith(("_mean", "_std")) and c != "n_seeds"]
+    """``mean ± std`` strings, for a README or a notebook; ``n`` runs behind each row."""
+    keys = [c for c in table.columns if not c.endswith(("_mean", "_std")) and c != "n"]
     out = table[keys].copy()
     for metric in metrics:
         if f"{metric}_mean" not in table:
             continue
-        mean, std = table[f"{metric}_mean"], table[f"{metric}_std"].fillna(0.0)
+        # One run has no spread: its value alone, not "± 0".
         out[metric] = [
-            "-" if math.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}" for m, s in zip(mean, std)
+            "-"
+            if math.isnan(m)
+            else f"{m:.{digits}f}" + ("" if math.isnan(s) else f" ± {s:.{digits}f}")
+            for m, s in zip(table[f"{metric}_mean"], table[f"{metric}_std"])
         ]
-    out["seeds"] = table["n_seeds"]
+    out["n"] = table["n"]
     return out

@@ -10,17 +10,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from fce.data import DATASETS, make_generator  # noqa: E402
+from fce.data import DATASETS, make_generator
 
 
 def main() -> None:

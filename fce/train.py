@@ -215,7 +215,8 @@ def where_things_went(tracker: Tracker, output_dir: Path) -> str:
     uri = getattr(tracker, "uri", None)
     if tracker.run_id is None or uri is None:
         return f"outputs in {output_dir} (not tracked: tracking=none)"
-    ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else uri
+    link = tracker.ui_link()
+    ui = link if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}, then {link}"
     return f"outputs in {output_dir}; MLflow run {tracker.run_id}; to compare runs: {ui}"
 
 

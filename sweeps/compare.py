@@ -18,23 +18,38 @@ import argparse
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from fce.cli import fail
+from fce.config import DATASET_NAMES, ESTIMATOR_NAMES, FLOW_NAMES
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from fce.cli import fail  # noqa: E402
-from fce.config import DATASET_NAMES, ESTIMATOR_NAMES, FLOW_NAMES  # noqa: E402
 
 
-def main() -> None:
+class ListUntilOverride(argparse.Action):
+    """A list option (``--datasets a b``) whose values stop at run.py's overrides.
+
+    ``--datasets 8gaussians rings train.max_steps=2000``: a dataset name never holds ``=``, an
+    override always does, so the override goes to run.py, not into the list.
+    """
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, [v for v in values if "=" not in v])
+        namespace.overrides = [*namespace.overrides, *(v for v in values if "=" in v)]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """compare.py's own arguments, and the run.py overrides (``key=value``) among them."""
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog="Any other argument is a run.py override, applied to every run.",
+        epilog="Any other argument is a run.py override (key=value), applied to every run.",
     )
-    parser.add_argument("--datasets", nargs="+", default=list(DATASET_NAMES))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.set_defaults(overrides=[])
+    parser.add_argument(
+        "--datasets", nargs="+", action=ListUntilOverride, default=list(DATASET_NAMES)
+    )
+    parser.add_argument("--seeds", nargs="+", action=ListUntilOverride, default=["0", "1", "2"])
     parser.add_argument("--flow", default="glow", help=f"one of {', '.join(FLOW_NAMES)}")
     parser.add_argument("--jobs", type=int, default=2, help="parallel runs (1 thread each)")
     parser.add_argument("--experiment", default="compare", help="MLflow experiment")
@@ -43,7 +58,14 @@ def main() -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="skip the runs; report the logged ones"
     )
-    args, overrides = parser.parse_known_args()
+    args, rest = parser.parse_known_args(argv)
+    overrides = [*args.overrides, *rest]
+    for seed in args.seeds:
+        if not seed.lstrip("-").isdigit():
+            fail(f"--seeds {seed}: not an integer; seeds are integers, e.g. --seeds 0 1 2")
+    args.seeds = [int(seed) for seed in args.seeds]
+    if not args.datasets:
+        fail(f"--datasets: no dataset given; choose from {', '.join(DATASET_NAMES)}")
     for dataset in args.datasets:
         if dataset not in DATASET_NAMES:
             fail(f"--datasets {dataset}: unknown; choose from {', '.join(DATASET_NAMES)}")
@@ -54,6 +76,11 @@ def main() -> None:
     bad = [o for o in overrides if o.startswith("-") or "=" not in o]
     if bad:
         fail(f"{bad[0]}: not an option of compare.py nor a key=value override of run.py")
+    return args, overrides
+
+
+def main() -> None:
+    args, overrides = parse_args()
     tracking = [f"tracking.experiment={args.experiment}"]
     if args.uri:
         tracking.append(f"tracking.uri={args.uri}")

@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
 from analysis.loader import aggregate, cast, format_table, load_history, load_runs
-from tests.helpers import GRID_TINY, ROOT, run_cli, store_uri
+from tests.helpers import GRID_TINY, ROOT, run_cli, runs, store_uri
 
 # These tests read one store made by 8 runs and a study (about a minute to make).
 pytestmark = pytest.mark.slow
@@ -86,7 +87,7 @@ def test_history_is_long_and_complete(store):
 def test_aggregate_over_seeds(store):
     runs = load_runs(store_uri(store), ["fce"])
     table = aggregate(runs)
-    assert len(table) == 4 and set(table["n_seeds"]) == {2}
+    assert len(table) == 4 and set(table["n"]) == {2}
     row = table[(table["dataset.name"] == "8gaussians") & (table["flow.name"] == "glow")].iloc[0]
     values = runs[(runs["dataset.name"] == "8gaussians") & (runs["flow.name"] == "glow")][
         "nll_ebm"
@@ -99,20 +100,58 @@ def test_aggregate_over_seeds(store):
     assert not math.isnan(row["nll_flow_mean"])
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "analysis").glob("*.ipynb")))
-def test_notebook_runs_headless(store, name, monkeypatch):
+NOTEBOOKS = sorted(p.stem for p in (ROOT / "analysis").glob("*.ipynb"))
+# What each notebook ends with, dumped by a cell the test appends: its table of runs.
+DUMPED = {"datasets_x_flows": "table", "optuna_study": "children", "training_dynamics": "chosen"}
+
+
+@pytest.mark.parametrize(
+    ("name", "experiment"),
+    [(n, "study" if n == "optuna_study" else "fce") for n in NOTEBOOKS]
+    + [("datasets_x_flows", "study")],  # a study's parent run is in the store: no NaN row
+)
+def test_notebook_runs_headless(store, name, experiment, monkeypatch, tmp_path):
+    assert set(DUMPED) == set(NOTEBOOKS)
     path = ROOT / "analysis" / f"{name}.ipynb"
     notebook = nbformat.read(path, as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
+    assert "sys.path" not in path.read_text()  # the package is installed
+    dump = tmp_path / "dump.csv"
+    notebook.cells.append(nbformat.v4.new_code_cell(f"{DUMPED[name]}.to_csv({str(dump)!r})"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri(store))
     monkeypatch.setenv("OPTUNA_STORAGE", f"sqlite:///{store / 'optuna.db'}")
-    monkeypatch.setenv("FCE_EXPERIMENT", "study" if name == "optuna_study" else "fce")
+    monkeypatch.setenv("FCE_EXPERIMENT", experiment)
     # Run from analysis/, as `jupyter lab analysis/` would.
     resources = {"metadata": {"path": str(ROOT / "analysis")}}
     NotebookClient(notebook, timeout=300, resources=resources).execute()
     outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
-    assert any("image/png" in o.get("data", {}) for o in outputs) or name == "optuna_study"
+    images = [
+        sum("image/png" in o.get("data", {}) for o in cell.get("outputs", []))
+        for cell in notebook.cells
+    ]
+    assert max(images) == 1  # every figure shown, and shown once
+
+    table = pd.read_csv(dump)
+    _, logged = runs(store_uri(store), experiment)
+    # A study's parent run holds its trials and trains nothing.
+    trained = [
+        r
+        for r in logged
+        if "optuna.study" not in r.data.tags or "mlflow.parentRunId" in r.data.tags
+    ]
+    assert len(trained) == len(logged) - (experiment == "study")
+    if name == "datasets_x_flows":
+        assert table["dataset.name"].notna().all()
+        assert table["n"].sum() == len(trained)
+        # The grid's rows are its seeds; a study's trials differ in their settings: one each.
+        assert set(table["n"]) == ({2} if experiment == "fce" else {1})
+    if name == "optuna_study":
+        assert sorted(table["optuna.trial"]) == sorted(
+            int(r.data.tags["optuna.trial"]) for r in trained
+        )
+    if name == "training_dynamics":
+        assert set(table["seed"]) == {0, 1} and len(table) == 4  # glow and maf, 2 seeds each
 
 
 def test_figures_command_regenerates_figures_and_table(store, tmp_path):
@@ -137,3 +176,40 @@ def test_figures_command_regenerates_figures_and_table(store, tmp_path):
     assert "| 8gaussians | fce | glow | fixed |" in table and "| 2 |" in table
     header = table.splitlines()[0]
     assert "tv_ebm" in header and "kl_data_flow" in header  # recomputed from checkpoints
+
+
+def test_make_notebooks_serves_the_notebooks(tmp_path):
+    """`make notebooks` (the README's command) starts JupyterLab on analysis/. The first time,
+    it installs the `notebooks` extra (jupyterlab) into .venv."""
+    import json
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = f"ARGS=--no-browser --port={port} --IdentityProvider.token=fce-test"
+    log = open(tmp_path / "jupyter.log", "w")  # noqa: SIM115 (closed below)
+    server = subprocess.Popen(
+        ["make", "notebooks", args], cwd=ROOT, stdout=log, stderr=log, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert server.poll() is None, (tmp_path / "jupyter.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "JupyterLab did not answer in 10 minutes"
+            try:
+                url = f"http://127.0.0.1:{port}/api/contents?token=fce-test"
+                with urllib.request.urlopen(url, timeout=5) as reply:
+                    listing = json.load(reply)
+                break
+            except OSError:
+                time.sleep(1)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+        log.close()
+    served = {item["name"] for item in listing["content"] if item["type"] == "notebook"}
+    assert served == {f"{name}.ipynb" for name in NOTEBOOKS}

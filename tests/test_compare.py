@@ -3,11 +3,22 @@ command end to end on a tiny grid."""
 
 from __future__ import annotations
 
+import importlib.util
+import shlex
+
 import pandas as pd
 import pytest
 
 from analysis.compare import comparison_table, verdict
-from tests.helpers import GRID_TINY, run_cli, store_uri
+from tests.helpers import GRID_TINY, ROOT, run_cli, store_uri
+
+
+def compare_script():
+    """sweeps/compare.py as a module (sweeps/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("compare_script", ROOT / "sweeps" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def fake_runs() -> pd.DataFrame:
@@ -45,7 +56,8 @@ def test_a_difference_within_two_standard_errors_is_a_tie():
 def test_compare_command_runs_the_three_estimators_and_writes_the_report(tmp_path):
     uri = store_uri(tmp_path)
     out = tmp_path / "report"
-    args = ["--datasets", "8gaussians", "--seeds", "0", "1", "--uri", uri, "--out", str(out)]
+    args = ["--seeds", "0", "1", "--uri", uri, "--out", str(out), "--datasets", "8gaussians"]
+    # The overrides right after --datasets, as the docstring's example writes them.
     done = run_cli([*args, *GRID_TINY], cwd=tmp_path, script="sweeps/compare.py", timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     table = pd.read_csv(out / "compare.csv")
@@ -67,3 +79,43 @@ def test_compare_rejects_an_unknown_dataset_in_one_line(tmp_path):
         "error: --datasets moons: unknown; choose from "
         "8gaussians, spiral, 2spirals, checkerboard, rings, pinwheel"
     )
+
+
+EXAMPLE = "python sweeps/compare.py --seeds 0 1 --datasets 8gaussians rings train.max_steps=2000"
+
+
+def test_the_docstrings_example_with_an_override_parses():
+    script = compare_script()
+    assert EXAMPLE in script.__doc__
+    args, overrides = script.parse_args(shlex.split(EXAMPLE)[2:])
+    assert args.datasets == ["8gaussians", "rings"]
+    assert args.seeds == [0, 1]
+    assert overrides == ["train.max_steps=2000"]
+    # Every example of the docstring parses (a bad one would exit 2 here).
+    for line in script.__doc__.splitlines():
+        if line.strip().startswith("python sweeps/compare.py"):
+            script.parse_args(shlex.split(line.split("  #")[0])[2:])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--seeds", "0", "one"],
+            "error: --seeds one: not an integer; seeds are integers, e.g. --seeds 0 1 2",
+        ),
+        (
+            ["--datasets", "train.max_steps=5"],
+            "error: --datasets: no dataset given; choose from "
+            "8gaussians, spiral, 2spirals, checkerboard, rings, pinwheel",
+        ),
+        (
+            ["--flow", "glow", "max_steps"],
+            "error: max_steps: not an option of compare.py nor a key=value override of run.py",
+        ),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(tmp_path, argv, message):
+    done = run_cli([*argv, "--report-only"], cwd=tmp_path, script="sweeps/compare.py")
+    assert done.returncode == 2
+    assert done.stderr.strip() == message

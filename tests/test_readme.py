@@ -91,6 +91,7 @@ def test_tune_command_composes_and_validates(args):
         "benchmarks/oracle_nll.py",
         "benchmarks/scaling.py",
         "analysis/figures.py",
+        "analysis/ui_check.py",
         "sweeps/compare.py",
     ],
 )
@@ -100,3 +101,35 @@ def test_scripts_the_readme_names_start(script):
         [sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "usage:" in result.stdout
+
+
+MAKE_TARGETS = sorted(
+    set(
+        re.findall(
+            r"^make ([a-z-]+)",
+            "\n".join(re.findall(r"```bash\n(.*?)```", README, flags=re.S)),
+            flags=re.M,
+        )
+    )
+)
+
+
+def test_the_make_targets_the_readme_names_exist():
+    assert {"run", "test", "notebooks"} <= set(MAKE_TARGETS)
+    for target in MAKE_TARGETS:
+        dry = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True)
+        assert dry.returncode == 0, (target, dry.stderr)
+
+
+def test_the_readme_and_the_makefile_agree_on_the_torch_floor():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    (floor,) = re.findall(r'"torch>=([\d.]+)"', pyproject)
+    makefile = (ROOT / "Makefile").read_text()
+    for text in (README, makefile):
+        assert set(re.findall(r"torch>=([\d.]+)", text)) == {floor}
+
+
+def test_the_readme_and_the_makefile_agree_on_how_long_make_test_takes():
+    makefile = (ROOT / "Makefile").read_text()
+    pattern = r"about (\d+) minutes on 2 cores"
+    assert re.findall(pattern, README)[:1] == re.findall(pattern, makefile)[:1] != []

@@ -56,7 +56,8 @@ def test_run_logs_params_metrics_artifacts_and_finishes(tmp_path, flow):
     # The last lines say where things went.
     said = result.stdout + result.stderr
     assert f"MLflow run {run.info.run_id}" in said
-    assert f"mlflow ui --backend-store-uri {store_uri(tmp_path)}" in said
+    assert f"mlflow ui --backend-store-uri {store_uri(tmp_path)}, then http" in said
+    assert "?workflowType=machine_learning" in said
 
 
 def test_every_dataset_logs_the_metrics_against_its_density(tmp_path):

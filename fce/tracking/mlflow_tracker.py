@@ -117,6 +117,7 @@ class MLflowTracker:
                     experiment_id = resumed.info.experiment_id
                 else:
                     experiment_id = self._experiment_id(uri, experiment)
+                self.experiment_id = experiment_id
                 for ended in reconcile_dead_runs(self.client, experiment_id):
                     log.warning("MLflow run %s: its process is gone; marked KILLED", ended)
                 if run_id is not None:
@@ -140,8 +141,10 @@ class MLflowTracker:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
             for key, value in EXPERIMENT_KIND.items():
-                if found.tags.get(key) != value:
-                    self.client.set_experiment_tag(found.experiment_id, key, value)
+                if key not in found.tags:  # made by an older fce or by hand; a kind set on
+                    self.client.set_experiment_tag(
+                        found.experiment_id, key, value
+                    )  # purpose stays
             return found.experiment_id
         location = None
         if uri.startswith("sqlite:///"):
@@ -162,6 +165,13 @@ class MLflowTracker:
             name: max(m.step for m in self.client.get_metric_history(self.run_id, name))
             for name in latest
         }
+
+    def ui_link(self, base: str = "http://127.0.0.1:5000") -> str:
+        """The UI's page of this run's experiment, on the runs table: MLflow 3.17 opens a bare
+        experiment page in its GenAI view whatever the experiment's tags."""
+        if self.uri.startswith(("http://", "https://")):
+            base = self.uri.rstrip("/")
+        return f"{base}/#/experiments/{self.experiment_id}?workflowType=machine_learning"
 
     def log_params(self, params: Mapping[str, str]) -> None:
         from mlflow.entities import Param

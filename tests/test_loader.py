@@ -1,0 +1,196 @@
+"""analysis/loader.py groups only repeats: on a store holding what a user's store holds after a
+few weeks (single runs, a grid, a tuned study with its parent run), each table row averages
+runs that differ by the seed alone, and says how many went in."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Mapping
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from analysis.loader import aggregate, cast, format_table, load_runs, newest_group, repeats
+from fce.config import register_configs
+from tests.helpers import ROOT, store_uri
+
+EXPERIMENT = "fce"
+
+
+def flat(tree: Mapping, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = "null" if value is None else str(value)
+    return out
+
+
+def params(*overrides: str) -> dict[str, str]:
+    """The params run.py logs for these overrides: the composed config, flattened."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    return flat(OmegaConf.to_container(cfg, resolve=True))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Runs logged as run.py and sweeps/tune.py log them, without training (nll_ebm made up)."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    uri = store_uri(tmp_path_factory.mktemp("loader"))
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment(EXPERIMENT)
+    clock = itertools.count(1_700_000_000_000, 60_000)
+    nll = itertools.count(30)
+
+    def log(name: str, overrides: list[str], tags: dict[str, str] | None = None) -> str:
+        run = client.create_run(experiment, run_name=name, tags=tags, start_time=next(clock))
+        given = params(*overrides) if overrides else {}
+        metrics = [] if not given else [Metric("nll_ebm", next(nll) / 10, 0, 300)]
+        client.log_batch(
+            run.info.run_id,
+            params=[Param(k, v) for k, v in given.items()],
+            metrics=metrics,
+        )
+        client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+
+    # A 5,000-step run at seed 42, then the same at seeds 0 and 1, one of them with another
+    # store and progress setting (bookkeeping: still a repeat).
+    log("8gaussians-glow-s42", ["seed=42"])
+    log("8gaussians-glow-s0", ["seed=0"])
+    log("8gaussians-glow-s1", ["seed=1", "progress=none", "tracking.uri=sqlite:///x.db"])
+    # A 300-step grid over two datasets and three seeds (a Hydra multirun: sweep_id).
+    for dataset, seed in itertools.product(("8gaussians", "pinwheel"), (0, 1, 2)):
+        tags = {"sweep_id": "multirun/2026-12-01/10-00-00", "job_num": str(seed)}
+        log(
+            f"{dataset}-glow-s{seed}",
+            [f"dataset={dataset}", f"seed={seed}", "train.max_steps=300"],
+            tags,
+        )
+    # A study: its parent run (no params), four trials with tuned learning rates.
+    study = "threshold_lr-8gaussians-glow"
+    parent = log(f"study-{study}", [], {"optuna.study": study})
+    for trial, lr in enumerate((1e-4, 3e-4, 1e-3, 3e-3)):
+        tags = {"optuna.study": study, "optuna.trial": str(trial), "mlflow.parentRunId": parent}
+        log("8gaussians-glow-s42", [f"optimizer.lr_ebm={lr}", "train.max_steps=300"], tags)
+    # The grid's seed 0 of 8gaussians run again in the same sweep: the newest counts once.
+    tags = {"sweep_id": "multirun/2026-12-01/10-00-00", "job_num": "0"}
+    log("8gaussians-glow-s0", ["dataset=8gaussians", "seed=0", "train.max_steps=300"], tags)
+    return uri
+
+
+def test_rows_average_only_runs_that_differ_by_seed(store):
+    runs = load_runs(store, [EXPERIMENT])
+    table = aggregate(runs, metrics=["nll_ebm"])
+    assert table["dataset.name"].notna().all()  # the study's parent is no row
+    eight = table[table["dataset.name"] == "8gaussians"]
+    by_steps = eight.groupby(eight["train.max_steps"].astype(str))["n"].apply(sorted).to_dict()
+    # 5,000 steps: one row of 3 seeds; 300 steps: the grid's row of 3 and one row per trial.
+    assert by_steps == {"null": [3], "300": [1, 1, 1, 1, 3]}
+    assert "optimizer.lr_ebm" in table.columns and "sweep" in table.columns
+
+    # Each row again, from the runs themselves: same sweep, same settings, newest per seed.
+    sweep = runs["sweep_id"].fillna(runs["optuna.study"]).fillna("-")
+    for _, row in eight.iterrows():
+        same = runs[
+            (runs["dataset.name"] == "8gaussians")
+            & equal(runs["train.max_steps"], row["train.max_steps"])
+            & equal(runs["optimizer.lr_ebm"], row["optimizer.lr_ebm"])
+            & (sweep == row["sweep"])
+        ]
+        same = same.sort_values("start_time").drop_duplicates("seed", keep="last")
+        assert len(same) == row["n"]
+        assert row["nll_ebm_mean"] == pytest.approx(same["nll_ebm"].mean())
+        if row["n"] > 1:
+            assert row["nll_ebm_std"] == pytest.approx(same["nll_ebm"].std())
+
+
+def equal(column: pd.Series, logged: str) -> pd.Series:
+    """Which typed values of ``column`` are the param value ``logged``."""
+    value = cast(logged)
+    return column.map(lambda v: pd.isna(v) if value is None else v == value)
+
+
+def test_a_rerun_of_a_seed_counts_once_and_the_newest_wins(store):
+    runs = load_runs(store, [EXPERIMENT])
+    grid = repeats(runs[runs["sweep_id"].notna() & (runs["dataset.name"] == "8gaussians")])
+    assert sorted(grid["seed"]) == [0, 1, 2]
+    reruns = runs[runs["sweep_id"].notna() & (runs["run_name"] == "8gaussians-glow-s0")]
+    assert len(reruns) == 2
+    newest = reruns.sort_values("start_time")["run_id"].iloc[-1]
+    assert newest in set(grid["run_id"])
+
+
+def test_the_formatted_table_says_how_many_runs_went_in(store):
+    runs = load_runs(store, [EXPERIMENT])
+    text = format_table(aggregate(runs, metrics=["nll_ebm"]), ["nll_ebm"])
+    assert "n" in text.columns and "seeds" not in text.columns
+    assert text["n"].sum() == len(repeats(runs))
+    assert all((" ± " in value) == (n > 1) for value, n in zip(text["nll_ebm"], text["n"]))
+
+
+def test_the_newest_group_per_cell_for_figures(store):
+    runs = load_runs(store, [EXPERIMENT])
+    chosen = newest_group(runs, ["dataset.name", "flow.name"])
+    # 8gaussians: the last group run is the grid (its seed 0 was rerun last).
+    eight = chosen[chosen["dataset.name"] == "8gaussians"]
+    assert set(eight["sweep_id"]) == {"multirun/2026-12-01/10-00-00"}
+    assert sorted(eight["seed"]) == [0, 1, 2]
+    assert sorted(chosen[chosen["dataset.name"] == "pinwheel"]["seed"]) == [0, 1, 2]
+
+
+def test_parents_are_marked_and_configs_leave_bookkeeping_out(store):
+    runs = load_runs(store, [EXPERIMENT])
+    (parent,) = runs[runs["is_parent"]]["run_name"]
+    assert parent.startswith("study-")
+    config = json.loads(runs[runs["run_name"] == "8gaussians-glow-s1"]["config"].iloc[0])
+    assert "seed" not in config and "progress" not in config
+    assert not [k for k in config if k.startswith("tracking.") or k.endswith("._target_")]
+    assert config["train.max_steps"] == "null" and config["dataset.name"] == "8gaussians"
+
+
+def test_repeats_needs_the_loader_columns():
+    frame = pd.DataFrame({"dataset.name": ["rings"], "seed": [0], "nll_ebm": [math.pi]})
+    with pytest.raises(ValueError, match="load_runs"):
+        repeats(frame)
+
+
+def test_the_comparison_takes_one_group_per_cell_not_the_newest_run_per_seed(tmp_path):
+    """An older 5,000-step comparison at seeds 0-2, a newer 2,000-step one at seeds 0-1: the
+    table is made of the newer runs only, not of two 2,000-step runs and a 5,000-step one."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    from analysis.compare import load_comparison
+
+    uri = store_uri(tmp_path)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("compare")
+    clock = itertools.count(1_700_000_000_000, 60_000)
+    for sweep, steps, seeds in (
+        ("multirun/compare/a", 5000, (0, 1, 2)),
+        ("multirun/compare/b", 2000, (0, 1)),
+    ):
+        for estimator, seed in itertools.product(("fce", "nce"), seeds):
+            given = params(f"estimator={estimator}", f"seed={seed}", f"train.max_steps={steps}")
+            run = client.create_run(experiment, tags={"sweep_id": sweep}, start_time=next(clock))
+            client.log_batch(
+                run.info.run_id,
+                params=[Param(k, v) for k, v in given.items()],
+                metrics=[Metric("nll_ebm", steps / 1000 + seed, 0, steps)],
+            )
+            client.set_terminated(run.info.run_id, "FINISHED")
+    chosen = load_comparison(uri, "compare")
+    assert set(chosen["train.max_steps"]) == {2000}
+    assert sorted(chosen["seed"]) == [0, 0, 1, 1]
