@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fce.config import ConfigError, validate
 from fce.experiment import RunContext, run
+from fce.storage import StudyFull, StudyStorage
 from fce.sweep_space import Composer
 from fce.tracking import (
     MLflowTracker,
@@ -72,10 +73,11 @@ class StudyPlan:
 
 
 def make_storage(
-    plan_storage: str, heartbeat_s: int, tracking_uri: str
-) -> optuna.storages.RDBStorage:
+    plan_storage: str, heartbeat_s: int, tracking_uri: str, max_trials: int | None = None
+) -> StudyStorage:
     """RDB storage with heartbeats: a trial whose worker died is failed (and its MLflow run
-    marked KILLED) once it has been silent for 3 heartbeats."""
+    marked KILLED) once it has been silent for 3 heartbeats. With ``max_trials``, no trial is
+    created past that total, however many drivers share the study."""
 
     def on_stale(_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         run_id = trial.user_attrs.get("mlflow_run_id")
@@ -83,10 +85,9 @@ def make_storage(
             set_run_status(tracking_uri, run_id, "KILLED", {"optuna.state": "FAIL"})
         log.warning("trial %d: its worker stopped beating; marked FAIL", trial.number)
 
-    engine_kwargs = {"connect_args": {"timeout": 60}} if plan_storage.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(
+    return StudyStorage(
         plan_storage,
-        engine_kwargs=engine_kwargs,
+        max_trials=max_trials,
         heartbeat_interval=heartbeat_s,
         grace_period=3 * heartbeat_s,
         heartbeat_stale_trial_callback=on_stale,
@@ -113,11 +114,35 @@ def make_pruner(settings: DictConfig, eval_every: int) -> optuna.pruners.BasePru
     )
 
 
+TRACKING_WAIT_S = 180.0
+
+
+def wait_for_tracking(uri: str, timeout_s: float = TRACKING_WAIT_S) -> None:
+    """Before a trial: a tracking server that is restarting is waited for, with a bound.
+
+    Without this, each trial would fail at once while the server is down, and a worker would
+    burn through the study in seconds. (During a trial MLflow's client retries by itself.)
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            check_reachable(uri)
+            return
+        except TrackingError as error:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("%s; retrying in 2s", error)
+            time.sleep(2.0)
+
+
 def run_worker(plan: StudyPlan, worker: int, n_trials: int, compose: Composer) -> None:
-    """Run ``n_trials`` trials of the study in this process."""
+    """Run up to ``n_trials`` trials of the study in this process, fewer if the study reaches
+    its total (``sweep.n_trials``) first: other workers, anywhere, take trials too."""
     settings = OmegaConf.create(plan.settings)
     first = compose(plan.base_overrides)
-    storage = make_storage(plan.storage, settings.heartbeat_s, plan.tracking_uri)
+    storage = make_storage(
+        plan.storage, settings.heartbeat_s, plan.tracking_uri, max_trials=settings.n_trials
+    )
     study = optuna.load_study(
         study_name=plan.study_name,
         storage=storage,
@@ -126,6 +151,7 @@ def run_worker(plan: StudyPlan, worker: int, n_trials: int, compose: Composer) -
     )
 
     def objective(trial: optuna.Trial) -> float:
+        wait_for_tracking(plan.tracking_uri)
         overrides = [*plan.base_overrides, *suggest(trial, settings.params), "progress=none"]
         cfg = compose(overrides)
         validate(cfg)
@@ -163,7 +189,17 @@ def run_worker(plan: StudyPlan, worker: int, n_trials: int, compose: Composer) -
         if run_id:
             set_run_status(plan.tracking_uri, run_id, None, {"optuna.state": trial.state.name})
 
-    study.optimize(objective, n_trials=n_trials, callbacks=[tag_state])
+    try:
+        # A storage error inside a trial (a write that met the database restarting) fails
+        # that trial, not the worker; reconnects are retried by the storage itself.
+        study.optimize(
+            objective,
+            n_trials=n_trials,
+            callbacks=[tag_state],
+            catch=(optuna.exceptions.StorageInternalError,),
+        )
+    except StudyFull:
+        log.info("worker %d: the study has its %d trials", worker, settings.n_trials)
 
 
 def fail_stale_trials(
@@ -178,10 +214,6 @@ def fail_stale_trials(
             return
         log.info("%d trial(s) RUNNING: waiting for them to beat or go stale", len(running))
         time.sleep(1.0)
-
-
-def split(total: int, parts: int) -> list[int]:
-    return [total // parts + (1 if k < total % parts else 0) for k in range(parts)]
 
 
 def run_study(
@@ -203,7 +235,9 @@ def run_study(
     tracking_uri = cfg.tracking.uri or default_tracking_uri(project_root)
     try:
         check_reachable(tracking_uri)  # before the study is touched
-        storage = make_storage(storage_url, settings.heartbeat_s, tracking_uri)
+        storage = make_storage(
+            storage_url, settings.heartbeat_s, tracking_uri, max_trials=settings.n_trials
+        )
         study = optuna.create_study(
             study_name=study_name,
             storage=storage,
@@ -224,19 +258,35 @@ def run_study(
         )
     fail_stale_trials(study, storage, wait_s=3 * settings.heartbeat_s + 2)
 
-    parent_id = study.user_attrs.get("mlflow_parent_run_id")
+    parent_tags = {"optuna.study": study_name, "optuna.storage": storage_url.split("@")[-1]}
+    created: list[MLflowTracker] = []
+
+    def new_parent() -> str:
+        created.append(
+            MLflowTracker(
+                tracking_uri,
+                cfg.tracking.experiment,
+                run_name=f"study-{study_name}",
+                tags=parent_tags,
+            )
+        )
+        return created[0].run_id
+
     try:
-        parent = MLflowTracker(
-            tracking_uri,
-            cfg.tracking.experiment,
-            run_name=f"study-{study_name}",
-            run_id=parent_id,
-            tags={"optuna.study": study_name, "optuna.storage": storage_url.split("@")[-1]},
+        # One parent run per study, even when several drivers start it at once.
+        parent_id = storage.claim_study_user_attr(
+            storage.get_study_id_from_name(study_name), "mlflow_parent_run_id", new_parent
+        )
+        parent = (
+            created[0]
+            if created
+            else MLflowTracker(
+                tracking_uri, cfg.tracking.experiment, run_id=parent_id, tags=parent_tags
+            )
         )
     except TrackingError as error:
         raise ConfigError(str(error)) from None
-    if parent_id is None:
-        study.set_user_attr("mlflow_parent_run_id", parent.run_id)
+    if created:
         parent.log_params(
             {f"sweep.{k}": v for k, v in flatten(OmegaConf.to_container(settings)).items()}
         )
@@ -267,7 +317,9 @@ def run_study(
                 conf_dir=str(conf_dir),
                 trials_before=len(study.trials),
             )
-            shares = split(remaining, n_workers)
+            # Each worker may take every remaining trial: the storage stops them all at the
+            # total, and a worker that dies leaves its share to the others.
+            shares = [remaining] * n_workers
             log.info(
                 "study %s: %d trial(s) to run on %d worker(s)", study_name, remaining, n_workers
             )
