@@ -121,7 +121,11 @@ def finish(proc: subprocess.Popen, timeout: float = 400) -> str:
 
 
 def trials(cluster: Cluster, name: str) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=name, storage=cluster.storage).trials
+    """The study's trials; none before a driver has created it."""
+    try:
+        return optuna.load_study(study_name=name, storage=cluster.storage).trials
+    except KeyError:
+        return []
 
 
 def mlflow_runs(cluster: Cluster, name: str):
