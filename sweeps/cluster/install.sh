@@ -13,6 +13,7 @@ command -v slurmd >/dev/null || missing+=(slurmd)
 command -v sbatch >/dev/null || missing+=(slurm-client)
 command -v munged >/dev/null || missing+=(munge)
 command -v curl >/dev/null || missing+=(curl)
+command -v pkill >/dev/null || missing+=(procps)
 if ((${#missing[@]})); then
     [[ $EUID -eq 0 ]] || { echo "install.sh: error: need root to apt-get install ${missing[*]}" >&2; exit 1; }
     echo "install.sh: apt-get install ${missing[*]}"
