@@ -34,8 +34,9 @@ POOL_RECYCLE_S = 1800  # replace connections older than this, before idle timeou
 CONNECT_RETRY_S = 60.0  # how long a new connection is retried while the server is down
 APPLICATION_NAME = "fce-sweep"
 
-# The hooks below override these Optuna internals; fail at import, not silently, if they move.
-assert hasattr(optuna.storages.RDBStorage, "_get_prepared_new_trial")
+# The cap below hooks into this Optuna internal; fail at import, not silently, if it moves.
+if not hasattr(optuna.storages.RDBStorage, "_get_prepared_new_trial"):
+    raise ImportError(f"optuna {optuna.__version__}: RDBStorage._get_prepared_new_trial is gone")
 
 
 class StudyFull(Exception):
