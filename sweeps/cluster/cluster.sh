@@ -146,9 +146,11 @@ up_mlflow() {
         say "mlflow server already running on http://$HOST:$MLFLOW_PORT"
         return 0
     fi
-    # Its own connections to PostgreSQL, bounded too: 2 + 2 overflow per worker process.
+    # Its own connections to PostgreSQL, bounded too: 2 + 2 overflow per engine (a process has
+    # two: runs and model registry). No server-side jobs (GenAI features the suite does not
+    # use): they would start eight more processes.
     MLFLOW_SQLALCHEMYSTORE_POOL_SIZE=2 MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW=2 \
-        start_daemon "$pidfile" "$STATE/mlflow/server.log" \
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false start_daemon "$pidfile" "$STATE/mlflow/server.log" \
         "$PY" -m mlflow server --backend-store-uri "$(mlflow_db)" \
         --artifacts-destination "file://$STATE/mlflow/artifacts" \
         --host "$HOST" --port "$MLFLOW_PORT" --workers 2

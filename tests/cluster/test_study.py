@@ -150,8 +150,9 @@ def test_connections_to_postgres_stay_bounded_with_four_workers(cluster, name, t
     print(f"peak connections with {workers} workers: optuna {optuna_peak}, mlflow {mlflow_peak}")
     # Every worker and the driver hold one pooled connection, and at most one more at once.
     assert workers <= optuna_peak <= (POOL_SIZE + POOL_OVERFLOW) * (workers + 1)
-    # The tracking server's own pool (2 + 2 overflow per server process, 2 processes).
-    assert 1 <= mlflow_peak <= 8
+    # The tracking server's pools: 2 + 2 overflow per engine, two engines (runs, registry) in
+    # each of its processes (the parent and 2 workers), as sweeps/cluster/cluster.sh sets them.
+    assert 1 <= mlflow_peak <= (2 + 2) * 2 * 3
 
 
 @pytest.mark.parametrize("server", ["postgres", "mlflow"])
