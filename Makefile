@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP_INDEX := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: setup run test lint clean notebooks ui-check
+.PHONY: setup run test lint clean notebooks ui-check cluster-install cluster-up cluster-down test-cluster
 
 setup: $(VENV)/.installed
 
@@ -24,11 +24,36 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(PY) run.py $(ARGS)
 
-# Every test, the slow ones too (about 20 minutes on 2 cores: 19.6 measured on 2026-12-01, on
-# 2 cores shared with other work). `.venv/bin/pytest` alone runs the fast default suite (about
-# 5 minutes there: 4.5).
+# Every test, the slow ones too (about 20 minutes on 2 cores), but not the cluster's (they need
+# its servers: `make test-cluster`). `.venv/bin/pytest` alone runs the fast default suite.
 test: setup
-	$(PY) -m pytest -m "slow or not slow" $(ARGS)
+	$(PY) -m pytest -m "not cluster" $(ARGS)
+
+# A throwaway PostgreSQL + MLflow tracking server + one-node SLURM cluster on 127.0.0.1, run by
+# sweeps/cluster/cluster.sh from Debian's packages (installed as root where missing). State,
+# logs and the `env` file to source live in $(CLUSTER_DIR). See docs/scaling-out.md.
+CLUSTER_DIR ?= $(CURDIR)/.cluster
+CLUSTER := FCE_CLUSTER_DIR=$(CLUSTER_DIR) FCE_PYTHON=$(CURDIR)/$(PY) sweeps/cluster/cluster.sh
+
+cluster-install: setup
+	sweeps/cluster/install.sh $(PY)
+
+cluster-up: cluster-install
+	$(CLUSTER) up
+
+cluster-down:
+	$(CLUSTER) down
+
+# Starts the cluster, runs tests/cluster against it, and takes it down even when they fail;
+# fails too if any of its processes is left behind.
+test-cluster: cluster-install
+	@status=0; $(CLUSTER) up || status=$$?; \
+	if [ $$status -eq 0 ]; then \
+		FCE_CLUSTER_DIR=$(CLUSTER_DIR) $(PY) -m pytest -m cluster tests/cluster $(ARGS) || status=$$?; \
+	fi; \
+	$(CLUSTER) down || status=1; \
+	$(CLUSTER) check-clean || status=1; \
+	exit $$status
 
 # JupyterLab on the analysis notebooks; installs it into .venv the first time (the `notebooks`
 # extra). Options go through ARGS, e.g. make notebooks ARGS="--no-browser --port 8890"; as root

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from fce.cli import one_line
 from fce.config import ConfigError, validate
 from fce.interrupts import RunInterrupted
+from fce.storage import StudyStorage
 from fce.sweep_space import Composer, override
 from fce.tracking import (
     MLflowTracker,
@@ -223,11 +224,10 @@ class StudyPlan:
     driver: int = 0  # how many drivers of this study started before this one
 
 
-def make_storage(
-    plan_storage: str, heartbeat_s: int, tracking_uri: str
-) -> optuna.storages.RDBStorage:
+def make_storage(plan_storage: str, heartbeat_s: int, tracking_uri: str) -> StudyStorage:
     """RDB storage with heartbeats: a trial whose worker died is failed (and its MLflow run
-    marked KILLED) once it has been silent for 3 heartbeats."""
+    marked KILLED) once it has been silent for 3 heartbeats. Its connections are bounded per
+    process and reconnect after a database restart (``fce.storage``)."""
 
     def on_stale(_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         run_id = trial.user_attrs.get("mlflow_run_id")
@@ -235,10 +235,8 @@ def make_storage(
             set_run_status(tracking_uri, run_id, "KILLED", {"optuna.state": "FAIL"})
         log.warning("trial %d: its worker stopped beating; marked FAIL", trial.number)
 
-    engine_kwargs = {"connect_args": {"timeout": 60}} if plan_storage.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(
+    return StudyStorage(
         plan_storage,
-        engine_kwargs=engine_kwargs,
         heartbeat_interval=heartbeat_s,
         grace_period=3 * heartbeat_s,
         heartbeat_stale_trial_callback=on_stale,
@@ -291,6 +289,25 @@ def heartbeat(storage: optuna.storages.RDBStorage, trial_id: int, interval_s: fl
         thread.join()
 
 
+TRACKING_WAIT_S = 180.0
+
+
+def wait_for_tracking(uri: str, timeout_s: float = TRACKING_WAIT_S) -> None:
+    """Before a trial: a tracking server that is restarting is waited for, with a bound, and
+    the trial fails (``ConfigError``) if it does not come back. Without this each trial would
+    fail at once while the server is down, and a worker would burn through the study."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            check_reachable(uri)
+            return
+        except TrackingError as error:
+            if time.monotonic() > deadline:
+                raise ConfigError(str(error)) from None
+            log.warning("%s; retrying in 2s", error)
+            time.sleep(2.0)
+
+
 def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stopping) -> int | None:
     """Run trials of the study in this process until it has ``n_trials`` in total.
 
@@ -318,6 +335,7 @@ def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stoppi
         divergence, with the reason in its ``error`` user attribute."""
         overrides = [*plan.base_overrides, *suggest(trial, settings.params), "progress=none"]
         try:
+            wait_for_tracking(plan.tracking_uri)
             try:
                 cfg = compose(overrides)
             except Exception as error:  # a combination the space check could not foresee
@@ -364,6 +382,10 @@ def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stoppi
                     state = optuna.trial.TrialState.COMPLETE
             except StopRun:
                 state = optuna.trial.TrialState.PRUNED
+            except optuna.exceptions.StorageInternalError as error:
+                # The database went away mid-trial (a restart outlasting the reconnects): this
+                # trial fails, the worker goes on to the next.
+                log.error("trial %d failed: the study's database: %s", trial.number, error)
             except KeyboardInterrupt as interrupt:  # the run ended KILLED, checkpoint saved
                 signum = getattr(interrupt, "exit_code", 128 + signal.SIGINT) - 128
                 interrupted.append(signum)
