@@ -132,6 +132,29 @@ def sqlite_lock(url: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def schema_lock(url: str) -> Iterator[None]:
+    """Held while a storage is opened (and its tables made, the first time): SQLite, the
+    lock file beside it; PostgreSQL, a session advisory lock on a connection of its own."""
+    if not url.startswith("postgresql"):
+        with sqlite_lock(url):
+            yield
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            key = int.from_bytes(hashlib.sha256(b"fce-schema").digest()[:8], "big", signed=True)
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
 def study_lock(storage: optuna.storages.RDBStorage, url: str, study_name: str) -> Iterator[None]:
     """Hold the study's lock, shared by every process that runs it (workers and drivers).
 
@@ -582,8 +605,9 @@ def run_study(
     store = tracking_uri(cfg.tracking.uri, project_root)
     try:
         check_reachable(store)  # before the study is touched
-        # Two drivers creating one SQLite storage at once race on its schema (alembic).
-        with sqlite_lock(storage_url):
+        # Two drivers creating one storage at once race on its schema (SQLite: alembic's
+        # tables; PostgreSQL: "duplicate key ... pg_type_typname_nsp_index").
+        with schema_lock(storage_url):
             storage = make_storage(storage_url, settings.heartbeat_s, store)
         study = optuna.create_study(
             study_name=study_name,

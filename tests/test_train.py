@@ -117,14 +117,16 @@ def test_ebm_steps_see_the_flow_as_it_was_last_stepped(flow_name):
 
 def test_game_starts_with_the_ebm_and_follows_the_threshold():
     tracker = MemoryTracker()
-    trainer = make_trainer(rule=FixedThreshold(value=0.45), tracker=tracker, steps=60, lr=1e-2)
+    # At 0.45 the flow takes nearly every step and drives V past the divergence bound: at 0.5
+    # both players move and the game stays sound.
+    trainer = make_trainer(rule=FixedThreshold(value=0.5), tracker=tracker, steps=60, lr=1e-2)
     trainer.run()
     acc = tracker.history["acc"][1]
     trained_ebm = tracker.history["trained_ebm"][1]
     assert len(acc) == len(trained_ebm) == 60
     assert trained_ebm[0] == 1.0
     for t in range(59):
-        assert trained_ebm[t + 1] == float(acc[t] <= 0.45)
+        assert trained_ebm[t + 1] == float(acc[t] <= 0.5)
     assert 0 < sum(trained_ebm) < 60  # both players moved
     assert trainer.flow_step_share == pytest.approx(1 - sum(trained_ebm) / 60)
 
