@@ -48,6 +48,18 @@ def save(state: dict[str, Any], directory: Path, step: int) -> Path:
     return path
 
 
+def check_writable(directory: Path) -> None:
+    """Fail now, not at the first save minutes into a run, when ``directory`` cannot hold
+    checkpoints (it is a file, on a read-only or full file system, not ours)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory, prefix=".step_probe_"):
+            pass
+    except OSError as error:
+        reason = "a file, not a directory" if directory.is_file() else error.strerror or error
+        raise CheckpointError(f"{directory}: cannot write checkpoints there ({reason})") from None
+
+
 def list_checkpoints(directory: Path) -> list[Path]:
     """Checkpoint files in ``directory``, oldest first."""
     if not directory.is_dir():

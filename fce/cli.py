@@ -197,7 +197,7 @@ def run_job(cfg: DictConfig, project_root: Path) -> float:
     from hydra.core.hydra_config import HydraConfig
 
     from fce.interrupts import RunInterrupted
-    from fce.train import RunContext, run
+    from fce.train import RunContext, RunFault, run
     from fce.trainer import DivergenceError
 
     hydra_cfg = HydraConfig.get()
@@ -221,6 +221,8 @@ def run_job(cfg: DictConfig, project_root: Path) -> float:
             fail(str(error), code=1)
         logging.getLogger("fce").error("job %s: %s", hydra_cfg.job.num, error)
         return math.nan  # the grid goes on; the run is FAILED in MLflow
+    except RunFault as error:  # a full disk, a locked store, a dead server: the grid stops too
+        fail(str(error), code=1)
     except RunInterrupted as interrupt:
         raise SystemExit(interrupt.exit_code) from None
     except KeyboardInterrupt:  # before the MLflow run existed: nothing to end or save
@@ -238,14 +240,42 @@ def remove_if_unused(output_dir: Path) -> None:
 
 
 def check_store(uri: str | None) -> None:
-    """A SQLite store's directory must be writable; an HTTP server must answer (in seconds,
-    not MLflow's minutes of retries)."""
-    from fce.tracking import check_reachable
+    """A SQLite store must be a file (not in memory, not a directory) in a writable directory,
+    writable itself and empty or MLflow's; an HTTP server must answer (in seconds, not
+    MLflow's minutes of retries)."""
+    from fce.tracking import check_reachable, check_sqlite_store
 
-    if uri and uri.startswith("sqlite:///"):
+    if uri and uri.startswith("sqlite:///") and uri.removeprefix("sqlite:///") != ":memory:":
         check_writable_dir(f"tracking.uri={uri}", str(Path(uri.removeprefix("sqlite:///")).parent))
+    if uri and uri.startswith("sqlite:"):
+        check_sqlite_store(uri)
     elif uri:
         check_reachable(uri)
+
+
+def check_study_storage(storage: str, tracking: str) -> None:
+    """An Optuna storage must not be an MLflow store (``tracking`` is the resolved tracking
+    URI): both keep an ``alembic_version`` table, and each would write into the other's."""
+    from fce.config import ConfigError
+    from fce.tracking.housekeeping import MLFLOW_TABLES, sqlite_tables
+
+    same = storage == tracking
+    if storage.startswith("sqlite:///") and not same:
+        database = Path(storage.removeprefix("sqlite:///"))
+        if tracking.startswith("sqlite:///"):
+            same = database.resolve() == Path(tracking.removeprefix("sqlite:///")).resolve()
+        tables = sqlite_tables(database) if database.is_file() else None
+        if not same and tables and tables >= MLFLOW_TABLES:
+            raise ConfigError(
+                f"sweep.storage={storage}: {database} is an MLflow store; Optuna's tables "
+                "would mix with MLflow's; use a file of its own, e.g. "
+                f"sqlite:///{database.parent / 'optuna.db'}"
+            )
+    if same:
+        raise ConfigError(
+            f"sweep.storage={storage}: the MLflow store (tracking.uri) too; Optuna's tables "
+            "would mix with MLflow's; use a storage of its own, e.g. sqlite:///<dir>/optuna.db"
+        )
 
 
 def check_writable_dir(setting: str, directory: str) -> None:

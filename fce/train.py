@@ -28,10 +28,15 @@ from fce.interrupts import RunInterrupted, deferred_interrupts
 from fce.progress import Progress
 from fce.provenance import git_commit
 from fce.resume import check_fits, load_resume
-from fce.tracking import Tracker, TrackingError, flatten
+from fce.tracking import NullTracker, Tracker, TrackingError, TrackingFault, flatten
 from fce.trainer import DivergenceError, StopRun, Trainer
 
 log = logging.getLogger("fce")
+
+
+class RunFault(RuntimeError):
+    """The run's disk or its store failed mid-run; the message names the fault, the step and
+    the checkpoint to resume from."""
 
 
 @dataclass
@@ -97,6 +102,9 @@ def run(cfg: RunConfig, context: RunContext) -> dict[str, float]:
         ConfigError: bad input found after composition (device, resume); no run is created.
         DivergenceError: a non-finite value; the run is marked FAILED, checkpoints kept.
         RunInterrupted: SIGINT/SIGTERM; a checkpoint is written and the run marked KILLED.
+        RunFault: a checkpoint or the store could not be written mid-run (a full disk, a
+            locked store, a dead server); a checkpoint is kept and the run marked FAILED
+            where the store can still be written.
         StopRun: raised by ``context.on_eval`` (a pruned trial); the run is marked KILLED
             and tagged ``stopped_early``.
     """
@@ -116,10 +124,18 @@ def run(cfg: RunConfig, context: RunContext) -> dict[str, float]:
                     f"{output_dir}: already holds a run; continue it with train.resume="
                     f"{output_dir}, or choose another hydra.run.dir"
                 )
-            if not continued:
-                # First: a run dir with config.yaml and no checkpoint is one killed early,
-                # which ``train.resume`` starts again in place.
-                (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            try:
+                if not continued:
+                    # First: a run dir with config.yaml and no checkpoint is one killed early,
+                    # which ``train.resume`` starts again in place.
+                    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+                    (output_dir / "config.yaml").write_text(config_yaml)
+                # Before the store is touched: a resumed FINISHED run stays FINISHED.
+                checkpoint.check_writable(output_dir / "checkpoints")
+            except OSError as error:
+                raise ConfigError(f"{output_dir}: cannot write there ({error.strerror})") from None
+            except checkpoint.CheckpointError as error:
+                raise ConfigError(str(error)) from None
             parts = build(cfg, device)
             if continued:
                 check_fits(parts, resume)
@@ -144,7 +160,27 @@ def _train(cfg, context, parts, tracker, stop, output_dir, resume, started) -> d
             "config": resolved,
             "mlflow_run_id": tracker.run_id,
         }
-        return checkpoint.save(state, checkpoint_dir, trainer.step)
+        try:
+            return checkpoint.save(state, checkpoint_dir, trainer.step)
+        except OSError as error:
+            reason = error.strerror or str(error)
+            raise RunFault(f"cannot write a checkpoint in {checkpoint_dir} ({reason})") from error
+
+    def stopped(fault: Exception, write: bool) -> RunFault:
+        """The fault, the step, and the checkpoint to resume from (written now if ``write``:
+        the store failed, so the steps it lacks are kept in the checkpoint instead)."""
+        newest = checkpoint.list_checkpoints(checkpoint_dir)
+        where = f"newest checkpoint {newest[-1]}" if newest else "no checkpoint yet"
+        if write:
+            trainer.tracker = NullTracker()  # nothing more to the failed store
+            try:
+                where = f"checkpoint {save_checkpoint(trainer)}"
+            except RunFault as failed:
+                where = f"{failed}; {where}"
+        return RunFault(
+            f"{fault}; stopped at step {trainer.step}, {where} "
+            f"(resume with train.resume={output_dir})"
+        )
 
     progress = Progress(cfg.progress)
     callbacks = [stop, progress, Figures(cfg.train.plot_every)]
@@ -160,6 +196,10 @@ def _train(cfg, context, parts, tracker, stop, output_dir, resume, started) -> d
             if resume.changed:
                 changes = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in resume.changed.items())
                 tracker.set_tags({f"fce.resumed_at_step_{trainer.step}": changes})
+            # Steps the store lacks: its writes failed before the checkpoint was saved (the
+            # tracker skips the steps it already holds).
+            for name, (steps, values) in trainer.history.history.items():
+                tracker.log_history(steps, {name: values})
         else:
             tracker.log_params(flatten(user_settings(cfg)))
             tracker.log_artifact(output_dir / "config.yaml")
@@ -202,12 +242,35 @@ def _train(cfg, context, parts, tracker, stop, output_dir, resume, started) -> d
         error = str(diverged)
         log.error("%s; last good checkpoint kept in %s", diverged, checkpoint_dir)
         raise
+    except (TrackingFault, RunFault) as fault:
+        status = "FAILED"
+        failure = stopped(fault, write=isinstance(fault, TrackingFault))
+        error = str(failure)
+        raise failure from fault
     finally:
         # The run's outcome beside its checkpoints, whatever the tracker (tracking=none too).
+        # Each write is tried even when the other fails (a full disk, a dead store), and
+        # the status is the last write: nothing after it can change it.
         wall = time.perf_counter() - started
         outcome = {"status": status, "step": trainer.step, "error": error}
-        write_json(output_dir / "metrics.json", {**outcome, "wall_time_s": wall, **final})
-        tracker.finish(status)
+        try:
+            write_json(output_dir / "metrics.json", {**outcome, "wall_time_s": wall, **final})
+        except OSError as failed:
+            log.warning("could not write %s (%s)", output_dir / "metrics.json", failed.strerror)
+        try:
+            tracker.finish(status)
+        except TrackingFault as failed:
+            log.warning(
+                "%s: the run is not marked %s there; the next run on this host that opens "
+                "the store marks it KILLED",
+                failed,
+                status,
+            )
+            if status == "FINISHED":  # no other error on its way: this one is the run's
+                raise RunFault(
+                    f"{failed}; the run finished but its status was not recorded "
+                    f"(resume with train.resume={output_dir} to record it)"
+                ) from None
 
 
 def where_things_went(tracker: Tracker, output_dir: Path) -> str:
@@ -223,5 +286,9 @@ def where_things_went(tracker: Tracker, output_dir: Path) -> str:
 def write_json(path: Path, payload: dict) -> None:
     """Write ``payload`` to ``path`` atomically (a temporary file renamed over it)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(payload, indent=1) + "\n")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file
+        raise

@@ -227,9 +227,10 @@ class Trainer:
                     self.step, f"the evaluation metric {name}", _why(metrics[name])
                 )
         metrics["flow_step_share"] = self.flow_step_share
+        # In the history first: if the store fails now, a checkpoint still holds them.
+        self.history.log_metrics(metrics, step=self.step)
         self.flush()
         self.tracker.log_metrics(metrics, step=self.step)
-        self.history.log_metrics(metrics, step=self.step)
         self.last_metrics = metrics
         for callback in self.callbacks:
             callback.on_eval(self, metrics)

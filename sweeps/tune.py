@@ -24,12 +24,13 @@ from pathlib import Path
 from fce.cli import (
     check_group_choices,
     check_store,
+    check_study_storage,
     check_writable_dir,
     fail,
     one_line,
 )
 from fce.config import ConfigError
-from fce.tracking import TrackingError
+from fce.tracking import TrackingError, tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,7 +168,12 @@ def main(argv: list[str]) -> None:
         except Exception as error:  # composition: unknown key, wrong type
             raise ConfigError(one_line(error)) from None
         check_space_against_run(settings, compose, run_overrides, CONF)
-        check_store(compose(run_overrides).tracking.get("uri"))
+        uri = compose(run_overrides).tracking.get("uri")
+        check_store(uri)
+        check_study_storage(
+            settings.storage or f"sqlite:///{(ROOT / 'optuna.db').resolve()}",
+            tracking_uri(uri, ROOT),
+        )
         if str(settings.storage).startswith("sqlite:///"):
             database = Path(settings.storage.removeprefix("sqlite:///"))
             check_writable_dir(f"sweep.storage={settings.storage}", str(database.parent))

@@ -57,8 +57,7 @@ def test_run_command_composes_and_validates(args, tmp_path):
     # A tracking server of the docs' examples (tracking-host) is not reachable from here:
     # the command is checked against a local store instead (tests/cluster runs a real server).
     args = [
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db" if "tracking-host" in a else a
-        for a in args
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db" if "tracking-host" in a else a for a in args
     ]
     # preflight exits with a one-line error on anything Hydra or the schema would reject.
     register_configs()

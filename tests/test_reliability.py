@@ -136,6 +136,32 @@ RUN_BAD_INPUTS = [
         "tracking.uri=sqlite:///{tmp}/garbage.db: cannot open the MLflow store "
         "((sqlite3.DatabaseError) file is not a database)",
     ),
+    (
+        "tracking-store-in-memory",
+        ["tracking.uri=sqlite://"],
+        "tracking.uri=sqlite://: an in-memory store loses every run when the process ends",
+    ),
+    (
+        "tracking-store-a-directory",
+        ["tracking.uri=sqlite:///{tmp}/empty_run"],
+        "tracking.uri=sqlite:///{tmp}/empty_run: {tmp}/empty_run is a directory; name a",
+    ),
+    (
+        "tracking-store-another-database",
+        ["tracking.uri=sqlite:///{tmp}/notes.db"],
+        "tracking.uri=sqlite:///{tmp}/notes.db: {tmp}/notes.db is a SQLite database but not "
+        "an MLflow store (tables: notes); MLflow would add its tables to it",
+    ),
+    (
+        "experiment-name-too-long",
+        ["tracking.experiment=" + "x" * 600],
+        f"tracking.experiment={'x' * 40}...: 600 characters; MLflow allows at most 500",
+    ),
+    (
+        "checkpoint-dir-a-file",
+        ["hydra.run.dir={tmp}/taken"],
+        "{tmp}/taken/checkpoints: cannot write checkpoints there (a file, not a directory)",
+    ),
 ]
 SWEEP_BAD_INPUTS = [
     ("sweep-missing", [], "sweep=<space> is required once; choose one of:"),
@@ -268,6 +294,16 @@ SWEEP_BAD_INPUTS = [
         "space (its params differ in: flow, threshold, threshold.value); use another "
         "sweep.study_name, or the same space",
     ),
+    (
+        "sweep-storage-is-the-tracking-store",
+        [A_SPACE, "sweep.storage=sqlite:///{tmp}/mlflow.db"],
+        "sweep.storage=sqlite:///{tmp}/mlflow.db: the MLflow store (tracking.uri) too; Optuna's",
+    ),
+    (
+        "sweep-storage-an-mlflow-store",
+        [A_SPACE, "sweep.storage=sqlite:///{tmp}/other_mlflow.db"],
+        "sweep.storage=sqlite:///{tmp}/other_mlflow.db: {tmp}/other_mlflow.db is an MLflow store",
+    ),
 ]
 SPACES = {
     "low_high": "params:\n  optimizer.lr_ebm: {type: float, low: 1.0, high: 0.1}\n",
@@ -291,9 +327,15 @@ KEPT_STUDY = "kept"
 LOG_RECORD = re.compile(r"^(\[|\d{4}/\d\d/\d\d \d\d:)")
 
 
-def make_bad_input_files(tmp_path: Path) -> None:
-    """The files the cases name: a plain file, broken checkpoints, broken search spaces."""
+def make_bad_input_files(tmp_path: Path, mlflow_store: Path) -> None:
+    """The files the cases name: a plain file, broken checkpoints, broken search spaces,
+    another program's database, an MLflow store, a run directory whose checkpoints/ is a file."""
     (tmp_path / "afile").write_text("a file, not a directory\n")
+    with sqlite3.connect(tmp_path / "notes.db") as connection:
+        connection.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+    shutil.copyfile(mlflow_store, tmp_path / "other_mlflow.db")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "checkpoints").write_text("a file where checkpoints would go\n")
     (tmp_path / "garbage.db").write_bytes(bytes(range(256)) * 8)
     (tmp_path / "empty_run").mkdir()
     state = {"trainer": {"step": 10, "weights": torch.randn(100)}, "config": {"seed": 0}}
@@ -340,8 +382,10 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize(("script", "args", "message"), BAD_INPUTS)
-def test_bad_input_is_one_line_and_leaves_every_store_as_it_was(tmp_path, script, args, message):
-    make_bad_input_files(tmp_path)
+def test_bad_input_is_one_line_and_leaves_every_store_as_it_was(
+    tmp_path, empty_store, script, args, message
+):
+    make_bad_input_files(tmp_path, empty_store)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     message = message.replace("{tmp}", str(tmp_path))
     store = tmp_path / "mlflow.db"
@@ -368,6 +412,9 @@ def test_bad_input_is_one_line_and_leaves_every_store_as_it_was(tmp_path, script
     assert all(LOG_RECORD.match(line) for line in lines[:-1]), output  # only log records before
     assert elapsed < 30, f"{elapsed:.1f}s to report bad input"  # no minutes of retries
     assert recorded_runs(store) == []  # none left RUNNING: none was even created
+    assert recorded_runs(tmp_path / "other_mlflow.db") == []
+    with sqlite3.connect(tmp_path / "notes.db") as connection:  # no MLflow table added
+        assert [r[0] for r in connection.execute("SELECT name FROM sqlite_master")] == ["notes"]
     assert not list(tmp_path.rglob("*.tmp")), "a partial checkpoint was left"
     assert [p.name for p in tmp_path.rglob("step_*.pt")] == ["step_0000010.pt"]  # the fixture's
     if script == TUNE:
@@ -518,7 +565,8 @@ def proc_stat(pid: int) -> list[str]:
 
 
 def test_runs_whose_process_is_gone_are_marked_killed_by_the_next_start(tmp_path, empty_store):
-    """Host and pid are run tags; a new run against the store ends the dead ones."""
+    """Host and pid are run tags; a new run against the store ends the dead ones, in every
+    experiment of the store."""
     from mlflow.tracking import MlflowClient
 
     from fce.tracking import MLflowTracker
@@ -527,6 +575,7 @@ def test_runs_whose_process_is_gone_are_marked_killed_by_the_next_start(tmp_path
     uri = copy_store(empty_store, tmp_path)
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("fce")
+    other = client.create_experiment("another")
     exited = subprocess.Popen(["true"])
     exited.wait()
     zombie = subprocess.Popen(["true"])  # exits, and stays unreaped while we hold it
@@ -545,12 +594,15 @@ def test_runs_whose_process_is_gone_are_marked_killed_by_the_next_start(tmp_path
             "untagged": {},
         }
         ids = {k: client.create_run(experiment, tags=t).info.run_id for k, t in tags.items()}
+        elsewhere = {"fce.host": socket.gethostname(), "fce.pid": str(exited.pid)}
+        ids["exited, another experiment"] = client.create_run(other, tags=elsewhere).info.run_id
 
         tracker = MLflowTracker(uri, "fce", run_name="next")
 
         status = {k: client.get_run(i).info.status for k, i in ids.items()}
         assert status == {
             "exited": "KILLED",
+            "exited, another experiment": "KILLED",
             "zombie": "KILLED",
             "alive": "RUNNING",
             "pid reused": "KILLED",

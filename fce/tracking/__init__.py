@@ -7,7 +7,9 @@ from fce.tracking.base import MemoryTracker, NullTracker, Tracker, flatten
 from fce.tracking.mlflow_tracker import (
     MLflowTracker,
     TrackingError,
+    TrackingFault,
     check_reachable,
+    check_sqlite_store,
     set_run_status,
     tracking_uri,
 )
@@ -18,7 +20,9 @@ __all__ = [
     "NullTracker",
     "Tracker",
     "TrackingError",
+    "TrackingFault",
     "check_reachable",
+    "check_sqlite_store",
     "flatten",
     "set_run_status",
     "tracking_uri",

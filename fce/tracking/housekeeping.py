@@ -1,5 +1,6 @@
-"""Housekeeping of MLflow stores: a lock for first contact with SQLite, and the liveness of the
-processes behind RUNNING runs (so a run whose process died is marked KILLED, not left RUNNING).
+"""Housekeeping of MLflow stores: a lock for first contact with SQLite, what a SQLite file
+holds, and the liveness of the processes behind RUNNING runs (so a run whose process died is
+marked KILLED, not left RUNNING).
 """
 
 from __future__ import annotations
@@ -8,9 +9,13 @@ import contextlib
 import fcntl
 import os
 import socket
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+# Tables every MLflow store has (an Optuna storage has neither).
+MLFLOW_TABLES = frozenset({"experiments", "runs"})
 
 
 @contextlib.contextmanager
@@ -32,6 +37,18 @@ def store_lock(uri: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def sqlite_tables(path: Path) -> set[str] | None:
+    """The tables of the SQLite file ``path``, read without writing; None when the file is
+    not a SQLite database (or cannot be read now)."""
+    uri = f"{Path(path).absolute().as_uri()}?mode=ro"
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as connection:
+            rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            return {row[0] for row in rows}
+    except sqlite3.Error:
+        return None
 
 
 def _proc_stat(pid: int) -> tuple[str, str] | None:
@@ -68,18 +85,22 @@ def process_gone(pid: int, started: str) -> bool:
     return state == "Z" or (bool(started) and start != started)
 
 
-def reconcile_dead_runs(client: Any, experiment_id: str) -> list[str]:
-    """Mark KILLED the RUNNING runs of this host whose process is gone; return their ids.
+def reconcile_dead_runs(client: Any) -> list[str]:
+    """Mark KILLED the RUNNING runs of this host, in every experiment of the store, whose
+    process is gone; return their ids.
 
     A run killed with SIGKILL (or by the out-of-memory killer, or a lost node) never ends its
     MLflow run; without this it would stay RUNNING for ever. Only runs of this host can be
     checked: a pid means nothing elsewhere.
     """
     host = socket.gethostname()
-    found = client.search_runs(
-        [experiment_id],
+    experiment_ids = [e.experiment_id for e in _all_pages(client.search_experiments)]
+    if not experiment_ids:
+        return []
+    found = _all_pages(
+        client.search_runs,
+        experiment_ids,
         filter_string=f"attributes.status = 'RUNNING' and tags.`fce.host` = '{host}'",
-        max_results=1000,
     )
     ended = []
     for run in found:
@@ -95,3 +116,14 @@ def reconcile_dead_runs(client: Any, experiment_id: str) -> list[str]:
         client.set_terminated(run.info.run_id, status="KILLED")
         ended.append(run.info.run_id)
     return ended
+
+
+def _all_pages(search: Any, *args: Any, **kwargs: Any) -> list[Any]:
+    """Every result of an MLflow ``search_*`` call, page by page."""
+    found, token = [], None
+    while True:
+        page = search(*args, max_results=1000, page_token=token, **kwargs)
+        found.extend(page)
+        token = page.token
+        if not token:
+            return found

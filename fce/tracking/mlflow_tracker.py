@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from fce.tracking.housekeeping import process_identity, reconcile_dead_runs, store_lock
+from fce.tracking.housekeeping import (
+    MLFLOW_TABLES,
+    process_identity,
+    reconcile_dead_runs,
+    sqlite_tables,
+    store_lock,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -22,10 +29,53 @@ PROBE_TIMEOUT_S = 5.0
 # MLflow 3 opens an experiment without this tag in its GenAI view (traces, judges); with it,
 # on runs and charts.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+MAX_EXPERIMENT_NAME = 500  # MLflow's limit (mlflow.utils.validation)
+# MLflow's HTTP client retries a failed request 7 times with pauses that grow to minutes, and
+# waits 120 s for each answer: a tracking server that dies mid-run would hold training for
+# about 8 minutes. These bounds apply unless the user sets the variables.
+HTTP_BOUNDS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}
 
 
 class TrackingError(ValueError):
     """The MLflow store cannot be opened, or the run to resume is not in it."""
+
+
+class TrackingFault(RuntimeError):
+    """The store failed while the run was writing to it (locked, full, its server gone)."""
+
+
+def bound_http_retries() -> None:
+    """Apply ``HTTP_BOUNDS`` where the environment does not set them already."""
+    for name, value in HTTP_BOUNDS.items():
+        os.environ.setdefault(name, value)
+
+
+def first_line(error: BaseException) -> str:
+    """An exception as one line: MLflow and SQLAlchemy append SQL and parameters below, and
+    SQLAlchemy may put a line of its own above."""
+    lines = [
+        line.strip()
+        for line in str(error).splitlines()
+        if line.strip() and not line.startswith("(raised as a result of")
+    ]
+    return (lines or [type(error).__name__])[0][:300]
+
+
+def _quiet_store_errors() -> None:
+    """MLflow's SQL store logs each failed query with its SQL, its parameters and a traceback
+    before raising; the suite reports the failure itself, in one line."""
+    store_log = logging.getLogger("mlflow.store.db.utils")
+    if not any(isinstance(f, _BelowError) for f in store_log.filters):
+        store_log.addFilter(_BelowError())
+
+
+class _BelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
 
 
 def tracking_uri(configured: str | None, project_root: Path) -> str:
@@ -59,6 +109,56 @@ def check_reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
         ) from None
 
 
+def check_sqlite_store(uri: str) -> None:
+    """Refuse a SQLite store that would lose or pollute data, or fail only after minutes.
+
+    In memory (``sqlite://``): every run is lost when the process ends. A directory: MLflow
+    retries for about two minutes before its error. A read-only file: MLflow's error comes
+    with an SQL dump. Another program's database: MLflow would create its tables inside it.
+    """
+    if not uri.startswith("sqlite:"):
+        return
+    path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else ""
+    if path in ("", ":memory:") or "mode=memory" in uri:
+        raise TrackingError(
+            f"tracking.uri={uri}: an in-memory store loses every run when the process ends; "
+            "use sqlite:///<path>/mlflow.db"
+        )
+    database = Path(path)
+    if database.is_dir():
+        raise TrackingError(
+            f"tracking.uri={uri}: {database} is a directory; name a database file, "
+            f"e.g. sqlite:///{database / 'mlflow.db'}"
+        )
+    if not database.is_file():
+        return  # a new store: created on first contact
+    try:
+        with open(database, "r+b"):
+            pass
+    except OSError as error:
+        raise TrackingError(
+            f"tracking.uri={uri}: {database} is read-only ({error.strerror}); "
+            "make it writable or choose another store"
+        ) from None
+    with store_lock(uri):  # not while another process is creating MLflow's tables
+        tables = sqlite_tables(database)
+    if tables and not tables >= MLFLOW_TABLES:
+        shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        raise TrackingError(
+            f"tracking.uri={uri}: {database} is a SQLite database but not an MLflow store "
+            f"(tables: {shown}); MLflow would add its tables to it; choose a new file or "
+            "an MLflow store"
+        )
+
+
+def check_experiment_name(name: str) -> None:
+    if len(name) > MAX_EXPERIMENT_NAME:
+        raise TrackingError(
+            f"tracking.experiment={name[:40]}...: {len(name)} characters; MLflow allows at "
+            f"most {MAX_EXPERIMENT_NAME}"
+        )
+
+
 def set_run_status(
     uri: str, run_id: str, status: str | None, tags: Mapping[str, str] | None = None
 ) -> None:
@@ -66,12 +166,30 @@ def set_run_status(
     from mlflow.entities import RunTag
     from mlflow.tracking import MlflowClient
 
+    bound_http_retries()
     with store_lock(uri):
         client = MlflowClient(tracking_uri=uri)
     if tags:
         client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
     if status is not None:
         client.set_terminated(run_id, status=status)
+
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def _store_call(method: Method) -> Method:
+    """A write to the store that fails (locked, full, its server gone) raises
+    ``TrackingFault`` naming the store and the fault in one line."""
+
+    @functools.wraps(method)
+    def wrapper(self: MLflowTracker, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as error:
+            raise TrackingFault(f"MLflow store {self.uri}: {first_line(error)}") from error
+
+    return wrapper  # type: ignore[return-value]
 
 
 class MLflowTracker:
@@ -104,7 +222,11 @@ class MLflowTracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri = tracking_uri(uri, project_root or Path.cwd())
+        bound_http_retries()
+        _quiet_store_errors()
         check_reachable(uri)
+        check_sqlite_store(uri)
+        check_experiment_name(experiment)
         tags = {**(tags or {}), **process_identity()}
         self._logged_upto: dict[str, int] = {}
         try:
@@ -118,7 +240,7 @@ class MLflowTracker:
                 else:
                     experiment_id = self._experiment_id(uri, experiment)
                 self.experiment_id = experiment_id
-                for ended in reconcile_dead_runs(self.client, experiment_id):
+                for ended in reconcile_dead_runs(self.client):
                     log.warning("MLflow run %s: its process is gone; marked KILLED", ended)
                 if run_id is not None:
                     self.run_id = resumed.info.run_id
@@ -129,7 +251,7 @@ class MLflowTracker:
                     run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
                     self.run_id = run.info.run_id
         except Exception as error:  # any store failure: one line for the user, not a trace
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            reason = first_line(error)
             what = f"run {run_id} to resume" if run_id else "store"
             raise TrackingError(
                 f"tracking.uri={uri}: cannot open the MLflow {what} ({reason})"
@@ -141,10 +263,9 @@ class MLflowTracker:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
             for key, value in EXPERIMENT_KIND.items():
-                if key not in found.tags:  # made by an older fce or by hand; a kind set on
-                    self.client.set_experiment_tag(
-                        found.experiment_id, key, value
-                    )  # purpose stays
+                # Made by an older fce or by hand: tagged; a kind set on purpose stays.
+                if key not in found.tags:
+                    self.client.set_experiment_tag(found.experiment_id, key, value)
             return found.experiment_id
         location = None
         if uri.startswith("sqlite:///"):
@@ -156,8 +277,11 @@ class MLflowTracker:
                 name, artifact_location=location, tags=EXPERIMENT_KIND
             )
         except MlflowException:
-            # Another process created it between our lookup and our create.
-            return self.client.get_experiment_by_name(name).experiment_id
+            # Another process created it between our lookup and our create; else a real error.
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
 
     def _last_logged_steps(self, latest: Mapping[str, float]) -> dict[str, int]:
         """The last step at which each metric of the resumed run is already in the store."""
@@ -173,6 +297,7 @@ class MLflowTracker:
             base = self.uri.rstrip("/")
         return f"{base}/#/experiments/{self.experiment_id}?workflowType=machine_learning"
 
+    @_store_call
     def log_params(self, params: Mapping[str, str]) -> None:
         from mlflow.entities import Param
 
@@ -180,6 +305,7 @@ class MLflowTracker:
         for start in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
+    @_store_call
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
@@ -188,6 +314,7 @@ class MLflowTracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         self.log_history([step], {name: [value] for name, value in metrics.items()})
 
+    @_store_call
     def log_history(self, steps: Sequence[int], metrics: Mapping[str, Sequence[float]]) -> None:
         from mlflow.entities import Metric
 
@@ -201,12 +328,15 @@ class MLflowTracker:
         for start in range(0, len(rows), self._BATCH):
             self.client.log_batch(self.run_id, metrics=rows[start : start + self._BATCH])
 
+    @_store_call
     def log_figure(self, figure: Figure, name: str) -> None:
         self.client.log_figure(self.run_id, figure, name)
 
+    @_store_call
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    @_store_call
     def finish(self, status: str) -> None:
         """FINISHED, FAILED or KILLED."""
         self.client.set_terminated(self.run_id, status=status)
