@@ -43,7 +43,7 @@ from fce.tracking import (
     tracking_uri,
 )
 from fce.tracking.housekeeping import process_gone, process_identity
-from fce.train import RunContext, run
+from fce.train import RunContext, RunFault, run
 from fce.trainer import DivergenceError, StopRun
 
 log = logging.getLogger("fce.sweep")
@@ -354,8 +354,9 @@ def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stoppi
     interrupted: list[int] = []
 
     def objective(trial: optuna.Trial) -> float:
-        """The trial's objective; NaN (FAIL, the study goes on) for a config error or a
-        divergence, with the reason in its ``error`` user attribute."""
+        """The trial's objective; NaN (FAIL, the study goes on) for a config error, a
+        divergence or a fault of its disk or store, with the reason in its ``error`` user
+        attribute."""
         overrides = [*plan.base_overrides, *suggest(trial, settings.params), "progress=none"]
         try:
             wait_for_tracking(plan.tracking_uri)
@@ -389,7 +390,7 @@ def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stoppi
                 on_run_created=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
             )
             metrics = run(cfg, context)
-        except (DivergenceError, ConfigError) as error:
+        except (DivergenceError, ConfigError, RunFault) as error:  # RunFault: its disk or store
             trial.set_user_attr("error", str(error))
             log.error("trial %d failed: %s", trial.number, error)
             return math.nan
