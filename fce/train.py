@@ -27,7 +27,7 @@ from fce.factory import build, resolve_device, run_name
 from fce.interrupts import RunInterrupted, deferred_interrupts
 from fce.progress import Progress
 from fce.provenance import git_commit
-from fce.resume import check_fits, load_resume
+from fce.resume import Resume, check_fits, load_resume
 from fce.tracking import NullTracker, Tracker, TrackingError, TrackingFault, flatten
 from fce.trainer import DivergenceError, StopRun, Trainer
 
@@ -191,15 +191,7 @@ def _train(cfg, context, parts, tracker, stop, output_dir, resume, started) -> d
     status, final, error = "FAILED", {}, None
     try:
         if continued:
-            trainer.load_state_dict(resume.state["trainer"])
-            log.info("resuming from %s at step %d", resume.path, trainer.step)
-            if resume.changed:
-                changes = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in resume.changed.items())
-                tracker.set_tags({f"fce.resumed_at_step_{trainer.step}": changes})
-            # Steps the store lacks: its writes failed before the checkpoint was saved (the
-            # tracker skips the steps it already holds).
-            for name, (steps, values) in trainer.history.history.items():
-                tracker.log_history(steps, {name: values})
+            _continue(trainer, tracker, resume)
         else:
             tracker.log_params(flatten(user_settings(cfg)))
             tracker.log_artifact(output_dir / "config.yaml")
@@ -248,29 +240,47 @@ def _train(cfg, context, parts, tracker, stop, output_dir, resume, started) -> d
         error = str(failure)
         raise failure from fault
     finally:
-        # The run's outcome beside its checkpoints, whatever the tracker (tracking=none too).
-        # Each write is tried even when the other fails (a full disk, a dead store), and
-        # the status is the last write: nothing after it can change it.
-        wall = time.perf_counter() - started
         outcome = {"status": status, "step": trainer.step, "error": error}
-        try:
-            write_json(output_dir / "metrics.json", {**outcome, "wall_time_s": wall, **final})
-        except OSError as failed:
-            log.warning("could not write %s (%s)", output_dir / "metrics.json", failed.strerror)
-        try:
-            tracker.finish(status)
-        except TrackingFault as failed:
-            log.warning(
-                "%s: the run is not marked %s there; the next run on this host that opens "
-                "the store marks it KILLED",
-                failed,
-                status,
-            )
-            if status == "FINISHED":  # no other error on its way: this one is the run's
-                raise RunFault(
-                    f"{failed}; the run finished but its status was not recorded "
-                    f"(resume with train.resume={output_dir} to record it)"
-                ) from None
+        _end(tracker, output_dir, outcome, time.perf_counter() - started, final)
+
+
+def _continue(trainer: Trainer, tracker: Tracker, resume: Resume) -> None:
+    """Load the checkpoint, record what changed, and log the steps the store lacks (its
+    writes failed before the checkpoint was saved; the tracker skips those it holds)."""
+    trainer.load_state_dict(resume.state["trainer"])
+    log.info("resuming from %s at step %d", resume.path, trainer.step)
+    if resume.changed:
+        changes = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in resume.changed.items())
+        tracker.set_tags({f"fce.resumed_at_step_{trainer.step}": changes})
+    for name, (steps, values) in trainer.history.history.items():
+        tracker.log_history(steps, {name: values})
+
+
+def _end(
+    tracker: Tracker, output_dir: Path, outcome: dict, wall: float, final: dict[str, float]
+) -> None:
+    """The run's outcome beside its checkpoints (``metrics.json``, whatever the tracker), then
+    its status in the store. Each write is tried even when the other fails (a full disk, a
+    dead store), and the status is the last write: nothing after it can change it."""
+    try:
+        write_json(output_dir / "metrics.json", {**outcome, "wall_time_s": wall, **final})
+    except OSError as failed:
+        log.warning("could not write %s (%s)", output_dir / "metrics.json", failed.strerror)
+    status = outcome["status"]
+    try:
+        tracker.finish(status)
+    except TrackingFault as failed:
+        log.warning(
+            "%s: the run is not marked %s there; the next run on this host that opens "
+            "the store marks it KILLED",
+            failed,
+            status,
+        )
+        if status == "FINISHED":  # no other error on its way: this one is the run's
+            raise RunFault(
+                f"{failed}; the run finished but its status was not recorded "
+                f"(resume with train.resume={output_dir} to record it)"
+            ) from None
 
 
 def where_things_went(tracker: Tracker, output_dir: Path) -> str:
