@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import os
 import re
 import shutil
@@ -196,12 +197,14 @@ def run_job(cfg: DictConfig, project_root: Path) -> float:
     # torch and mlflow load only once the input is known to be good.
     from hydra.core.hydra_config import HydraConfig
 
-    from fce.interrupts import RunInterrupted
+    from fce.interrupts import RunInterrupted, running, stop_when_orphaned
     from fce.train import RunContext, RunFault, run
     from fce.trainer import DivergenceError
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode.name == "MULTIRUN"
+    if multirun and multiprocessing.current_process().name != "MainProcess":
+        stop_when_orphaned()  # a launcher's worker process (joblib): it dies with its launcher
     output_dir = Path(hydra_cfg.runtime.output_dir)
     # A grid's runs share its sweep_id, so MLflow and pandas can group them.
     tags = {"sweep_id": hydra_cfg.sweep.dir, "job_num": str(hydra_cfg.job.num)} if multirun else {}
@@ -211,6 +214,7 @@ def run_job(cfg: DictConfig, project_root: Path) -> float:
         overrides=list(hydra_cfg.overrides.task),
         tags=tags,
     )
+    running.set()
     try:
         metrics = run(cfg, context)
     except ConfigError as error:
@@ -228,6 +232,8 @@ def run_job(cfg: DictConfig, project_root: Path) -> float:
     except KeyboardInterrupt:  # before the MLflow run existed: nothing to end or save
         remove_if_unused(output_dir)
         fail("interrupted before the run started", code=130)
+    finally:
+        running.clear()
     return metrics["nll_ebm" if "nll_ebm" in metrics else "nll_flow"]
 
 

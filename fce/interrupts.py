@@ -8,8 +8,10 @@ the ``StopOnSignal`` callback raises ``RunInterrupted`` after the step.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -63,3 +65,32 @@ def deferred_interrupts() -> Iterator[StopOnSignal]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+_watching = False
+running = threading.Event()  # set while this process trains a run (fce.cli.run_job)
+
+
+def stop_when_orphaned(interval_s: float = 1.0, grace_s: float = 60.0) -> None:
+    """In a worker process of a multirun (joblib's loky workers): when the process that
+    launched the grid dies (SIGKILL, the out-of-memory killer), stop too, instead of
+    training on and then idling for ever. The run in progress gets SIGTERM (it stops at its
+    next step boundary: a checkpoint, KILLED); the process exits once it has, or after
+    ``grace_s`` at the latest."""
+    global _watching
+    if _watching:
+        return
+    _watching = True
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        if running.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while running.is_set() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="stop-when-orphaned", daemon=True).start()

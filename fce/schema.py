@@ -184,7 +184,8 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     # ``${pid:}`` in conf/config.yaml: the run directory of each process is its own.
-    OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
+    # Cached like Hydra's ${now:}: a multirun's workers resolve it as the launcher did.
+    OmegaConf.register_new_resolver("pid", os.getpid, replace=True, use_cache=True)
     store = ConfigStore.instance()
     # Schemas live in their own "schema" group so they never show up as user choices.
     store.store(group="schema", name="run", node=RunConfig)

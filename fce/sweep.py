@@ -331,6 +331,19 @@ def wait_for_tracking(uri: str, timeout_s: float = TRACKING_WAIT_S) -> None:
             time.sleep(2.0)
 
 
+def end_trial_run(uri: str, run_id: str, state: optuna.trial.TrialState) -> None:
+    """Tag a trial's MLflow run with its Optuna state; a failed trial's run still RUNNING
+    (its end was lost to a tracking server that was down) is ended FAILED, once the server
+    answers again. A store that stays away is logged, not raised: the study goes on."""
+    failed = state == optuna.trial.TrialState.FAIL
+    try:
+        wait_for_tracking(uri)
+        tags = {"optuna.state": state.name}
+        set_run_status(uri, run_id, "FAILED" if failed else None, tags, if_running=True)
+    except Exception as error:
+        log.warning("MLflow run %s: could not record its trial's end (%s)", run_id, error)
+
+
 def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stopping) -> int | None:
     """Run trials of the study in this process until it has ``n_trials`` in total.
 
@@ -424,7 +437,7 @@ def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stoppi
         log.info("trial %d %s%s", trial.number, state.name, done)
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
-            set_run_status(plan.tracking_uri, run_id, None, {"optuna.state": state.name})
+            end_trial_run(plan.tracking_uri, run_id, state)
 
     while not interrupted and stopping() is None:
         optuna.storages.fail_stale_trials(study)

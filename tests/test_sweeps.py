@@ -345,3 +345,38 @@ def test_sigterm_stops_a_study_at_a_step_and_leaves_nothing_running(tmp_path):
     assert list(tmp_path.glob("**/trial_0000/checkpoints/step_*.pt"))  # saved as it stopped
     (parent,) = by_id.values()
     assert parent.info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_a_killed_joblib_grid_takes_its_workers_with_it(tmp_path):
+    """SIGKILL to the process that launched a joblib grid: its workers stop their runs at a
+    step boundary (KILLED, a checkpoint) and exit, instead of training on and idling."""
+    import json
+
+    long = ["train.max_steps=100000", "train.epochs=100000", "tracking=none"]
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", *GRID_TINY]
+    args = [a for a in args if not a.startswith(("train.max_steps", "tracking."))]
+    launcher = start_cli([*args, *long], tmp_path)
+    deadline = time.monotonic() + 180
+    while len(list(tmp_path.glob("multirun/*/*/*/config.yaml"))) < 2:
+        assert launcher.poll() is None, launcher.communicate()
+        assert time.monotonic() < deadline, "the grid's jobs never started"
+        time.sleep(0.2)
+    time.sleep(2.0)
+    workers = [
+        int(p)
+        for p in Path(f"/proc/{launcher.pid}/task").glob("*/children")
+        for p in p.read_text().split()
+    ]
+    assert workers
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 90
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):
+        assert time.monotonic() < deadline, "workers outlived their launcher"
+        time.sleep(0.5)
+    outcomes = [json.loads(p.read_text()) for p in tmp_path.glob("multirun/*/*/*/metrics.json")]
+    assert sorted(o["status"] for o in outcomes) == ["KILLED", "KILLED"]
+    assert len(list(tmp_path.glob("multirun/*/*/*/checkpoints/step_*.pt"))) >= 2
+    # One grid, one directory: every job resolved the launcher's ${pid:}, not its own.
+    assert len(list(tmp_path.glob("multirun/*/*"))) == 1

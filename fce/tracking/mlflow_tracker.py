@@ -160,9 +160,14 @@ def check_experiment_name(name: str) -> None:
 
 
 def set_run_status(
-    uri: str, run_id: str, status: str | None, tags: Mapping[str, str] | None = None
+    uri: str,
+    run_id: str,
+    status: str | None,
+    tags: Mapping[str, str] | None = None,
+    if_running: bool = False,
 ) -> None:
-    """Tag a run and/or end it with ``status`` (e.g. a sweep trial whose worker died)."""
+    """Tag a run and/or end it with ``status`` (e.g. a sweep trial whose worker died); with
+    ``if_running``, end it only if it is still RUNNING (its own end was lost)."""
     from mlflow.entities import RunTag
     from mlflow.tracking import MlflowClient
 
@@ -171,7 +176,7 @@ def set_run_status(
         client = MlflowClient(tracking_uri=uri)
     if tags:
         client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-    if status is not None:
+    if status is not None and not (if_running and client.get_run(run_id).info.status != "RUNNING"):
         client.set_terminated(run_id, status=status)
 
 
