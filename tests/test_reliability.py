@@ -743,13 +743,27 @@ def start_two_worker_study(
     ]
     driver = start_cli(args, tmp_path, script="sweeps/tune.py", new_session=new_session)
     deadline = time.monotonic() + 180
-    while len(list(tmp_path.glob("**/trial_*/config.yaml"))) < 2:
+    # Until both trials' MLflow runs exist (a run writes its config.yaml before it opens
+    # its MLflow run, and a signal before that ends the trial with no run to end).
+    while trials_with_runs(tmp_path / "optuna.db") < 2:
         assert driver.poll() is None, driver.communicate()
         assert time.monotonic() < deadline, "the workers never started training"
         time.sleep(0.2)
     workers = [p for p in children(driver.pid) if "spawn_main" in proc_cmdline(p)]
     assert len(workers) == 2
     return driver, workers
+
+
+def trials_with_runs(db: Path) -> int:
+    """Trials of an Optuna SQLite storage whose MLflow run exists (read without Optuna)."""
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=5) as connection:
+            query = "SELECT COUNT(*) FROM trial_user_attributes WHERE key = 'mlflow_run_id'"
+            return connection.execute(query).fetchone()[0]
+    except sqlite3.OperationalError:  # its tables not made yet
+        return 0
 
 
 def proc_cmdline(pid: int) -> str:
