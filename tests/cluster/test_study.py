@@ -98,10 +98,17 @@ def test_a_worker_killed_mid_trial_is_failed_by_the_heartbeat_and_the_study_goes
         timeout=180,
         what="machine b to start a trial",
     )
-    time.sleep(1.0)  # into the trial
+    killed = int(started[0].parent.name.removeprefix("trial_"))
+    # Into the trial: its MLflow run exists and Optuna knows it (a run writes its config.yaml
+    # before it opens its MLflow run).
+    wait_until(
+        lambda: "mlflow_run_id" in trials(cluster, name)[killed].user_attrs,
+        timeout=120,
+        what="the trial's MLflow run",
+    )
+    time.sleep(1.0)
     b.send_signal(signal.SIGKILL)
     b.wait()
-    killed = int(started[0].parent.name.removeprefix("trial_"))
     assert trials(cluster, name)[killed].state.name in ("RUNNING", "FAIL")
     output_a = finish(a)  # machine a goes on to the study's total
 
