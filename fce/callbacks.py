@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +37,6 @@ class Figures(Callback):
 
     def __init__(self, plot_every: int) -> None:
         self.plot_every = plot_every
-        self.seconds = 0.0
 
     def after_step(self, trainer: Trainer) -> None:
         step = trainer.step
@@ -52,7 +50,6 @@ class Figures(Callback):
     def log_panel(self, trainer: Trainer) -> None:
         from fce.plots import PanelRow, density_panel
 
-        started = time.perf_counter()
         evaluator = trainer.evaluator
         log_q, log_p = evaluator.grid_log_densities(trainer.ebm, trainer.flow)
         row = PanelRow(evaluator.dataset.name, trainer.data[:PANEL_SAMPLES], log_q, log_p)
@@ -61,15 +58,12 @@ class Figures(Callback):
             [row], limit=evaluator.grid.limit, flow_title=flow_title, ebm_title=ebm_title
         )
         trainer.tracker.log_figure(figure, f"densities/step_{trainer.step:07d}.png")
-        self.seconds += time.perf_counter() - started
 
     def log_curves(self, trainer: Trainer) -> None:
         from fce.plots import training_curves
 
-        started = time.perf_counter()
         curves = training_curves(trainer.history.history, names=trainer.estimator.curves)
         trainer.tracker.log_figure(curves, "curves.png")
-        self.seconds += time.perf_counter() - started
 
 
 class Checkpoints(Callback):
