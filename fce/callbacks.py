@@ -51,7 +51,7 @@ class Figures(Callback):
         from fce.plots import PanelRow, density_panel
 
         evaluator = trainer.evaluator
-        log_q, log_p = evaluator.grid_log_densities(trainer.ebm, trainer.flow)
+        log_q, log_p = evaluator.grid_log_densities(trainer.evaluated_ebm, trainer.flow)
         row = PanelRow(evaluator.dataset.name, trainer.data[:PANEL_SAMPLES], log_q, log_p)
         flow_title, ebm_title = trainer.estimator.panel_titles
         figure = density_panel(

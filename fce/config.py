@@ -21,6 +21,7 @@ from fce.schema import (  # noqa: F401 (the names the rest of the package import
     CONF_DIR,
     DATASET_NAMES,
     DEVICES,
+    EBM_ACTIVATIONS,
     ESTIMATOR_NAMES,
     EVAL_METRICS,
     FLOW_METRICS,
@@ -29,6 +30,7 @@ from fce.schema import (  # noqa: F401 (the names the rest of the package import
     NOISE_NAMES,
     OPTIMIZER_NAMES,
     PROGRESS_MODES,
+    SCHEDULE_NAMES,
     THRESHOLD_NAMES,
     RunConfig,
     register_configs,
@@ -70,6 +72,10 @@ def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     return found
 
 
+# Keys of the ebm node added with its variants, and the values every earlier run had.
+EBM_SHAPE_DEFAULTS = {"activation": "leaky_relu", "fourier_features": 0, "fourier_scale": 1.0}
+
+
 def upgrade(saved: DictConfig) -> DictConfig:
     """A config saved by an older fce, completed as today's (in place).
 
@@ -79,6 +85,14 @@ def upgrade(saved: DictConfig) -> DictConfig:
     """
     if "estimator" not in saved:
         saved.estimator = {"name": "fce"}
+    if "schedule" not in saved:  # every run trained at a constant rate before schedules
+        saved.schedule = {"name": "constant"}
+    if "ema_decay" not in saved.train:
+        saved.train.ema_decay = 0.0
+    if "ebm" in saved:  # the energy's shape options came with the ebm group's variants
+        for key, value in EBM_SHAPE_DEFAULTS.items():
+            if key not in saved.ebm:
+                saved.ebm[key] = value
     if saved.flow.name == "glow" and "scale_bound" not in saved.flow:
         saved.flow.scale_bound = math.inf
     if "tracking" in saved and "_target_" not in saved.tracking:
@@ -90,6 +104,7 @@ def upgrade(saved: DictConfig) -> DictConfig:
         "flow": saved.flow.name,
         "optimizer": saved.optimizer.get("name", "adam"),
         "threshold": saved.threshold.get("name", "fixed"),
+        "schedule": saved.schedule.name,
         "estimator": saved.estimator.name,
     }
     for group, option in options.items():
@@ -147,6 +162,22 @@ def _finite(cfg: DictConfig, key: str, low: float = -math.inf) -> None:
     if not isinstance(value, int | float) or not math.isfinite(value) or value < low:
         bound = "" if low == -math.inf else f" >= {low:g}"
         raise ConfigError(f"{key}={value!r}: must be a finite number{bound}")
+
+
+def _schedule(cfg: DictConfig) -> None:
+    schedule = cfg.schedule
+    if schedule.name == "cosine":
+        if not 0 <= schedule.min_factor <= 1:
+            raise ConfigError(f"schedule.min_factor={schedule.min_factor}: must be in [0, 1]")
+        _non_negative_int(cfg, "schedule.warmup")
+    elif schedule.name == "step":
+        milestones = list(schedule.milestones)
+        if not all(0 < m < 1 for m in milestones):
+            raise ConfigError(
+                f"schedule.milestones={milestones}: fractions of the run, each in (0, 1)"
+            )
+        if not 0 < schedule.gamma <= 1:
+            raise ConfigError(f"schedule.gamma={schedule.gamma}: must be in (0, 1]")
 
 
 def missing_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
@@ -207,6 +238,7 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "flow.name", FLOW_NAMES)
     _choice(cfg, "optimizer.name", OPTIMIZER_NAMES)
     _choice(cfg, "threshold.name", THRESHOLD_NAMES)
+    _choice(cfg, "schedule.name", SCHEDULE_NAMES)
     _choice(cfg, "estimator.name", ESTIMATOR_NAMES)
     if cfg.estimator.name == "nce":
         _choice(cfg, "estimator.noise", NOISE_NAMES)
@@ -255,6 +287,18 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"ebm.hidden={hidden}: at most {LIMITS['flow.hidden_layers']} layers")
     _finite(cfg, "ebm.negative_slope")
     _finite(cfg, "ebm.log_z_init")
+    _schedule(cfg)
+    ema_decay = cfg.train.ema_decay
+    if not isinstance(ema_decay, int | float) or not 0 <= ema_decay < 1:
+        raise ConfigError(f"train.ema_decay={ema_decay!r}: must be in [0, 1) (0 turns it off)")
+    _choice(cfg, "ebm.activation", EBM_ACTIVATIONS)
+    _non_negative_int(cfg, "ebm.fourier_features")
+    if cfg.ebm.fourier_features > LIMITS["ebm.hidden"]:
+        raise ConfigError(
+            f"ebm.fourier_features={cfg.ebm.fourier_features}: must be at most "
+            f"{LIMITS['ebm.hidden']:,}"
+        )
+    _positive_float(cfg, "ebm.fourier_scale")
     _seed(cfg, "seed")
     _seed(cfg, "eval.seed")
     _positive_int(cfg, "threads")

@@ -3,16 +3,66 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+
+# The energy's nonlinearity, by ``ebm.activation``: LeakyReLU is the reference's; the smooth
+# ones give a smooth energy (docs/results.md measures what that buys).
+from fce.schema import EBM_ACTIVATIONS as ACTIVATIONS
+
+
+def _activation(name: str, negative_slope: float) -> nn.Module:
+    if name == "leaky_relu":
+        # In place: it acts on the Linear's own output, and its backward needs only the
+        # sign of the result. Bit-identical, and 0.6 ms less per EBM step (two 2000 x 128
+        # activations fewer to allocate and write).
+        return nn.LeakyReLU(negative_slope, inplace=True)
+    if name == "silu":
+        return nn.SiLU()
+    if name == "softplus":
+        return nn.Softplus()
+    if name == "elu":
+        return nn.ELU()
+    if name == "tanh":
+        return nn.Tanh()
+    raise ValueError(f"activation={name!r}: must be one of {', '.join(ACTIVATIONS)}")
+
+
+class FourierFeatures(nn.Module):
+    """x -> [x, sin(2 pi B x), cos(2 pi B x)] with a fixed Gaussian B of scale ``scale``.
+
+    Random Fourier features let an MLP represent detail finer than its first layer would
+    (Tancik et al., "Fourier Features Let Networks Learn High Frequency Functions in Low
+    Dimensional Domains", NeurIPS 2020). B is a buffer: fixed at init, saved in checkpoints.
+    """
+
+    def __init__(self, dim: int, features: int, scale: float) -> None:
+        super().__init__()
+        self.register_buffer("frequencies", torch.randn(dim, features) * scale)
+        self.out_features = dim + 2 * features
+
+    def forward(self, x: Tensor) -> Tensor:
+        phase = 2 * math.pi * x @ self.frequencies
+        return torch.cat([x, phase.sin(), phase.cos()], dim=-1)
 
 
 class EBM(nn.Module):
     """An MLP energy f_theta and a trainable scalar c, the log normalising constant.
 
     The reference's model is the default: 2 -> 128 -> 128 -> 1, LeakyReLU(0.2), c = 1 at init.
+
+    Args:
+        dim: the data's dimension.
+        hidden: the widths of the hidden layers (their number is the depth).
+        negative_slope: LeakyReLU's slope for x < 0 (``activation="leaky_relu"`` only).
+        log_z_init: c at initialisation.
+        activation: one of ``ACTIVATIONS``.
+        fourier_features: how many random Fourier features feed the first layer (0: none,
+            the reference's plain coordinates).
+        fourier_scale: the standard deviation of their frequencies (cycles per unit of x).
 
     References:
         Gao et al., "Flow Contrastive Estimation of Energy-Based Models", arXiv:1912.00589.
@@ -24,17 +74,25 @@ class EBM(nn.Module):
         hidden: Sequence[int] = (128, 128),
         negative_slope: float = 0.2,
         log_z_init: float = 1.0,
+        activation: str = "leaky_relu",
+        fourier_features: int = 0,
+        fourier_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if not hidden or any(h <= 0 for h in hidden):
             raise ValueError(f"hidden sizes must be positive, got {list(hidden)}")
-        sizes = [dim, *hidden]
+        if fourier_features < 0:
+            raise ValueError(f"fourier_features must be >= 0, got {fourier_features}")
+        _activation(activation, negative_slope)  # a bad name fails before any layer is drawn
         layers: list[nn.Module] = []
+        n_in = dim
+        if fourier_features:
+            features = FourierFeatures(dim, fourier_features, fourier_scale)
+            layers.append(features)
+            n_in = features.out_features
+        sizes = [n_in, *hidden]
         for n_in, n_out in itertools.pairwise(sizes):
-            # In place: it acts on the Linear's own output, and its backward needs only the
-            # sign of the result. Bit-identical, and 0.6 ms less per EBM step (two 2000 x 128
-            # activations fewer to allocate and write).
-            layers += [nn.Linear(n_in, n_out), nn.LeakyReLU(negative_slope, inplace=True)]
+            layers += [nn.Linear(n_in, n_out), _activation(activation, negative_slope)]
         layers.append(nn.Linear(sizes[-1], 1))
         self.energy_net = nn.Sequential(*layers)
         self.log_z = nn.Parameter(torch.tensor(float(log_z_init)))

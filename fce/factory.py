@@ -17,6 +17,7 @@ from fce.config import ConfigError, RunConfig, user_settings
 from fce.data import make_generator
 from fce.estimators import ESTIMATORS, Estimator, Players
 from fce.metrics import Evaluator, Grid
+from fce.schedule import Schedule
 from fce.tracking import Tracker
 from fce.trainer import LoopSettings, Trainer
 
@@ -38,12 +39,19 @@ class RunParts:
     train_data: Tensor
     evaluator: Evaluator
     settings: LoopSettings
+    schedule: Schedule
 
     def trainer(
         self, tracker: Tracker | None = None, callbacks: list[Callback] | None = None
     ) -> Trainer:
         return Trainer(
-            self.estimator, self.train_data, self.evaluator, self.settings, tracker, callbacks
+            self.estimator,
+            self.train_data,
+            self.evaluator,
+            self.settings,
+            tracker,
+            callbacks,
+            self.schedule,
         )
 
 
@@ -75,8 +83,10 @@ def build(cfg: RunConfig, device: torch.device) -> RunParts:
         max_steps=cfg.train.max_steps,
         eval_every=cfg.train.eval_every,
         seed=cfg.seed,
+        ema_decay=cfg.train.ema_decay,
     )
-    return RunParts(estimator, train_data.to(device), evaluator, settings)
+    schedule = instantiate(cfg.schedule)
+    return RunParts(estimator, train_data.to(device), evaluator, settings, schedule)
 
 
 def build_trainer(cfg: RunConfig, device: torch.device) -> Trainer:

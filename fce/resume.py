@@ -33,8 +33,10 @@ RESUME_KEYS = (
     "seed",
     "optimizer",
     "threshold",
+    "schedule",
     "estimator",
     "train.batch_size",
+    "train.ema_decay",
     "eval",
 )
 # What may change on resume, recorded on the run as a tag when it does.
@@ -85,11 +87,20 @@ def check_same_run(cfg: RunConfig, saved: DictConfig, source: str) -> dict[str, 
                 f"train.resume={cfg.train.resume}: {source} has {key}={old}, this run "
                 f"{key}={new}; they must match (only {', '.join(CHANGEABLE_KEYS)} may change)"
             )
-    return {
+    changed = {
         key: (_select(theirs, key), _select(mine, key))
         for key in CHANGEABLE_KEYS
         if _select(theirs, key) != _select(mine, key)
     }
+    length = [key for key in changed if key in ("train.epochs", "train.max_steps")]
+    if length and cfg.schedule.name != "constant":
+        key = length[0]
+        raise ConfigError(
+            f"train.resume={cfg.train.resume}: {key}={changed[key][1]} differs from the saved "
+            f"run's {changed[key][0]}, and schedule={cfg.schedule.name} spreads its decay over "
+            "the run's length; keep the length, or resume with schedule=constant runs only"
+        )
+    return changed
 
 
 def load_resume(cfg: RunConfig) -> Resume | None:

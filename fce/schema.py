@@ -18,6 +18,8 @@ DATASET_NAMES = ("8gaussians", "spiral", "2spirals", "checkerboard", "rings", "p
 FLOW_NAMES = ("glow", "maf")
 OPTIMIZER_NAMES = ("adam", "adamw")
 THRESHOLD_NAMES = ("fixed", "ema")
+EBM_ACTIVATIONS = ("leaky_relu", "silu", "softplus", "elu", "tanh")
+SCHEDULE_NAMES = ("constant", "cosine", "step")
 ESTIMATOR_NAMES = ("fce", "nce", "flow_mle")
 NOISE_NAMES = ("gaussian", "flow")  # NCE's fixed noise: a fitted Gaussian or a frozen flow
 DEVICES = ("auto", "cpu", "cuda")
@@ -67,6 +69,9 @@ class EBMConfig(Node):
     hidden: list[int] = MISSING
     negative_slope: float = MISSING
     log_z_init: float = MISSING
+    activation: str = MISSING
+    fourier_features: int = MISSING  # 0: none
+    fourier_scale: float = MISSING
 
 
 @dataclass
@@ -109,6 +114,23 @@ class EMAThresholdConfig(FixedThresholdConfig):
 
 
 @dataclass
+class ScheduleConfig(Node):
+    name: str = MISSING
+
+
+@dataclass
+class CosineScheduleConfig(ScheduleConfig):
+    min_factor: float = MISSING
+    warmup: int = MISSING
+
+
+@dataclass
+class StepScheduleConfig(ScheduleConfig):
+    milestones: list[float] = MISSING
+    gamma: float = MISSING
+
+
+@dataclass
 class EstimatorConfig(PartialNode):
     name: str = MISSING
 
@@ -134,6 +156,7 @@ class TrainConfig:
     eval_every: int = MISSING
     plot_every: int = MISSING
     checkpoint_every: int = MISSING
+    ema_decay: float = MISSING  # EMA of the EBM's weights, evaluated instead of them (0: off)
     resume: str | None = MISSING
 
 
@@ -158,6 +181,7 @@ class RunConfig:
     flow: Any = MISSING  # GlowConfig | MAFConfig
     optimizer: OptimizerConfig = MISSING
     threshold: Any = MISSING  # FixedThresholdConfig | EMAThresholdConfig
+    schedule: Any = MISSING  # ScheduleConfig | CosineScheduleConfig | StepScheduleConfig
     estimator: Any = MISSING  # EstimatorConfig | NCEEstimatorConfig
     tracking: Any = MISSING  # MLflowTrackingConfig | PartialNode (none)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -174,6 +198,11 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "flow": {"glow": GlowConfig, "maf": MAFConfig},
     "optimizer": {"optimizer": OptimizerConfig},
     "threshold": {"fixed": FixedThresholdConfig, "ema": EMAThresholdConfig},
+    "schedule": {
+        "constant": ScheduleConfig,
+        "cosine": CosineScheduleConfig,
+        "step": StepScheduleConfig,
+    },
     "estimator": {"estimator": EstimatorConfig, "nce": NCEEstimatorConfig},
     "tracking": {"mlflow": MLflowTrackingConfig, "none": PartialNode},
 }

@@ -15,12 +15,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fce.averaging import WeightAverage
 from fce.callbacks import Callback
 from fce.data import stream_seed
 from fce.ebm import EBM
 from fce.estimators import Estimator
 from fce.flows import Flow
 from fce.metrics import Evaluator
+from fce.schedule import Constant, Schedule
 from fce.tracking import MemoryTracker, NullTracker, Tracker
 
 # A finite blow-up is a divergence too: a loss, value or test NLL beyond this many nats (the
@@ -52,6 +54,8 @@ class LoopSettings:
         max_steps: cap on the total steps; ``None`` for no cap.
         eval_every: steps between evaluations (also at step 0 and at the end).
         seed: the run's seed, from which the shuffling and noise streams derive.
+        ema_decay: > 0: evaluate an exponential moving average of the EBM's weights
+            (``fce.averaging``) instead of the weights; 0: the weights, as the reference.
     """
 
     batch_size: int
@@ -59,6 +63,7 @@ class LoopSettings:
     max_steps: int | None
     eval_every: int
     seed: int
+    ema_decay: float = 0.0
 
 
 class Trainer:
@@ -78,6 +83,7 @@ class Trainer:
         settings: LoopSettings,
         tracker: Tracker | None = None,
         callbacks: list[Callback] | None = None,
+        schedule: Schedule | None = None,
     ) -> None:
         self.estimator = estimator
         self.data = train_data
@@ -85,6 +91,10 @@ class Trainer:
         self.settings = settings
         self.tracker = tracker if tracker is not None else NullTracker()
         self.callbacks = list(callbacks or [])
+        self.schedule = schedule if schedule is not None else Constant("constant")
+        self.average = (
+            WeightAverage(estimator.ebm, settings.ema_decay) if settings.ema_decay > 0 else None
+        )
         self.device = train_data.device
         self.batches_per_epoch = train_data.shape[0] // settings.batch_size
         total = settings.epochs * self.batches_per_epoch
@@ -111,6 +121,12 @@ class Trainer:
     @property
     def flow(self) -> Flow:
         return self.estimator.flow
+
+    @property
+    def evaluated_ebm(self) -> EBM:
+        """The EBM that evaluation and figures score: the weights' moving average when
+        ``ema_decay`` > 0, else the weights themselves."""
+        return self.average.model if self.average is not None else self.ebm
 
     # --- randomness ---------------------------------------------------------------------------
 
@@ -149,10 +165,13 @@ class Trainer:
         while self.step < self.total_steps:
             x = self.batch(self.step)
             z = self.noise(self.step, x) if estimator.uses_noise else None
+            self.schedule.apply(list(estimator.optimizers.values()), self.step, self.total_steps)
             out = estimator.step(x, z)
             self.step += 1
             if not out.trained_ebm:
                 self.flow_steps += 1
+            elif self.average is not None:
+                self.average.update()
             signals = self._synced(out.signals, out.stepped)
             estimator.observe(signals)
             signals["trained_ebm"] = float(out.trained_ebm)
@@ -215,7 +234,7 @@ class Trainer:
     def evaluate(self) -> None:
         """The metrics of the models on the held-out points, logged at the current step."""
         started = time.perf_counter()
-        ebm = self.ebm if self.estimator.evaluates_ebm else None
+        ebm = self.evaluated_ebm if self.estimator.evaluates_ebm else None
         metrics = self.evaluator(ebm, self.flow)
         self.seconds["eval"] += time.perf_counter() - started
         for name, value in metrics.items():
@@ -246,6 +265,7 @@ class Trainer:
             "flow": self.flow.state_dict(),
             **{name: opt.state_dict() for name, opt in estimator.optimizers.items()},
             **estimator.state_dict(),
+            **({"ebm_average": self.average.state_dict()} if self.average is not None else {}),
             "step": self.step,
             "flow_steps": self.flow_steps,
             "flow_initialised": self.started,
@@ -263,6 +283,8 @@ class Trainer:
         for name, opt in estimator.optimizers.items():
             opt.load_state_dict(state[name])
         estimator.load_state_dict(state)
+        if self.average is not None:
+            self.average.load_state_dict(state["ebm_average"])
         self.step = state["step"]
         self.flow_steps = state["flow_steps"]
         self.started = state["flow_initialised"]
