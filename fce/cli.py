@@ -28,6 +28,7 @@ USER_GROUPS = (
     "flow",
     "optimizer",
     "threshold",
+    "schedule",
     "estimator",
     "tracking",
     "experiment",

@@ -21,7 +21,7 @@ DIRECTIONS = ("minimize", "maximize")
 METRICS = EVAL_METRICS
 PARAM_TYPES = ("float", "int", "categorical")
 # Config groups a space may search over: their values are option names, not numbers.
-GROUPS = ("dataset", "flow", "optimizer", "threshold", "estimator")
+GROUPS = ("dataset", "ebm", "flow", "optimizer", "threshold", "schedule", "estimator")
 # Samplers seed numpy, which takes seeds below 2**32; workers and continuations add to it.
 MAX_SEED = 2**31 - 1
 
