@@ -15,7 +15,7 @@ from omegaconf import MISSING, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DATASET_NAMES = ("8gaussians", "spiral", "2spirals", "checkerboard", "rings", "pinwheel")
-FLOW_NAMES = ("glow", "maf")
+FLOW_NAMES = ("glow", "maf", "spline")
 OPTIMIZER_NAMES = ("adam", "adamw")
 THRESHOLD_NAMES = ("fixed", "ema")
 ESTIMATOR_NAMES = ("fce", "nce", "flow_mle")
@@ -88,6 +88,16 @@ class MAFConfig(Node):
 
 
 @dataclass
+class SplineConfig(Node):
+    name: str = MISSING
+    n_layers: int = MISSING
+    bins: int = MISSING
+    hidden: int = MISSING
+    hidden_layers: int = MISSING
+    tail_bound: float = MISSING  # each spline bends [-tail_bound, tail_bound]; identity outside
+
+
+@dataclass
 class OptimizerConfig(Node):
     name: str = MISSING
     lr_ebm: float = MISSING
@@ -155,7 +165,7 @@ class RunConfig:
 
     dataset: DatasetConfig = MISSING
     ebm: EBMConfig = MISSING
-    flow: Any = MISSING  # GlowConfig | MAFConfig
+    flow: Any = MISSING  # GlowConfig | MAFConfig | SplineConfig
     optimizer: OptimizerConfig = MISSING
     threshold: Any = MISSING  # FixedThresholdConfig | EMAThresholdConfig
     estimator: Any = MISSING  # EstimatorConfig | NCEEstimatorConfig
@@ -171,7 +181,7 @@ class RunConfig:
 SCHEMAS: dict[str, dict[str, type]] = {
     "dataset": {"dataset": DatasetConfig},
     "ebm": {"ebm": EBMConfig},
-    "flow": {"glow": GlowConfig, "maf": MAFConfig},
+    "flow": {"glow": GlowConfig, "maf": MAFConfig, "spline": SplineConfig},
     "optimizer": {"optimizer": OptimizerConfig},
     "threshold": {"fixed": FixedThresholdConfig, "ema": EMAThresholdConfig},
     "estimator": {"estimator": EstimatorConfig, "nce": NCEEstimatorConfig},
