@@ -134,10 +134,18 @@ LIMITS = {
     "threads": 256,
     "flow.n_steps": 256,
     "flow.n_blocks": 256,
+    "flow.n_layers": 256,
+    "flow.bins": 256,
     "flow.width": 8192,
     "flow.hidden": 8192,
     "flow.hidden_layers": 32,
     "ebm.hidden": 8192,
+}
+# Each flow's integer sizes (besides hidden_layers): positive, at most their LIMITS.
+FLOW_SIZES = {
+    "glow": ("n_steps", "width"),
+    "maf": ("n_blocks", "hidden"),
+    "spline": ("n_layers", "bins", "hidden"),
 }
 SEED_MAX = 2**63 - 1  # torch.manual_seed's range, and the streams' seeds
 
@@ -268,14 +276,16 @@ def validate(cfg: DictConfig) -> None:
     _open_interval(cfg, "threshold.value", 0.0, 1.0)
     if cfg.threshold.name == "ema" and not 0 <= cfg.threshold.decay < 1:
         raise ConfigError(f"threshold.decay={cfg.threshold.decay}: must be in [0, 1)")
-    flow_sizes = ("n_steps", "width") if cfg.flow.name == "glow" else ("n_blocks", "hidden")
-    for key in (*flow_sizes, "hidden_layers"):
+    for key in (*FLOW_SIZES[cfg.flow.name], "hidden_layers"):
         _positive_int(cfg, f"flow.{key}")
-    if cfg.flow.name == "maf":
-        _positive_float(cfg, "flow.scale_bound")
-    bound = cfg.flow.scale_bound  # Glow: inf is no floor, as in the reference's Glow
-    if not isinstance(bound, int | float) or not bound > 0:
-        raise ConfigError(f"flow.scale_bound={bound!r}: must be a positive number (or inf)")
+    if cfg.flow.name == "spline":
+        _positive_float(cfg, "flow.tail_bound")
+    else:
+        if cfg.flow.name == "maf":
+            _positive_float(cfg, "flow.scale_bound")
+        bound = cfg.flow.scale_bound  # Glow: inf is no floor, as in the reference's Glow
+        if not isinstance(bound, int | float) or not bound > 0:
+            raise ConfigError(f"flow.scale_bound={bound!r}: must be a positive number (or inf)")
     hidden = list(cfg.ebm.hidden)
     if not hidden or any(
         not isinstance(h, int) or not 0 < h <= LIMITS["ebm.hidden"] for h in hidden

@@ -15,7 +15,7 @@ from omegaconf import MISSING, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DATASET_NAMES = ("8gaussians", "spiral", "2spirals", "checkerboard", "rings", "pinwheel")
-FLOW_NAMES = ("glow", "maf")
+FLOW_NAMES = ("glow", "maf", "spline")
 OPTIMIZER_NAMES = ("adam", "adamw")
 THRESHOLD_NAMES = ("fixed", "ema")
 EBM_ACTIVATIONS = ("leaky_relu", "silu", "softplus", "elu", "tanh")
@@ -90,6 +90,16 @@ class MAFConfig(Node):
     hidden: int = MISSING
     hidden_layers: int = MISSING
     scale_bound: float = MISSING
+
+
+@dataclass
+class SplineConfig(Node):
+    name: str = MISSING
+    n_layers: int = MISSING
+    bins: int = MISSING
+    hidden: int = MISSING
+    hidden_layers: int = MISSING
+    tail_bound: float = MISSING  # each spline bends [-tail_bound, tail_bound]; identity outside
 
 
 @dataclass
@@ -178,7 +188,7 @@ class RunConfig:
 
     dataset: DatasetConfig = MISSING
     ebm: EBMConfig = MISSING
-    flow: Any = MISSING  # GlowConfig | MAFConfig
+    flow: Any = MISSING  # GlowConfig | MAFConfig | SplineConfig
     optimizer: OptimizerConfig = MISSING
     threshold: Any = MISSING  # FixedThresholdConfig | EMAThresholdConfig
     schedule: Any = MISSING  # ScheduleConfig | CosineScheduleConfig | StepScheduleConfig
@@ -195,7 +205,7 @@ class RunConfig:
 SCHEMAS: dict[str, dict[str, type]] = {
     "dataset": {"dataset": DatasetConfig},
     "ebm": {"ebm": EBMConfig},
-    "flow": {"glow": GlowConfig, "maf": MAFConfig},
+    "flow": {"glow": GlowConfig, "maf": MAFConfig, "spline": SplineConfig},
     "optimizer": {"optimizer": OptimizerConfig},
     "threshold": {"fixed": FixedThresholdConfig, "ema": EMAThresholdConfig},
     "schedule": {

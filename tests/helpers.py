@@ -27,6 +27,7 @@ GRID_TINY = [a for a in TINY if not a.startswith("ebm.")] + ["train.max_steps=30
 TINY_FLOW = {
     "glow": ["flow.n_steps=2", "flow.width=16"],
     "maf": ["flow.n_blocks=2", "flow.hidden=16"],
+    "spline": ["flow.n_layers=2", "flow.hidden=16"],
 }
 
 

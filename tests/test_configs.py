@@ -13,6 +13,7 @@ from fce.config import (
     DATASET_NAMES,
     ESTIMATOR_NAMES,
     FLOW_NAMES,
+    FLOW_SIZES,
     ConfigError,
     upgrade,
     user_settings,
@@ -138,11 +139,23 @@ def test_an_old_config_without_targets_is_upgraded_to_build():
         ("threads=0", r"threads=0: must be a positive integer"),
         ("flow.scale_bound=0", r"flow.scale_bound=0.0: must be a positive number \(or inf\)"),
         ("flow=maf flow.scale_bound=inf", r"flow.scale_bound=inf: must be a positive number"),
+        ("flow=spline flow.n_layers=0", r"flow.n_layers=0: must be a positive integer"),
+        ("flow=spline flow.bins=0", r"flow.bins=0: must be a positive integer"),
+        ("flow=spline flow.bins=1000", r"flow.bins=1000: must be at most 256"),
+        ("flow=spline flow.hidden=9000", r"flow.hidden=9000: must be at most 8,192"),
+        ("flow=spline flow.hidden_layers=0", r"flow.hidden_layers=0: must be a positive integer"),
+        ("flow=spline flow.tail_bound=0", r"flow.tail_bound=0.0: must be a positive number"),
+        ("flow=spline flow.tail_bound=inf", r"flow.tail_bound=inf: must be a positive number"),
+        ("flow=spline +flow.scale_bound=3", r"flow.scale_bound: no such setting"),
     ],
 )
 def test_validation_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose_cfg(override.split()))
+
+
+def test_every_flow_has_its_sizes_checked():
+    assert set(FLOW_SIZES) == set(FLOW_NAMES)
 
 
 def test_glow_without_a_log_scale_floor_is_allowed():

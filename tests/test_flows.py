@@ -9,11 +9,16 @@ import pytest
 import torch
 from torch.func import jacrev, vmap
 
-from fce.flows import FLOWS, MAF, Glow
+from fce.flows import FLOWS, MAF, Glow, Spline
 from fce.flows.base import standard_normal_log_prob
 from fce.flows.glow import AffineCoupling
+from fce.flows.spline import RQSplineCoupling
 
-SMALL = {"glow": dict(n_steps=3, width=16), "maf": dict(n_blocks=3, hidden=16)}
+SMALL = {
+    "glow": dict(n_steps=3, width=16),
+    "maf": dict(n_blocks=3, hidden=16),
+    "spline": dict(n_layers=3, bins=6, hidden=16),
+}
 
 
 def make_flow(name: str, small: bool = True) -> torch.nn.Module:
@@ -40,6 +45,7 @@ def points(n: int = 64) -> torch.Tensor:
 def test_reference_parameter_counts():
     assert sum(p.numel() for p in Glow().parameters()) == 46_840
     assert sum(p.numel() for p in MAF().parameters()) == 54_020
+    assert sum(p.numel() for p in Spline().parameters()) == 23_132  # conf/flow/spline.yaml
 
 
 def test_inverse_of_forward_is_identity(flow):
@@ -58,6 +64,11 @@ def test_forward_of_inverse_is_identity(flow):
     torch.testing.assert_close(flow(x)[0], z, atol=1e-10, rtol=1e-10)
 
 
+# vmap runs torch.searchsorted (the spline's bin lookup) on views it reports non-contiguous.
+VMAP_SEARCHSORTED = pytest.mark.filterwarnings("ignore:torch.searchsorted")
+
+
+@VMAP_SEARCHSORTED
 def test_log_det_equals_autograd_jacobian(flow):
     x = points(16)
     jac = vmap(jacrev(lambda row: flow(row[None])[0][0]))(x)
@@ -101,8 +112,7 @@ def test_state_dict_round_trip(flow):
     buffer = io.BytesIO()
     torch.save(flow.state_dict(), buffer)
     buffer.seek(0)
-    name = "glow" if isinstance(flow, Glow) else "maf"
-    other = FLOWS[name](**SMALL[name]).double()
+    other = FLOWS[flow.name](**SMALL[flow.name]).double()
     other.load_state_dict(torch.load(buffer))
     x = points()
     torch.testing.assert_close(other.log_prob(x), flow.log_prob(x), atol=0, rtol=0)
@@ -240,3 +250,123 @@ def test_folded_glow_refuses_a_flow_whose_data_init_is_pending():
             module.init_pending = True
     with pytest.raises(RuntimeError, match="data-dependent init"):
         flow.folded()
+
+
+# --- the spline flow ----------------------------------------------------------------------------
+
+
+def perturbed_coupling(flip: bool = False, dim: int = 2, scale: float = 0.5) -> RQSplineCoupling:
+    torch.manual_seed(3)
+    coupling = RQSplineCoupling(dim=dim, bins=5, hidden=8, tail_bound=3.0, flip=flip).double()
+    with torch.no_grad():
+        for p in coupling.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return coupling
+
+
+def test_the_perturbed_spline_of_the_property_tests_is_far_from_the_identity():
+    # The property tests above would pass for the identity: the spline they test is not it.
+    flow = make_flow("spline")
+    x = points(256)
+    z, log_det = flow(x)
+    assert (z - x).abs().max() > 0.5 and log_det.abs().max() > 0.5
+
+
+def test_spline_starts_as_the_identity():
+    torch.manual_seed(0)
+    flow = Spline(n_layers=4, bins=8, hidden=16).double()
+    x = 3 * torch.randn(256, 2, dtype=torch.float64)
+    z, log_det = flow(x)
+    torch.testing.assert_close(z, x, atol=1e-12, rtol=0)
+    torch.testing.assert_close(log_det, torch.zeros_like(log_det), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_spline_tails_pass_through_with_log_det_zero(flip):
+    coupling = perturbed_coupling(flip)
+    t = 0 if flip else 1  # the transformed coordinate
+    x = torch.randn(64, 2, dtype=torch.float64)
+    x[:, t] = torch.cat([3.0 + torch.rand(32), -3.0 - 5 * torch.rand(32)]).double()
+    for direction in (coupling.forward, coupling.inverse):
+        y, log_det = direction(x)
+        assert torch.equal(y, x)
+        assert torch.equal(log_det, torch.zeros(64, dtype=torch.float64))
+    # And the whole flow, with every coordinate outside every coupling's bound.
+    flow = make_flow("spline")
+    far = torch.tensor([[6.0, -7.5], [-30.0, 5.5], [5.01, 5.01]], dtype=torch.float64)
+    for direction in (flow.forward, flow.inverse):
+        y, log_det = direction(far)
+        assert torch.equal(y, far) and torch.equal(log_det, torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_spline_is_monotone_continuous_and_maps_the_interval_onto_itself(flip):
+    coupling = perturbed_coupling(flip)
+    t = 0 if flip else 1
+    grid = torch.linspace(-4.0, 4.0, 20_001, dtype=torch.float64)  # across both tails
+    for cond in (-1.0, 0.3, 2.5):
+        x = torch.full((grid.numel(), 2), cond, dtype=torch.float64)
+        x[:, t] = grid
+        z, log_det = coupling(x)
+        assert torch.equal(z[:, 1 - t], x[:, 1 - t])
+        steps = z[:, t].diff()
+        assert (steps > 0).all()  # strictly increasing
+        # Continuous, tails included: no step much larger than the largest slope allows.
+        assert steps.max() <= 1.01 * log_det.exp().max() * grid.diff().max()
+        bounds = torch.tensor([-3.0, 3.0], dtype=torch.float64)
+        ends = torch.full((2, 2), cond, dtype=torch.float64)
+        ends[:, t] = bounds
+        torch.testing.assert_close(coupling(ends)[0][:, t], bounds, atol=1e-12, rtol=0)
+    # Not the identity: the test bends it.
+    assert (z[:, t] - grid).abs().max() > 0.1
+
+
+@VMAP_SEARCHSORTED
+def test_spline_in_more_dimensions_is_invertible_with_exact_log_det():
+    torch.manual_seed(2)
+    flow = Spline(n_layers=3, bins=4, hidden=8, dim=5).double()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = 2 * torch.randn(16, 5, dtype=torch.float64)
+    z, log_det = flow(x)
+    x_back, log_det_back = flow.inverse(z)
+    torch.testing.assert_close(x_back, x, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(
+        log_det + log_det_back, torch.zeros_like(log_det), atol=1e-10, rtol=0
+    )
+    jac = vmap(jacrev(lambda row: flow(row[None])[0][0]))(x)
+    torch.testing.assert_close(
+        log_det, torch.linalg.slogdet(jac).logabsdet, atol=1e-10, rtol=1e-10
+    )
+    # Each coupling keeps dim // 2 coordinates and moves the others; together, they move all.
+    inside = 4 * torch.rand(16, 5, dtype=torch.float64) - 2
+    moved = set()
+    for coupling in flow.transforms:
+        changed = (coupling(inside)[0] != inside).all(0)
+        assert changed.sum() == 5 - 5 // 2
+        moved |= set(changed.nonzero().flatten().tolist())
+    assert moved == set(range(5))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(n_layers=0),
+        dict(bins=0),
+        dict(hidden=0),
+        dict(hidden_layers=0),
+        dict(dim=1),
+        dict(tail_bound=0.0),
+        dict(tail_bound=math.inf),
+        dict(bins=1000),  # bins * the least bin share (1e-3) must stay below 1
+    ],
+)
+def test_spline_refuses_bad_sizes(kwargs):
+    with pytest.raises(ValueError):
+        Spline(**kwargs)
+
+
+def test_spline_checks_its_name():
+    with pytest.raises(ValueError, match=r"flow\.name='glow' does not name Spline"):
+        Spline(name="glow")

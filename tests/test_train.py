@@ -16,7 +16,11 @@ from fce.tracking import MemoryTracker
 from fce.trainer import DivergenceError, LoopSettings, Trainer
 from tests import helpers
 
-SMALL = {"glow": dict(n_steps=2, width=16), "maf": dict(n_blocks=2, hidden=16)}
+SMALL = {
+    "glow": dict(n_steps=2, width=16),
+    "maf": dict(n_blocks=2, hidden=16),
+    "spline": dict(n_layers=2, hidden=16),
+}
 
 
 def make_trainer(

@@ -4,8 +4,9 @@ from fce.flows.base import Flow, FrozenFlow, Transform, standard_normal_log_prob
 from fce.flows.gaussian import Gaussian
 from fce.flows.glow import Glow
 from fce.flows.maf import MAF
+from fce.flows.spline import Spline
 
-FLOWS: dict[str, type[Flow]] = {"glow": Glow, "maf": MAF}
+FLOWS: dict[str, type[Flow]] = {"glow": Glow, "maf": MAF, "spline": Spline}
 
 __all__ = [
     "FLOWS",
@@ -14,6 +15,7 @@ __all__ = [
     "FrozenFlow",
     "Gaussian",
     "Glow",
+    "Spline",
     "Transform",
     "standard_normal_log_prob",
 ]
