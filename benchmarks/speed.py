@@ -6,7 +6,8 @@
     python benchmarks/speed.py --run-only      # only the default `python run.py`
 
 For each flow at the reference sizes (EBM 2-128-128-1; Glow 10 steps of width 64; MAF 5
-blocks of 100 with two hidden layers), batch 1000, 8gaussians, the default config otherwise:
+blocks of 100 with two hidden layers; ``--flows spline`` adds the spline flow at its
+defaults), batch 1000, 8gaussians, the default config otherwise:
 
 - steps_per_s: training steps only (evaluation and plots excluded), after a warm-up, over
   --windows consecutive windows of --steps: by default 5 x 1,000, the default run's length
@@ -34,6 +35,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from fce.config import FLOW_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -214,7 +217,7 @@ def main() -> None:
     parser.add_argument(
         "--run-only", action="store_true", help="only time `python run.py` (no per-flow table)"
     )
-    parser.add_argument("--flows", nargs="+", default=["glow", "maf"], choices=["glow", "maf"])
+    parser.add_argument("--flows", nargs="+", default=["glow", "maf"], choices=FLOW_NAMES)
     parser.add_argument(
         "overrides", nargs="*", help="config overrides, e.g. optimizer.fused=false"
     )

@@ -47,7 +47,11 @@ def copy_store(template: Path, directory: Path) -> str:
 # trial before the call and must hold it, intact, after.
 RUN_BAD_INPUTS = [
     ("unknown-dataset", ["dataset=moons"], "dataset=moons: unknown dataset; choose one of"),
-    ("unknown-flow", ["flow=realnvp"], "flow=realnvp: unknown flow; choose one of: glow, maf"),
+    (
+        "unknown-flow",
+        ["flow=realnvp"],
+        "flow=realnvp: unknown flow; choose one of: glow, maf, spline",
+    ),
     ("unknown-optimizer", ["optimizer=sgdx"], "optimizer=sgdx: unknown optimizer; choose one"),
     ("unknown-threshold", ["threshold=median"], "threshold=median: unknown threshold; choose"),
     ("unknown-device", ["device=tpu"], "device='tpu': unknown; choose one of: auto, cpu, cuda"),
@@ -244,12 +248,13 @@ SWEEP_BAD_INPUTS = [
     (
         "space-unknown-choice",
         ["sweep={tmp}/unknown_choice.yaml"],
-        "sweep=unknown_choice: params.flow: 'nosuch': unknown flow; choose one of: glow, maf",
+        "sweep=unknown_choice: params.flow: 'nosuch': unknown flow; choose one of: glow, maf, "
+        "spline",
     ),
     (
         "space-group-by-int",
         ["sweep={tmp}/group_int.yaml"],
-        "sweep=group_int: params.flow: 1: unknown flow; choose one of: glow, maf",
+        "sweep=group_int: params.flow: 1: unknown flow; choose one of: glow, maf, spline",
     ),
     (
         "space-group-as-range",

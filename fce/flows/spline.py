@@ -5,14 +5,14 @@ Each coupling maps the transformed half x_t elementwise by a spline g on [-B, B]
 bins; outside it, g is the identity (the tails), and its slope at -B and B is 1, so g and its
 derivative are continuous there. In bin k, with knots (x_k, y_k), width w_k, height h_k, slope
 s_k = h_k / w_k, knot derivatives d_k, d_k+1 and xi = (x - x_k) / w_k in [0, 1]
-(Durkan et al., eqs. 4-6)::
+(Durkan et al., after Gregory & Delbourgo)::
 
     g(x)  = y_k + h_k (s_k xi^2 + d_k xi (1 - xi)) / (s_k + (d_k+1 + d_k - 2 s_k) xi (1 - xi))
     g'(x) = s_k^2 (d_k+1 xi^2 + 2 s_k xi (1 - xi) + d_k (1 - xi)^2)
             / (s_k + (d_k+1 + d_k - 2 s_k) xi (1 - xi))^2
 
-and the inverse solves the quadratic a xi^2 + b xi + c = 0 for xi in [0, 1] (the appendix's
-eqs. 29-32), with the root written as 2c / (-b - sqrt(b^2 - 4ac)), which does not cancel.
+and the inverse solves the quadratic a xi^2 + b xi + c = 0 for xi in [0, 1] (the paper's
+appendix), with the root written as 2c / (-b - sqrt(b^2 - 4ac)), which does not cancel.
 Widths and heights are a softmax with a floor (``min_bin``), derivatives a softplus with one
 (``min_derivative``); the conditioner's last layer starts at zero and the softplus is shifted
 so that a zero output gives d = 1: every coupling starts as the identity. Couplings alternate
@@ -165,7 +165,7 @@ def rational_quadratic(
     d_k1 = derivatives.gather(-1, k1)
     slope = height / width
     curvature = d_k1 + d_k - 2 * slope  # the denominator's coefficient of xi (1 - xi)
-    if inverse:  # a xi^2 + b xi + c = 0, the root in [0, 1] (eqs. 29-32)
+    if inverse:  # a xi^2 + b xi + c = 0: the root in [0, 1] (the paper's appendix)
         dy = x_in - y_k
         a = height * (slope - d_k) + dy * curvature
         b = height * d_k - dy * curvature
