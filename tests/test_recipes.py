@@ -216,3 +216,44 @@ def test_resume_refuses_a_new_length_under_a_decaying_schedule(tmp_path):
     assert check_same_run(constant, compose(SMALL), "the checkpoint") == {
         "train.max_steps": (40, 80)
     }
+
+
+# --- experiment=truth -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dataset", ["8gaussians", "spiral", "2spirals", "checkerboard", "rings", "pinwheel"]
+)
+def test_truth_experiment_composes_for_every_dataset_with_its_recipe(dataset):
+    from omegaconf import OmegaConf
+
+    from tests.helpers import ROOT
+
+    cfg = compose(["experiment=truth", f"dataset={dataset}"])
+    validate(cfg)
+    assert (cfg.ebm.activation, cfg.flow.name, cfg.schedule.name) == ("silu", "spline", "cosine")
+    assert cfg.train.ema_decay > 0 and cfg.estimator.name == "fce"
+    recipe = ROOT / "conf" / "recipe" / f"truth_{dataset}.yaml"
+    if recipe.exists():  # the dataset's own changes win over the experiment's
+        for key, value in _leaves(OmegaConf.to_container(OmegaConf.load(recipe))):
+            assert OmegaConf.select(cfg, key) == value, key
+    # A recipe belongs to its experiment: without it, the dataset runs the defaults.
+    plain = compose([f"dataset={dataset}"])
+    assert (plain.ebm.activation, plain.flow.name, plain.schedule.name) == (
+        "leaky_relu",
+        "glow",
+        "constant",
+    )
+
+
+def test_command_line_overrides_win_over_a_recipe():
+    cfg = compose(["experiment=truth", "dataset=checkerboard", "train.max_steps=7"])
+    assert cfg.train.max_steps == 7
+
+
+def _leaves(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
