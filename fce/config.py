@@ -21,6 +21,7 @@ from fce.schema import (  # noqa: F401 (the names the rest of the package import
     CONF_DIR,
     DATASET_NAMES,
     DEVICES,
+    EBM_METRICS,
     ESTIMATOR_NAMES,
     EVAL_METRICS,
     FLOW_METRICS,

@@ -37,6 +37,16 @@ EVAL_METRICS = (
 )
 # What an evaluation reports for an estimator that never trains the EBM (flow_mle).
 FLOW_METRICS = ("nll_flow", "nll_data", "kl_data_flow")
+# What an evaluation reports for an estimator that never trains the flow (mle).
+EBM_METRICS = (
+    "nll_ebm",
+    "nll_data",
+    "kl_data_ebm",
+    "tv_ebm",
+    "mse_logp",
+    "mse_logp_centered",
+    "logz_gap",
+)
 # Keys of Hydra's instantiation machinery: not settings of the user's, so neither logged as
 # MLflow params nor compared on resume.
 INTERNAL_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
