@@ -18,7 +18,7 @@ DATASET_NAMES = ("8gaussians", "spiral", "2spirals", "checkerboard", "rings", "p
 FLOW_NAMES = ("glow", "maf")
 OPTIMIZER_NAMES = ("adam", "adamw")
 THRESHOLD_NAMES = ("fixed", "ema")
-ESTIMATOR_NAMES = ("fce", "nce", "flow_mle")
+ESTIMATOR_NAMES = ("fce", "nce", "flow_mle", "mle")
 NOISE_NAMES = ("gaussian", "flow")  # NCE's fixed noise: a fitted Gaussian or a frozen flow
 DEVICES = ("auto", "cpu", "cuda")
 PROGRESS_MODES = ("auto", "bar", "log", "none")
@@ -130,6 +130,13 @@ class NCEEstimatorConfig(EstimatorConfig):
 
 
 @dataclass
+class MLEEstimatorConfig(EstimatorConfig):
+    grid_cells: int = MISSING  # the quadrature's cells per axis: grid_cells^2 points a step
+    grid_limit: float = MISSING  # the square [-grid_limit, grid_limit]^2 it integrates over
+    jitter: bool = MISSING  # shift the whole grid by one uniform offset each step
+
+
+@dataclass
 class MLflowTrackingConfig(PartialNode):
     uri: str | None = MISSING  # None: $MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db
     experiment: str = MISSING
@@ -168,7 +175,7 @@ class RunConfig:
     flow: Any = MISSING  # GlowConfig | MAFConfig
     optimizer: OptimizerConfig = MISSING
     threshold: Any = MISSING  # FixedThresholdConfig | EMAThresholdConfig
-    estimator: Any = MISSING  # EstimatorConfig | NCEEstimatorConfig
+    estimator: Any = MISSING  # EstimatorConfig | NCEEstimatorConfig | MLEEstimatorConfig
     tracking: Any = MISSING  # MLflowTrackingConfig | PartialNode (none)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -184,7 +191,11 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "flow": {"glow": GlowConfig, "maf": MAFConfig},
     "optimizer": {"optimizer": OptimizerConfig},
     "threshold": {"fixed": FixedThresholdConfig, "ema": EMAThresholdConfig},
-    "estimator": {"estimator": EstimatorConfig, "nce": NCEEstimatorConfig},
+    "estimator": {
+        "estimator": EstimatorConfig,
+        "nce": NCEEstimatorConfig,
+        "mle": MLEEstimatorConfig,
+    },
     "tracking": {"mlflow": MLflowTrackingConfig, "none": PartialNode},
 }
 
