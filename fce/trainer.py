@@ -215,6 +215,7 @@ class Trainer:
     def evaluate(self) -> None:
         """The metrics of the models on the held-out points, logged at the current step."""
         started = time.perf_counter()
+        self.estimator.before_evaluation()
         ebm = self.ebm if self.estimator.evaluates_ebm else None
         flow = self.flow if self.estimator.evaluates_flow else None
         metrics = self.evaluator(ebm, flow)

@@ -101,12 +101,14 @@ def test_without_jitter_log_z_hat_is_the_evaluation_grids_log_z():
         trainer.step += 1
         assert out.signals["log_z"].item() == pytest.approx(expected, abs=1e-6)
         assert ebm.log_z.item() == out.signals["log_z"].float().item()
-    # Evaluation on that grid: c is the quadrature's log Z of one step before, so logz_gap is
-    # the change of log Z in one step.
-    gap = Evaluator(get_dataset("8gaussians"), trainer.data[:200], grid)(ebm, None)["logz_gap"]
+    # c lags the weights by that step; before an evaluation it is set to the log Z_hat of the
+    # current weights, so logz_gap on the same grid is the rounding of float32 alone.
     after = grid.log_integral(-ebm.energy(grid.points)).item()
-    assert gap == pytest.approx(ebm.log_z.item() - after, abs=1e-6)
-    assert abs(gap) < 0.01
+    assert abs(ebm.log_z.item() - after) > 1e-4
+    trainer.evaluator = Evaluator(get_dataset("8gaussians"), trainer.data[:200], grid)
+    trainer.evaluate()
+    assert ebm.log_z.item() == pytest.approx(after, abs=1e-6)
+    assert abs(trainer.last_metrics["logz_gap"]) < 1e-6
 
 
 def test_with_jitter_the_shifted_midpoint_sum_is_unbiased():
@@ -152,7 +154,7 @@ def test_mle_recovers_a_gaussian_with_an_mlp_energy():
     assert first["kl_data_ebm"] > 0.5
     assert final["kl_data_ebm"] < 0.02
     assert final["mse_logp"] < 0.02  # c = log Z_hat: the shape and the normaliser
-    assert abs(final["logz_gap"]) < 0.02
+    assert abs(final["logz_gap"]) < 1e-3  # 64 x 64 shifted cells against 256 x 256
     # Only the EBM's metrics: the flow is not trained.
     assert set(final) == {*EBM_METRICS, "flow_step_share"}
     values = trainer.history.history["value"][1]
@@ -187,7 +189,9 @@ def test_a_run_moves_the_energy_sets_c_and_leaves_the_flow_alone():
     assert all(torch.equal(a, b) for a, b in zip(flow_before, params(trainer.flow)))
     assert not any(torch.equal(a, b) for a, b in zip(ebm_before, params(trainer.ebm.energy_net)))
     history = trainer.history.history
-    assert history["log_z"][1][-1] == pytest.approx(trainer.ebm.log_z.item(), abs=1e-6)
+    # The last evaluation set c to the log Z_hat of the final weights (the next step's nodes).
+    assert trainer.ebm.log_z.item() == pytest.approx(estimator.log_z_hat(30).item(), abs=1e-6)
+    assert abs(final["logz_gap"]) < 0.005  # 64 x 64 shifted cells against 32 x 32
     assert set(history["trained_ebm"][1]) == {1.0} and final["flow_step_share"] == 0.0
     assert "nll_flow" not in history and "nll_ebm" in history
     assert estimator.state_dict() == {"mle_steps": 30}

@@ -116,6 +116,10 @@ class Estimator(ABC):
         """After each step, its signals on the host: a rule may choose the next move."""
         return None
 
+    def before_evaluation(self) -> None:
+        """Before each evaluation: settle what the metrics read of the models (mle sets c)."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """The estimator's own state beyond the models and optimizers (for checkpoints)."""
         return {}
