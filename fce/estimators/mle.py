@@ -1,8 +1,10 @@
 """Exact maximum likelihood of the EBM: in two dimensions its normaliser is a quadrature.
 
-The ceiling for FCE and NCE of the same EBM at the same budget: each step descends the
-batch's negative log-likelihood under the EBM normalised on a grid, the way evaluation
-normalises it (``fce.metrics.Grid``), so no contrast and no flow are involved.
+The reference for FCE and NCE of the same EBM: the likelihood they stand in for, exact up to
+the quadrature. Each step descends the batch's negative log-likelihood under the EBM
+normalised on a grid, the way evaluation normalises it (``fce.metrics.Grid``), so no
+contrast and no flow are involved. (A ceiling of the objective, not of a fixed budget: at a
+given number of steps the optimisation may limit it more than the estimator; docs/method.md.)
 """
 
 from __future__ import annotations
