@@ -1,5 +1,5 @@
-"""The comparison of FCE with NCE and flow-MLE: the table's logic on known numbers, and the
-command end to end on a tiny grid."""
+"""The comparison of FCE with NCE, EBM-MLE and flow-MLE: the table's logic on known numbers,
+and the command end to end on a tiny grid."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def test_a_difference_within_two_standard_errors_is_a_tie():
 
 
 @pytest.mark.slow
-def test_compare_command_runs_the_three_estimators_and_writes_the_report(tmp_path):
+def test_compare_command_runs_every_estimator_and_writes_the_report(tmp_path):
     uri = store_uri(tmp_path)
     out = tmp_path / "report"
     args = ["--seeds", "0", "1", "--uri", uri, "--out", str(out), "--datasets", "8gaussians"]
@@ -64,7 +64,7 @@ def test_compare_command_runs_the_three_estimators_and_writes_the_report(tmp_pat
     assert done.returncode == 0, done.stderr[-3000:]
     table = pd.read_csv(out / "compare.csv")
     assert list(table["dataset"]) == ["8gaussians"] and table["seeds"].tolist() == [2]
-    for column in ("nll_ebm FCE", "nll_ebm NCE", "nll_flow FCE", "nll_flow MLE"):
+    for column in ("nll_ebm FCE", "nll_ebm NCE", "nll_ebm MLE", "nll_flow FCE", "nll_flow MLE"):
         assert " ± " in table.loc[0, column]
     assert (out / "compare.png").stat().st_size > 10_000
     assert "| 8gaussians |" in (out / "compare.md").read_text()
