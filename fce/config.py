@@ -22,6 +22,7 @@ from fce.schema import (  # noqa: F401 (the names the rest of the package import
     DATASET_NAMES,
     DEVICES,
     EBM_ACTIVATIONS,
+    EBM_METRICS,
     ESTIMATOR_NAMES,
     EVAL_METRICS,
     FLOW_METRICS,
@@ -131,6 +132,9 @@ LIMITS = {
     "train.batch_size": 1_000_000,
     "eval.n_points": 1_000_000,
     "eval.grid_cells": 2048,
+    # estimator=mle differentiates through every grid point each step: 1024^2 points hold
+    # about 0.5 GiB per hidden layer of width 128, forward and backward.
+    "estimator.grid_cells": 1024,
     "threads": 256,
     "flow.n_steps": 256,
     "flow.n_blocks": 256,
@@ -255,6 +259,11 @@ def validate(cfg: DictConfig) -> None:
                 "estimator.noise_checkpoint=None: estimator.noise=flow needs the checkpoint "
                 "(file or run directory) of a trained flow"
             )
+    if cfg.estimator.name == "mle":
+        _positive_int(cfg, "estimator.grid_cells")
+        _positive_float(cfg, "estimator.grid_limit")
+        if not isinstance(cfg.estimator.jitter, bool):
+            raise ConfigError(f"estimator.jitter={cfg.estimator.jitter!r}: must be true or false")
     _choice(cfg, "device", DEVICES)
     _choice(cfg, "progress", PROGRESS_MODES)
     for key in ("dataset.n_samples", "train.batch_size", "train.epochs", "train.eval_every"):

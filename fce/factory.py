@@ -75,6 +75,7 @@ def build(cfg: RunConfig, device: torch.device) -> RunParts:
         rule=instantiate(cfg.threshold),
         train_data=train_data,
         flow_config=user_settings(cfg.flow),
+        seed=cfg.seed,
     )
     estimator = instantiate(cfg.estimator)(players)
     settings = LoopSettings(

@@ -137,15 +137,21 @@ class Evaluator:
             self.p_true_grid = true_log_prob(dataset, grid.points).exp()
 
     @torch.no_grad()
-    def __call__(self, ebm: EBM | None, flow: Flow) -> dict[str, float]:
+    def __call__(self, ebm: EBM | None, flow: Flow | None) -> dict[str, float]:
         """The metrics of ``ebm`` and ``flow``; with ``ebm=None``, the flow's alone (nll_flow,
         and nll_data, kl_data_flow where the dataset has a density): for a run that trains
-        no EBM."""
+        no EBM; with ``flow=None``, the EBM's alone (and nll_data): for one that trains no
+        flow."""
+        if ebm is None and flow is None:
+            raise ValueError("nothing to evaluate: both ebm and flow are None")
         x = self.eval_points
-        values = {"nll_flow": -_chunked(flow.log_prob, x).double().mean()}
+        values = {}
         if self.log_p_true is not None:
             values["nll_data"] = -self.log_p_true.mean()
-            values["kl_data_flow"] = values["nll_flow"] + self.log_p_true.mean()
+        if flow is not None:
+            values["nll_flow"] = -_chunked(flow.log_prob, x).double().mean()
+            if self.log_p_true is not None:
+                values["kl_data_flow"] = values["nll_flow"] + self.log_p_true.mean()
         if ebm is not None:
             values |= self._ebm_metrics(ebm)
         values = {name: values[name] for name in EVAL_METRICS if name in values}

@@ -39,25 +39,19 @@ class Progress(Callback):
 
     def on_step(self, trainer: Trainer, signals: dict[str, float]) -> None:
         step = trainer.step
-        value = signals.get("value", signals.get("loss", math.nan))
-        accuracy = signals.get("acc", math.nan)
+        # The estimator's own signals (FCE's value and acc, flow_mle's loss, mle's value and
+        # log_z), in its order; which model stepped is no news on a terminal.
+        shown = {n: signals[n] for n in trainer.estimator.signals if n != "trained_ebm"}
         if self.bar is not None:
             self.bar.update(1)
             if step % 10 == 0:
-                self.bar.set_postfix(acc=f"{accuracy:.3f}", value=f"{value:.4f}", refresh=False)
+                self.bar.set_postfix({n: f"{v:.4f}" for n, v in shown.items()}, refresh=False)
         elif self.mode == "log" and (step % self.every == 0 or step == self.total):
             now = time.perf_counter()
             rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
             eta = (self.total - step) / rate if rate > 0 else math.inf
-            log.info(
-                "step %d/%d  acc %.3f  value %.4f  %.0f steps/s  eta %.0fs",
-                step,
-                self.total,
-                accuracy,
-                value,
-                rate,
-                eta,
-            )
+            text = "  ".join(f"{n} {v:.4f}" for n, v in shown.items())
+            log.info("step %d/%d  %s  %.0f steps/s  eta %.0fs", step, self.total, text, rate, eta)
             self.last_time, self.last_step = now, step
 
     def close(self) -> None:

@@ -20,7 +20,7 @@ OPTIMIZER_NAMES = ("adam", "adamw")
 THRESHOLD_NAMES = ("fixed", "ema")
 EBM_ACTIVATIONS = ("leaky_relu", "silu", "softplus", "elu", "tanh")
 SCHEDULE_NAMES = ("constant", "cosine", "step")
-ESTIMATOR_NAMES = ("fce", "nce", "flow_mle")
+ESTIMATOR_NAMES = ("fce", "nce", "flow_mle", "mle")
 NOISE_NAMES = ("gaussian", "flow")  # NCE's fixed noise: a fitted Gaussian or a frozen flow
 DEVICES = ("auto", "cpu", "cuda")
 PROGRESS_MODES = ("auto", "bar", "log", "none")
@@ -39,6 +39,16 @@ EVAL_METRICS = (
 )
 # What an evaluation reports for an estimator that never trains the EBM (flow_mle).
 FLOW_METRICS = ("nll_flow", "nll_data", "kl_data_flow")
+# What an evaluation reports for an estimator that never trains the flow (mle).
+EBM_METRICS = (
+    "nll_ebm",
+    "nll_data",
+    "kl_data_ebm",
+    "tv_ebm",
+    "mse_logp",
+    "mse_logp_centered",
+    "logz_gap",
+)
 # Keys of Hydra's instantiation machinery: not settings of the user's, so neither logged as
 # MLflow params nor compared on resume.
 INTERNAL_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
@@ -152,6 +162,13 @@ class NCEEstimatorConfig(EstimatorConfig):
 
 
 @dataclass
+class MLEEstimatorConfig(EstimatorConfig):
+    grid_cells: int = MISSING  # the quadrature's cells per axis: grid_cells^2 points a step
+    grid_limit: float = MISSING  # the square [-grid_limit, grid_limit]^2 it integrates over
+    jitter: bool = MISSING  # shift the whole grid by one uniform offset each step
+
+
+@dataclass
 class MLflowTrackingConfig(PartialNode):
     uri: str | None = MISSING  # None: $MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db
     experiment: str = MISSING
@@ -192,7 +209,7 @@ class RunConfig:
     optimizer: OptimizerConfig = MISSING
     threshold: Any = MISSING  # FixedThresholdConfig | EMAThresholdConfig
     schedule: Any = MISSING  # ScheduleConfig | CosineScheduleConfig | StepScheduleConfig
-    estimator: Any = MISSING  # EstimatorConfig | NCEEstimatorConfig
+    estimator: Any = MISSING  # EstimatorConfig | NCEEstimatorConfig | MLEEstimatorConfig
     tracking: Any = MISSING  # MLflowTrackingConfig | PartialNode (none)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -213,7 +230,11 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "cosine": CosineScheduleConfig,
         "step": StepScheduleConfig,
     },
-    "estimator": {"estimator": EstimatorConfig, "nce": NCEEstimatorConfig},
+    "estimator": {
+        "estimator": EstimatorConfig,
+        "nce": NCEEstimatorConfig,
+        "mle": MLEEstimatorConfig,
+    },
     "tracking": {"mlflow": MLflowTrackingConfig, "none": PartialNode},
 }
 

@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fce.cli import one_line
-from fce.config import EVAL_METRICS, FLOW_METRICS, ConfigError, validate
+from fce.config import EBM_METRICS, EVAL_METRICS, FLOW_METRICS, ConfigError, validate
 
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
@@ -143,11 +143,15 @@ def check_space_against_run(
     """
     cfg = compose(base)
     validate(cfg)
-    if cfg.estimator.name == "flow_mle" and settings.objective not in FLOW_METRICS:
-        raise ConfigError(
-            f"sweep.objective={settings.objective}: estimator=flow_mle trains no EBM; "
-            f"choose one of: {', '.join(FLOW_METRICS)}"
-        )
+    # Estimators that train one model report that model's metrics alone.
+    reported = {"flow_mle": ("EBM", FLOW_METRICS), "mle": ("flow", EBM_METRICS)}
+    if cfg.estimator.name in reported:
+        untrained, metrics = reported[cfg.estimator.name]
+        if settings.objective not in metrics:
+            raise ConfigError(
+                f"sweep.objective={settings.objective}: estimator={cfg.estimator.name} trains "
+                f"no {untrained}; choose one of: {', '.join(metrics)}"
+            )
     where = f"sweep={settings.name}: params"
     groups = {key: spec for key, spec in settings.params.items() if key in GROUPS}
     for key, spec in groups.items():

@@ -234,8 +234,10 @@ class Trainer:
     def evaluate(self) -> None:
         """The metrics of the models on the held-out points, logged at the current step."""
         started = time.perf_counter()
+        self.estimator.before_evaluation()
         ebm = self.evaluated_ebm if self.estimator.evaluates_ebm else None
-        metrics = self.evaluator(ebm, self.flow)
+        flow = self.flow if self.estimator.evaluates_flow else None
+        metrics = self.evaluator(ebm, flow)
         self.seconds["eval"] += time.perf_counter() - started
         for name, value in metrics.items():
             if not math.isfinite(value):

@@ -1,15 +1,18 @@
 """FCE against the baselines it claims to beat, on the six datasets: one command, one table.
 
-    python sweeps/compare.py                          # 6 datasets x fce,nce,flow_mle x seeds 0,1,2
+    python sweeps/compare.py                          # 6 datasets x 4 estimators x seeds 0,1,2
     python sweeps/compare.py --seeds 0 1 --datasets 8gaussians rings train.max_steps=2000
+    python sweeps/compare.py --estimators mle         # add one estimator's runs to the others'
     python sweeps/compare.py --report-only            # table and figure from runs already logged
 
 The runs are one Hydra multirun of run.py (joblib launcher, --jobs processes) in the MLflow
 experiment ``compare``. Every run gets the same budget of training steps (the config's
 epochs / max_steps): FCE splits it between the EBM and the flow by its threshold rule, NCE
-gives every step to the EBM (against a Gaussian fitted to the data), flow_mle every step to
-the flow. Then analysis/compare.py writes the table (compare.md, compare.csv) and the figure
-(compare.png) to docs/figures/.
+gives every step to the EBM (against a Gaussian fitted to the data), mle every step to the
+EBM by exact maximum likelihood (the ceiling of the two), flow_mle every step to the flow.
+The report takes, per dataset and estimator, the newest group of runs, so runs of one
+estimator added later stand beside the others'. Then analysis/compare.py writes the table
+(compare.md, compare.csv) and the figure (compare.png) to docs/figures/.
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
         "--datasets", nargs="+", action=ListUntilOverride, default=list(DATASET_NAMES)
     )
     parser.add_argument("--seeds", nargs="+", action=ListUntilOverride, default=["0", "1", "2"])
+    parser.add_argument(
+        "--estimators", nargs="+", action=ListUntilOverride, default=list(ESTIMATOR_NAMES)
+    )
     parser.add_argument("--flow", default="glow", help=f"one of {', '.join(FLOW_NAMES)}")
     parser.add_argument("--jobs", type=int, default=2, help="parallel runs (1 thread each)")
     parser.add_argument("--experiment", default="compare", help="MLflow experiment")
@@ -69,6 +75,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     for dataset in args.datasets:
         if dataset not in DATASET_NAMES:
             fail(f"--datasets {dataset}: unknown; choose from {', '.join(DATASET_NAMES)}")
+    if not args.estimators:
+        fail(f"--estimators: none given; choose from {', '.join(ESTIMATOR_NAMES)}")
+    for estimator in args.estimators:
+        if estimator not in ESTIMATOR_NAMES:
+            fail(f"--estimators {estimator}: unknown; choose from {', '.join(ESTIMATOR_NAMES)}")
     if args.flow not in FLOW_NAMES:
         fail(f"--flow {args.flow}: unknown; choose one of {', '.join(FLOW_NAMES)}")
     if args.jobs < 1 or not args.seeds:
@@ -90,7 +101,7 @@ def main() -> None:
             sys.executable,
             str(ROOT / "run.py"),
             "-m",
-            f"estimator={','.join(ESTIMATOR_NAMES)}",
+            f"estimator={','.join(args.estimators)}",
             f"dataset={','.join(args.datasets)}",
             f"seed={','.join(map(str, args.seeds))}",
             f"flow={args.flow}",
@@ -102,7 +113,7 @@ def main() -> None:
             *tracking,
             *overrides,
         ]
-        n_runs = len(args.datasets) * len(args.seeds) * len(ESTIMATOR_NAMES)
+        n_runs = len(args.datasets) * len(args.seeds) * len(args.estimators)
         print(f"{n_runs} runs, {args.jobs} at a time: {' '.join(command[1:])}", flush=True)
         done = subprocess.run(command, cwd=ROOT)
         if done.returncode != 0:

@@ -66,6 +66,7 @@ def make_trainer(
         rule=rule if rule is not None else FixedThreshold(value=0.6),
         train_data=data,
         flow_config={},
+        seed=settings.seed,
     )
     model = ESTIMATORS[estimator](players, name=estimator, **options)
     return Trainer(model, data, evaluator, settings, tracker=tracker, callbacks=callbacks)

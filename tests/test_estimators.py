@@ -1,4 +1,5 @@
-"""The baselines FCE is compared with: NCE against fixed noise, and the flow by maximum likelihood.
+"""The baselines FCE is compared with: NCE against fixed noise, and the flow by maximum likelihood
+(the EBM by maximum likelihood, estimator=mle, has tests/test_mle.py).
 
 Known answers: on Gaussian data, NCE recovers the Gaussian's log-density *and* its
 log-normaliser (c -> log Z), and the MLE flow recovers the Gaussian itself.
@@ -107,7 +108,7 @@ def test_flow_mle_recovers_the_gaussian_and_leaves_the_ebm_alone():
     assert len(losses) == 600 and sum(losses[-50:]) < sum(losses[:50])
 
 
-@pytest.mark.parametrize("estimator", ["nce", "flow_mle"])
+@pytest.mark.parametrize("estimator", ["nce", "flow_mle", "mle"])
 def test_run_py_logs_each_estimator_to_mlflow(tmp_path, estimator):
     uri = store_uri(tmp_path)
     done = run_cli([f"estimator={estimator}", *TINY, f"tracking.uri={uri}"], cwd=tmp_path)
@@ -120,6 +121,10 @@ def test_run_py_logs_each_estimator_to_mlflow(tmp_path, estimator):
     if estimator == "nce":
         assert {"nll_ebm", "mse_logp", "nll_flow", "value", "acc"} <= metrics
         assert run.info.run_name.startswith("8gaussians-nce-gaussian-s")
+    elif estimator == "mle":
+        assert {"nll_ebm", "kl_data_ebm", "mse_logp", "logz_gap", "value", "log_z"} <= metrics
+        assert not metrics & {"nll_flow", "kl_data_flow", "acc"}
+        assert run.info.run_name.startswith("8gaussians-ebm-mle-s")
     else:
         assert {"nll_flow", "kl_data_flow", "loss"} <= metrics
         assert not metrics & {"nll_ebm", "mse_logp", "value"}
@@ -156,7 +161,14 @@ def test_nce_with_a_frozen_flow_from_a_checkpoint(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["estimator=mle"], "estimator=mle: unknown estimator; choose one of: fce, flow_mle, nce"),
+        (
+            ["estimator=mcmc"],
+            "estimator=mcmc: unknown estimator; choose one of: fce, flow_mle, mle, nce",
+        ),
+        (
+            ["estimator=mle", "estimator.grid_cells=0"],
+            "estimator.grid_cells=0: must be a positive integer",
+        ),
         (
             ["estimator=nce", "estimator.noise=uniform"],
             "estimator.noise='uniform': unknown; choose one of: gaussian, flow",
@@ -174,19 +186,35 @@ def test_bad_estimator_settings_are_one_line(tmp_path, args, message):
     assert "Traceback" not in done.stderr
 
 
-def test_a_study_of_flow_mle_needs_an_objective_the_flow_reports(tmp_path):
+@pytest.mark.parametrize(
+    ("estimator", "objective", "message"),
+    [
+        (
+            "flow_mle",
+            "nll_ebm",
+            "estimator=flow_mle trains no EBM; choose one of: nll_flow, nll_data, kl_data_flow",
+        ),
+        (
+            "mle",
+            "nll_flow",
+            "estimator=mle trains no flow; choose one of: nll_ebm, nll_data, kl_data_ebm, "
+            "tv_ebm, mse_logp, mse_logp_centered, logz_gap",
+        ),
+    ],
+)
+def test_a_study_of_one_model_needs_an_objective_that_model_reports(
+    tmp_path, estimator, objective, message
+):
     args = [
         "sweep=threshold_lr",
-        "estimator=flow_mle",
+        f"estimator={estimator}",
+        f"sweep.objective={objective}",
         f"sweep.storage=sqlite:///{tmp_path / 'optuna.db'}",
         f"tracking.uri={store_uri(tmp_path)}",
     ]
     done = run_cli(args, cwd=tmp_path, script="sweeps/tune.py")
     assert done.returncode == 2
-    assert done.stderr.strip() == (
-        "error: sweep.objective=nll_ebm: estimator=flow_mle trains no EBM; "
-        "choose one of: nll_flow, nll_data, kl_data_flow"
-    )
+    assert done.stderr.strip() == f"error: sweep.objective={objective}: {message}"
 
 
 def test_a_checkpoint_saved_before_the_estimator_group_still_resumes(tmp_path):

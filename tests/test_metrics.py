@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fce.config import EVAL_METRICS, FLOW_METRICS
+from fce.config import EBM_METRICS, EVAL_METRICS, FLOW_METRICS
 from fce.data import Dataset, get_dataset, make_generator
 from fce.ebm import EBM
 from fce.flows import MAF
@@ -103,6 +103,19 @@ def test_without_an_ebm_only_the_flow_metrics_are_computed():
     assert list(flow_only) == list(FLOW_METRICS)  # in EVAL_METRICS order, as full runs log
     assert flow_only == {name: full[name] for name in FLOW_METRICS}
     assert list(full) == [name for name in EVAL_METRICS if name in full]
+
+
+def test_without_a_flow_only_the_ebm_metrics_are_computed():
+    ds = get_dataset("rings")
+    x = ds.sample(1000, make_generator(0, "eval"), torch.float64)
+    ebm = EBM(hidden=(8,)).double()
+    evaluator = Evaluator(ds, x, Grid.make(dtype=torch.float64))
+    ebm_only = evaluator(ebm, None)
+    full = evaluator(ebm, small_flow().double())
+    assert list(ebm_only) == list(EBM_METRICS)  # in EVAL_METRICS order, as full runs log
+    assert ebm_only == {name: full[name] for name in EBM_METRICS}
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        evaluator(None, None)
 
 
 def test_grid_densities_have_image_shape_and_normalised_ebm():

@@ -6,7 +6,7 @@ on purpose, and says so in its commit:
 
     python -m tests.test_pinned_history --write
 
-Four runs cover both flows and the three estimators, in-process and without a store.
+Five runs cover both flows and the four estimators, in-process and without a store.
 Relative tolerance 1e-5: float32 kernels may round differently on another CPU, but no
 change of code passes it.
 """
@@ -39,6 +39,7 @@ RUNS = {
     "8gaussians-maf-fce-s5": ["dataset=8gaussians", "flow=maf", "estimator=fce", "seed=5"],
     "2spirals-glow-nce-s1": ["dataset=2spirals", "flow=glow", "estimator=nce", "seed=1"],
     "rings-maf-flow_mle-s2": ["dataset=rings", "flow=maf", "estimator=flow_mle", "seed=2"],
+    "checkerboard-mle-s4": ["dataset=checkerboard", "estimator=mle", "seed=4"],
 }
 
 

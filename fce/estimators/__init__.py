@@ -7,8 +7,18 @@ builds them, and the loop only ever sees an ``Estimator``.
 from fce.estimators.base import Estimator, Players, StepOutput
 from fce.estimators.fce_estimator import FCE
 from fce.estimators.flow_mle import FlowMLE
+from fce.estimators.mle import MLE
 from fce.estimators.nce import NCE
 
-ESTIMATORS: dict[str, type[Estimator]] = {e.name: e for e in (FCE, NCE, FlowMLE)}
+ESTIMATORS: dict[str, type[Estimator]] = {e.name: e for e in (FCE, NCE, FlowMLE, MLE)}
 
-__all__ = ["ESTIMATORS", "FCE", "NCE", "Estimator", "FlowMLE", "Players", "StepOutput"]
+__all__ = [
+    "ESTIMATORS",
+    "FCE",
+    "MLE",
+    "NCE",
+    "Estimator",
+    "FlowMLE",
+    "Players",
+    "StepOutput",
+]

@@ -32,6 +32,8 @@ class Players:
         rule: the alternation rule of the ``threshold`` group.
         train_data: the training set (NCE fits its Gaussian noise to it).
         flow_config: the run's ``flow`` settings, to check a loaded flow against.
+        seed: the run's seed, from which an estimator's own random streams derive (the
+            loop's come from it too: ``fce.data.stream_seed``).
     """
 
     ebm: EBM
@@ -40,6 +42,7 @@ class Players:
     rule: FixedThreshold
     train_data: Tensor
     flow_config: dict[str, Any]
+    seed: int
 
 
 @dataclass
@@ -61,6 +64,8 @@ class Estimator(ABC):
         signals: the per-step signals ``step`` returns, as logged.
         uses_noise: whether ``step`` needs a draw of base noise z.
         evaluates_ebm: whether the EBM's metrics mean anything (is it trained?).
+        evaluates_flow: whether the flow's metrics mean anything (is it trained, or a chosen
+            noise?).
         bounded_metrics: evaluation metrics of the trained model that mark a divergence when
             beyond ``fce.trainer.DIVERGENCE_BOUND`` (finite, but absurd).
         panel_titles: (flow, EBM) titles of the density panels.
@@ -73,6 +78,7 @@ class Estimator(ABC):
     signals: ClassVar[tuple[str, ...]]
     uses_noise: ClassVar[bool] = True
     evaluates_ebm: ClassVar[bool] = True
+    evaluates_flow: ClassVar[bool] = True
     bounded_metrics: ClassVar[tuple[str, ...]] = ("nll_ebm", "logz_gap")
     panel_titles: ClassVar[tuple[str, str]] = ("Flow", "EBM")
     curves: ClassVar[tuple[str, ...]] = (
@@ -108,6 +114,10 @@ class Estimator(ABC):
 
     def observe(self, signals: dict[str, float]) -> None:
         """After each step, its signals on the host: a rule may choose the next move."""
+        return None
+
+    def before_evaluation(self) -> None:
+        """Before each evaluation: settle what the metrics read of the models (mle sets c)."""
         return None
 
     def state_dict(self) -> dict[str, Any]:
