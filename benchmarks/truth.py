@@ -3,6 +3,7 @@
     python benchmarks/truth.py --out benchmarks/results/truth.json            # experiment=truth
     python benchmarks/truth.py --datasets rings --seeds 0 --jobs 1 train.max_steps=2000
     python benchmarks/truth.py --label nce --out ... estimator=nce            # any overrides
+    python benchmarks/truth.py --experiment reference --datasets rings --seeds 0 --label ref
     python benchmarks/truth.py --report benchmarks/results/truth*.json        # tables only
 
 Every (dataset, seed) is one run of ``experiment=truth`` plus the overrides given, in its own
@@ -30,7 +31,7 @@ from fce.config import DATASET_NAMES
 TARGETS = (0.1, 0.05)
 
 
-def one_run(job: tuple[str, int, list[str]]) -> dict:
+def one_run(job: tuple[str, str, int, list[str]]) -> dict:
     """Train one (dataset, seed) in this process; return its timeline and final metrics."""
     import torch
 
@@ -39,11 +40,11 @@ def one_run(job: tuple[str, int, list[str]]) -> dict:
     from fce.config import validate
     from fce.factory import build
 
-    dataset, seed, overrides = job
+    experiment, dataset, seed, overrides = job
     torch.set_num_threads(1)
     cfg = compose(
         [
-            "experiment=truth",
+            f"experiment={experiment}",
             f"dataset={dataset}",
             f"seed={seed}",
             "device=cpu",
@@ -69,6 +70,7 @@ def one_run(job: tuple[str, int, list[str]]) -> dict:
     return {
         "dataset": dataset,
         "seed": seed,
+        "experiment": experiment,
         "overrides": overrides,
         "estimator": cfg.estimator.name,
         "metric": key,
@@ -133,6 +135,7 @@ def table(runs: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", default="truth", help="the experiment= of every run")
     parser.add_argument("--datasets", nargs="+", default=list(DATASET_NAMES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one core each")
@@ -148,7 +151,7 @@ def main() -> None:
     unknown = sorted(set(args.datasets) - set(DATASET_NAMES))
     if unknown:
         parser.error(f"--datasets {unknown[0]}: choose from {', '.join(DATASET_NAMES)}")
-    jobs = [(d, s, args.overrides) for d in args.datasets for s in args.seeds]
+    jobs = [(args.experiment, d, s, args.overrides) for d in args.datasets for s in args.seeds]
     runs = []
     context = multiprocessing.get_context("spawn")
     with context.Pool(args.jobs, maxtasksperchild=1) as pool:
