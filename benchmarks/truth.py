@@ -140,7 +140,9 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one core each")
     parser.add_argument("--label", default="fce", help="this batch's name in the tables")
-    parser.add_argument("--out", type=Path, help="append the runs to this JSON file")
+    parser.add_argument(
+        "--out", type=Path, help="add the runs to this JSON file (runs it holds are skipped)"
+    )
     parser.add_argument("--report", nargs="+", type=Path, help="print tables of these files")
     parser.add_argument("overrides", nargs="*", help="run overrides, as for run.py")
     args = parser.parse_args()
@@ -151,7 +153,14 @@ def main() -> None:
     unknown = sorted(set(args.datasets) - set(DATASET_NAMES))
     if unknown:
         parser.error(f"--datasets {unknown[0]}: choose from {', '.join(DATASET_NAMES)}")
-    jobs = [(args.experiment, d, s, args.overrides) for d in args.datasets for s in args.seeds]
+    previous = json.loads(args.out.read_text()) if args.out and args.out.exists() else []
+    done = {(r["label"], r["dataset"], r["seed"]) for r in previous}
+    jobs = [
+        (args.experiment, d, s, args.overrides)
+        for d in args.datasets
+        for s in args.seeds
+        if (args.label, d, s) not in done  # a rerun continues where an interrupted one ended
+    ]
     runs = []
     context = multiprocessing.get_context("spawn")
     with context.Pool(args.jobs, maxtasksperchild=1) as pool:
@@ -165,11 +174,12 @@ def main() -> None:
                 flush=True,
             )
             runs.append(run)
-    if args.out:
-        previous = json.loads(args.out.read_text()) if args.out.exists() else []
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(previous + runs, indent=1))
-    print(table(runs))
+            if args.out:  # after every run, whole: an interruption loses only runs in flight
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = args.out.with_suffix(".tmp")
+                tmp.write_text(json.dumps(previous + runs, indent=1))
+                tmp.replace(args.out)
+    print(table(previous + runs if args.out else runs))
 
 
 if __name__ == "__main__":
