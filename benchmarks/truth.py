@@ -5,6 +5,7 @@
     python benchmarks/truth.py --label nce --out ... estimator=nce            # any overrides
     python benchmarks/truth.py --experiment reference --datasets rings --seeds 0 --label ref
     python benchmarks/truth.py --report benchmarks/results/truth*.json        # tables only
+    python benchmarks/truth.py --report benchmarks/results/truth_*.json --equal-time fce
 
 Every (dataset, seed) is one run of ``experiment=truth`` plus the overrides given, in its own
 process with one torch thread (``--jobs`` at once: one per core), logging nowhere. Each
@@ -133,6 +134,50 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def at_time(run: dict, seconds: float) -> float:
+    """The run's KL at its last evaluation within ``seconds`` of its first step."""
+    within = [p for p in run["timeline"] if p["seconds"] <= seconds]
+    return within[-1][run["metric"]] if within else math.nan
+
+
+def equal_time_table(runs: list[dict], base: str) -> str:
+    """Each label's KL when the ``base`` label's run of the same dataset and seed ended.
+
+    A run that ended sooner (a cheaper step) is shown at its end, marked with the share of the
+    base's time it used: it had time to spare, so its number understates it at equal time.
+    """
+    by_key = {(r["label"], r["dataset"], r["seed"]): r for r in runs}
+    labels = sorted({r["label"] for r in runs} - {base})
+    lines = [
+        f"| dataset | {base} (s) | " + " | ".join(labels) + " |",
+        "|" + "---|" * (2 + len(labels)),
+    ]
+    for dataset in DATASET_NAMES:
+        bases = [r for r in runs if r["label"] == base and r["dataset"] == dataset]
+        if not bases:
+            continue
+        budget = statistics.mean(r["seconds"] for r in bases)
+        cells = [dataset, f"{budget:.0f}"]
+        for label in labels:
+            values, shares = [], []
+            for b in bases:
+                other = by_key.get((label, dataset, b["seed"]))
+                if other is None:
+                    continue
+                values.append(at_time(other, b["seconds"]))
+                shares.append(min(other["seconds"] / b["seconds"], 1.0))
+            finite = [v for v in values if math.isfinite(v)]
+            if not finite:
+                cells.append("-")
+                continue
+            sd = statistics.stdev(finite) if len(finite) > 1 else 0.0
+            used = statistics.mean(shares)
+            note = f" (done in {used:.0%} of the time)" if used < 0.99 else ""
+            cells.append(f"{statistics.mean(finite):.3f} ± {sd:.3f}{note}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", default="truth", help="the experiment= of every run")
@@ -144,11 +189,19 @@ def main() -> None:
         "--out", type=Path, help="add the runs to this JSON file (runs it holds are skipped)"
     )
     parser.add_argument("--report", nargs="+", type=Path, help="print tables of these files")
+    parser.add_argument(
+        "--equal-time",
+        metavar="LABEL",
+        help="with --report: also each label's KL at the wall time LABEL's runs took",
+    )
     parser.add_argument("overrides", nargs="*", help="run overrides, as for run.py")
     args = parser.parse_args()
     if args.report:
         runs = [run for path in args.report for run in json.loads(path.read_text())]
         print(table(runs))
+        if args.equal_time:
+            print()
+            print(equal_time_table(runs, args.equal_time))
         return
     unknown = sorted(set(args.datasets) - set(DATASET_NAMES))
     if unknown:
