@@ -145,7 +145,8 @@ def comparison_figure(
                 continue
             trainer = load_trainer(match.sort_values("seed").iloc[0]["run_id"], uri)
             samples = trainer.data[:PANEL_SAMPLES]
-            log_q, log_p = trainer.evaluator.grid_log_densities(trainer.ebm, trainer.flow)
+            evaluator, ebm = trainer.evaluator, trainer.evaluated_ebm
+            log_q, log_p = evaluator.grid_log_densities(ebm, trainer.flow)
             draw_density(ax, log_p if model == "ebm" else log_q, limit)
         if samples is not None:
             draw_samples(row_axes[0], samples, limit)

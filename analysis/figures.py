@@ -88,7 +88,7 @@ def panel_row(run_id: str, uri: str | None):
     from fce.plots import PanelRow
 
     trainer = load_trainer(run_id, uri)
-    log_q, log_p = trainer.evaluator.grid_log_densities(trainer.ebm, trainer.flow)
+    log_q, log_p = trainer.evaluator.grid_log_densities(trainer.evaluated_ebm, trainer.flow)
     return PanelRow(trainer.evaluator.dataset.name, trainer.data[:PANEL_SAMPLES], log_q, log_p)
 
 
@@ -101,7 +101,7 @@ def reevaluate(runs: pd.DataFrame, uri: str | None) -> pd.DataFrame:
     rows = []
     for run_id in runs["run_id"]:
         trainer = load_trainer(run_id, uri)
-        metrics = trainer.evaluator(trainer.ebm, trainer.flow)
+        metrics = trainer.metrics()
         rows.append({"run_id": run_id, **metrics, "flow_step_share": trainer.flow_step_share})
     fresh = pd.DataFrame(rows)
     keep = [c for c in runs.columns if c not in fresh.columns or c == "run_id"]

@@ -51,9 +51,20 @@ def is_bookkeeping(param: str) -> bool:
     )
 
 
+# Params of settings added after runs were logged, as those runs had them: a run logged before
+# a setting existed groups with today's runs that leave it at its default.
+ADDED_PARAMS = {
+    "schedule.name": "constant",
+    "train.ema_decay": "0.0",
+    "ebm.activation": "leaky_relu",
+    "ebm.fourier_features": "0",
+    "ebm.fourier_scale": "1.0",
+}
+
+
 def config_of(params: dict[str, str]) -> str:
     """The run's experiment as canonical JSON: every param but the seed and bookkeeping."""
-    kept = {k: v for k, v in sorted(params.items()) if not is_bookkeeping(k)}
+    kept = {k: v for k, v in sorted({**ADDED_PARAMS, **params}.items()) if not is_bookkeeping(k)}
     return json.dumps(kept, sort_keys=True)
 
 

@@ -182,6 +182,13 @@ def _schedule(cfg: DictConfig) -> None:
         if not 0 <= schedule.min_factor <= 1:
             raise ConfigError(f"schedule.min_factor={schedule.min_factor}: must be in [0, 1]")
         _non_negative_int(cfg, "schedule.warmup")
+        steps = cfg.dataset.n_samples // cfg.train.batch_size * cfg.train.epochs
+        if cfg.train.max_steps is not None:
+            steps = min(steps, cfg.train.max_steps)
+        if schedule.warmup >= steps:
+            raise ConfigError(
+                f"schedule.warmup={schedule.warmup}: must be less than the run's {steps} steps"
+            )
     elif schedule.name == "step":
         milestones = list(schedule.milestones)
         if not all(0 < m < 1 for m in milestones):
@@ -310,6 +317,11 @@ def validate(cfg: DictConfig) -> None:
     ema_decay = cfg.train.ema_decay
     if not isinstance(ema_decay, int | float) or not 0 <= ema_decay < 1:
         raise ConfigError(f"train.ema_decay={ema_decay!r}: must be in [0, 1) (0 turns it off)")
+    if ema_decay > 0 and cfg.estimator.name == "flow_mle":
+        raise ConfigError(
+            f"train.ema_decay={ema_decay}: averages the EBM's weights, and estimator=flow_mle "
+            "trains no EBM; use 0"
+        )
     _choice(cfg, "ebm.activation", EBM_ACTIVATIONS)
     _non_negative_int(cfg, "ebm.fourier_features")
     if cfg.ebm.fourier_features > LIMITS["ebm.hidden"]:

@@ -92,15 +92,20 @@ def check_same_run(cfg: RunConfig, saved: DictConfig, source: str) -> dict[str, 
         for key in CHANGEABLE_KEYS
         if _select(theirs, key) != _select(mine, key)
     }
-    length = [key for key in changed if key in ("train.epochs", "train.max_steps")]
-    if length and cfg.schedule.name != "constant":
-        key = length[0]
+    if cfg.schedule.name != "constant" and _total_steps(theirs) != _total_steps(mine):
         raise ConfigError(
-            f"train.resume={cfg.train.resume}: {key}={changed[key][1]} differs from the saved "
-            f"run's {changed[key][0]}, and schedule={cfg.schedule.name} spreads its decay over "
-            "the run's length; keep the length, or resume with schedule=constant runs only"
+            f"train.resume={cfg.train.resume}: this run would take {_total_steps(mine)} steps, "
+            f"the saved run {_total_steps(theirs)}, and schedule={cfg.schedule.name} spreads "
+            "its decay over the run's length; keep the length (train.epochs, train.max_steps)"
         )
     return changed
+
+
+def _total_steps(settings: dict[str, Any]) -> int:
+    """The steps a run of these settings takes (``fce.trainer.Trainer.total_steps``)."""
+    train = settings["train"]
+    steps = settings["dataset"]["n_samples"] // train["batch_size"] * train["epochs"]
+    return steps if train["max_steps"] is None else min(steps, train["max_steps"])
 
 
 def load_resume(cfg: RunConfig) -> Resume | None:

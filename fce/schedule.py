@@ -1,8 +1,9 @@
 """Learning-rate schedules: the ``schedule`` config node, a factor of the step.
 
 A schedule multiplies every optimizer's base learning rate by ``factor(step, total)``. It is a
-pure function of the step, like the data and noise streams (``fce.trainer``), so a resumed run
-sets the same rates as an uninterrupted one and a checkpoint needs nothing of it. The
+pure function of the step and the run's length, like the data and noise streams
+(``fce.trainer``), so a resumed run sets the same rates as an uninterrupted one; the base
+rates are kept in the optimizers' parameter groups (``base_lr``), saved with their state. The
 reference trains at a constant rate: ``schedule=constant`` is the default and touches nothing.
 """
 

@@ -231,13 +231,19 @@ class Trainer:
             self._pending_steps = []
             self._pending = {name: [] for name in self._pending}
 
+    def metrics(self) -> dict[str, float]:
+        """The metrics of the models as they stand, on the held-out points (not logged): the
+        EBM evaluation scores (its weight average, when there is one), the flow if trained."""
+        ebm = self.evaluated_ebm if self.estimator.evaluates_ebm else None
+        if ebm is not None:
+            self.estimator.before_evaluation(ebm)
+        flow = self.flow if self.estimator.evaluates_flow else None
+        return self.evaluator(ebm, flow)
+
     def evaluate(self) -> None:
         """The metrics of the models on the held-out points, logged at the current step."""
         started = time.perf_counter()
-        self.estimator.before_evaluation()
-        ebm = self.evaluated_ebm if self.estimator.evaluates_ebm else None
-        flow = self.flow if self.estimator.evaluates_flow else None
-        metrics = self.evaluator(ebm, flow)
+        metrics = self.metrics()
         self.seconds["eval"] += time.perf_counter() - started
         for name, value in metrics.items():
             if not math.isfinite(value):

@@ -194,3 +194,20 @@ def test_the_comparison_takes_one_group_per_cell_not_the_newest_run_per_seed(tmp
     chosen = load_comparison(uri, "compare")
     assert set(chosen["train.max_steps"]) == {2000}
     assert sorted(chosen["seed"]) == [0, 0, 1, 1]
+
+
+def test_runs_logged_before_a_setting_existed_group_with_runs_at_its_default():
+    from analysis.loader import config_of
+
+    old = {"dataset.name": "rings", "seed": "0", "ebm.hidden": "[128, 128]"}
+    new = {
+        **old,
+        "seed": "1",
+        "schedule.name": "constant",
+        "train.ema_decay": "0.0",
+        "ebm.activation": "leaky_relu",
+        "ebm.fourier_features": "0",
+        "ebm.fourier_scale": "1.0",
+    }
+    assert config_of(old) == config_of(new)
+    assert config_of(old) != config_of({**new, "schedule.name": "cosine"})

@@ -89,6 +89,8 @@ def test_fourier_features_are_fixed_buffers_saved_with_the_model():
         ("schedule=step schedule.milestones=[0.5,1.5]", "schedule.milestones=[0.5, 1.5]"),
         ("schedule=step schedule.gamma=0", "schedule.gamma=0.0: must be in (0, 1]"),
         ("train.ema_decay=1.0", "train.ema_decay=1.0: must be in [0, 1)"),
+        ("estimator=flow_mle train.ema_decay=0.9", "train.ema_decay=0.9: averages the EBM's"),
+        ("schedule=cosine schedule.warmup=5000", "schedule.warmup=5000: must be less than"),
     ],
 )
 def test_bad_recipe_values_are_one_line_errors(override, message):
@@ -210,8 +212,11 @@ def test_resume_refuses_a_new_length_under_a_decaying_schedule(tmp_path):
 
     saved = compose([*SMALL, "schedule=cosine"])
     longer = compose([*SMALL, "schedule=cosine", "train.max_steps=80", "train.resume=x"])
-    with pytest.raises(ConfigError, match=r"train.max_steps=80 differs .* schedule=cosine"):
+    with pytest.raises(ConfigError, match=r"would take 80 steps, the saved run 40, .*cosine"):
         check_same_run(longer, saved, "the checkpoint")
+    # Another way to the same length is no change of schedule.
+    same = compose([*SMALL, "schedule=cosine", "train.epochs=1000", "train.resume=x"])
+    assert check_same_run(same, saved, "the checkpoint") == {"train.epochs": (10, 1000)}
     constant = compose([*SMALL, "train.max_steps=80", "train.resume=x"])
     assert check_same_run(constant, compose(SMALL), "the checkpoint") == {
         "train.max_steps": (40, 80)
@@ -247,8 +252,10 @@ def test_truth_experiment_composes_for_every_dataset_with_its_recipe(dataset):
 
 
 def test_command_line_overrides_win_over_a_recipe():
-    cfg = compose(["experiment=truth", "dataset=checkerboard", "train.max_steps=7"])
-    assert cfg.train.max_steps == 7
+    recipe = compose(["experiment=truth", "dataset=checkerboard"])
+    assert recipe.ebm.fourier_features == 64  # set by conf/recipe/truth_checkerboard.yaml
+    cfg = compose(["experiment=truth", "dataset=checkerboard", "ebm.fourier_features=0"])
+    assert cfg.ebm.fourier_features == 0
 
 
 def _leaves(node, prefix=""):
@@ -257,3 +264,13 @@ def _leaves(node, prefix=""):
             yield from _leaves(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
+
+
+def test_mle_sets_the_normaliser_of_the_model_it_evaluates():
+    # With the weight average, c is the average's own log Z, not an average of past c's.
+    trainer = trainer_of("estimator=mle", "estimator.grid_cells=32", "train.ema_decay=0.9")
+    trainer.run()
+    average = trainer.average.model
+    own = trainer.estimator.log_z_hat(trainer.estimator.steps, average)
+    assert average.log_z.item() == pytest.approx(own.item(), abs=1e-6)
+    assert abs(trainer.last_metrics["logz_gap"]) < 0.05

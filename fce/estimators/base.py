@@ -116,8 +116,9 @@ class Estimator(ABC):
         """After each step, its signals on the host: a rule may choose the next move."""
         return None
 
-    def before_evaluation(self) -> None:
-        """Before each evaluation: settle what the metrics read of the models (mle sets c)."""
+    def before_evaluation(self, ebm: EBM) -> None:
+        """Before each evaluation of ``ebm`` (the EBM or its weight average): settle what the
+        metrics read of it (mle sets its c)."""
         return None
 
     def state_dict(self) -> dict[str, Any]:

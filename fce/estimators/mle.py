@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from fce.data import stream_seed
+from fce.ebm import EBM
 from fce.estimators.base import Estimator, Players, StepOutput
 from fce.metrics import Grid
 
@@ -82,10 +83,11 @@ class MLE(Estimator):
         return self.grid.points + (u - 0.5).to(self.grid.points.dtype) * self.cell_width
 
     @torch.no_grad()
-    def log_z_hat(self, step: int) -> Tensor:
-        """log Z_hat of the current energy on the nodes of step ``step`` (float64), no step
-        taken."""
-        return self.grid.log_integral(-self.ebm.energy(self.grid_points(step)))
+    def log_z_hat(self, step: int, ebm: EBM | None = None) -> Tensor:
+        """log Z_hat of ``ebm``'s energy (the trained EBM's by default) on the nodes of step
+        ``step`` (float64), no step taken."""
+        ebm = self.ebm if ebm is None else ebm
+        return self.grid.log_integral(-ebm.energy(self.grid_points(step)))
 
     def step(self, x: Tensor, z: Tensor | None) -> StepOutput:
         points = self.grid_points(self.steps)
@@ -105,8 +107,10 @@ class MLE(Estimator):
         return StepOutput({"value": -loss.detach(), "log_z": log_z}, self.ebm, trained_ebm=True)
 
     @torch.no_grad()
-    def before_evaluation(self) -> None:
-        self.ebm.log_z.copy_(self.log_z_hat(self.steps))
+    def before_evaluation(self, ebm: EBM) -> None:
+        # The evaluated model's own normaliser: the EBM's, or its weight average's (whose
+        # averaged c would be a mean of past log Z_hat, not its energy's log Z).
+        ebm.log_z.copy_(self.log_z_hat(self.steps, ebm))
 
     def state_dict(self) -> dict[str, Any]:
         return {"mle_steps": self.steps}
