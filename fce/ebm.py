@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 # The energy's nonlinearity, by ``ebm.activation``: LeakyReLU is the reference's; the smooth
-# ones give a smooth energy (docs/results.md measures what that buys).
+# ones give a smooth energy (docs/truth.md measures what that buys).
 from fce.schema import EBM_ACTIVATIONS as ACTIVATIONS
 
 
