@@ -114,3 +114,21 @@ def runs(uri: str, experiment: str = "fce"):
     if found is None:
         return client, []
     return client, client.search_runs([found.experiment_id], max_results=1000)
+
+
+def checkpoints_in_memory(every: int):
+    """A Checkpoints callback that keeps each checkpoint's bytes, by step, in a dict."""
+    import io
+
+    import torch
+
+    from fce.callbacks import Checkpoints
+
+    saved: dict[int, bytes] = {}
+
+    def keep(trainer) -> None:
+        buffer = io.BytesIO()
+        torch.save(trainer.state_dict(), buffer)
+        saved[trainer.step] = buffer.getvalue()
+
+    return saved, Checkpoints(keep, every=every)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from fce.callbacks import Checkpoints, Figures
+from fce.callbacks import Figures
 from fce.compose import compose
 from fce.config import EBM_METRICS, ConfigError, validate
 from fce.data import get_dataset, make_generator
@@ -200,14 +200,8 @@ def test_a_run_moves_the_energy_sets_c_and_leaves_the_flow_alone():
 def test_resume_from_a_checkpoint_is_bit_identical():
     full = eight_gaussians_trainer(steps=50)
     full_metrics = full.run()
-    saved: dict[int, bytes] = {}
-
-    def keep(trainer: Trainer) -> None:
-        buffer = io.BytesIO()
-        torch.save(trainer.state_dict(), buffer)
-        saved[trainer.step] = buffer.getvalue()
-
-    eight_gaussians_trainer(steps=50, callbacks=[Checkpoints(keep, every=17)]).run()
+    saved, checkpoints = helpers.checkpoints_in_memory(every=17)
+    eight_gaussians_trainer(steps=50, callbacks=[checkpoints]).run()
     assert sorted(saved) == [17, 34, 50]
     resumed = eight_gaussians_trainer(steps=50)
     torch.manual_seed(999)  # a different global RNG must not matter

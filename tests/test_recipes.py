@@ -17,6 +17,7 @@ from fce.config import ConfigError, validate
 from fce.ebm import EBM
 from fce.factory import build
 from fce.schedule import Constant, Cosine, StepDecay
+from tests import helpers
 
 SMALL = [
     "dataset.n_samples=4000",
@@ -191,14 +192,8 @@ def test_without_ema_evaluation_scores_the_weights():
 def test_resume_with_a_schedule_and_an_average_is_bit_identical(recipe):
     full = trainer_of(*recipe)
     full_metrics = full.run()
-    saved: dict[int, bytes] = {}
-
-    def keep(trainer) -> None:
-        buffer = io.BytesIO()
-        torch.save(trainer.state_dict(), buffer)
-        saved[trainer.step] = buffer.getvalue()
-
-    trainer_of(*recipe, callbacks=[Checkpoints(keep, every=15)]).run()
+    saved, checkpoints = helpers.checkpoints_in_memory(every=15)
+    trainer_of(*recipe, callbacks=[checkpoints]).run()
     resumed = trainer_of(*recipe)
     resumed.load_state_dict(torch.load(io.BytesIO(saved[30]), weights_only=False))
     assert resumed.run() == full_metrics

@@ -6,7 +6,7 @@ import io
 import pytest
 import torch
 
-from fce.callbacks import Checkpoints, Figures
+from fce.callbacks import Figures
 from fce.data import get_dataset, make_generator
 from fce.ebm import EBM
 from fce.flows import FLOWS
@@ -164,14 +164,8 @@ def test_resume_from_a_checkpoint_is_bit_identical(rule):
     full = make_trainer(rule=make_rule(), steps=50)
     full_metrics = full.run()
 
-    saved: dict[int, bytes] = {}
-
-    def keep(trainer: Trainer) -> None:
-        buffer = io.BytesIO()
-        torch.save(trainer.state_dict(), buffer)
-        saved[trainer.step] = buffer.getvalue()
-
-    make_trainer(rule=make_rule(), steps=50, callbacks=[Checkpoints(keep, every=17)]).run()
+    saved, checkpoints = helpers.checkpoints_in_memory(every=17)
+    make_trainer(rule=make_rule(), steps=50, callbacks=[checkpoints]).run()
     assert sorted(saved) == [17, 34, 50]
 
     resumed = make_trainer(seed=0, rule=make_rule(), steps=50)
