@@ -73,8 +73,14 @@ def group_options(conf_dir: Path, group: str) -> list[str]:
 
 
 def check_group_choices(args: Sequence[str], conf_dir: Path) -> None:
-    """Reject ``group=option`` for an option that does not exist, naming the choices."""
+    """Reject ``group=option`` for an option that does not exist, naming the choices, and
+    ``~group`` for a group every run needs (before composing: the defaults list names a
+    recipe by ``${experiment}_${dataset}``, which Hydra cannot resolve without the group)."""
     for arg in args:
+        removed = re.fullmatch(r"~(\w+)(=.*)?", arg)
+        if removed and removed.group(1) in USER_GROUPS and removed.group(1) != "experiment":
+            group = removed.group(1)
+            fail(f"{group}: has no value (removed with ~{group}?); every run needs it")
         match = re.fullmatch(r"[+~]?(\w+)=(.*)", arg)
         if not match or match.group(1) not in USER_GROUPS:
             continue
@@ -148,7 +154,7 @@ def preflight(argv: Sequence[str], conf_dir: Path, config_name: str = "config") 
     overrides = [a for a in argv if "=" in a and not a.startswith("-")]
     if any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c") for a in argv):
         return
-    check_group_choices(overrides, conf_dir)
+    check_group_choices([a for a in argv if not a.startswith("-")], conf_dir)  # with ~group
     # Launcher and other hydra.* settings are Hydra's own; the job config is checked here.
     overrides = [a for a in overrides if not a.lstrip("+").startswith("hydra")]
     from hydra.core.global_hydra import GlobalHydra
