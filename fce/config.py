@@ -176,15 +176,21 @@ def _finite(cfg: DictConfig, key: str, low: float = -math.inf) -> None:
         raise ConfigError(f"{key}={value!r}: must be a finite number{bound}")
 
 
+def total_steps(cfg: DictConfig | dict[str, Any]) -> int:
+    """The steps a run of this config takes (``fce.trainer.Trainer.total_steps``): whole
+    batches per epoch times the epochs, capped by ``train.max_steps``."""
+    train, n_samples = cfg["train"], cfg["dataset"]["n_samples"]
+    steps = n_samples // train["batch_size"] * train["epochs"]
+    return steps if train["max_steps"] is None else min(steps, train["max_steps"])
+
+
 def _schedule(cfg: DictConfig) -> None:
     schedule = cfg.schedule
     if schedule.name == "cosine":
         if not 0 <= schedule.min_factor <= 1:
             raise ConfigError(f"schedule.min_factor={schedule.min_factor}: must be in [0, 1]")
         _non_negative_int(cfg, "schedule.warmup")
-        steps = cfg.dataset.n_samples // cfg.train.batch_size * cfg.train.epochs
-        if cfg.train.max_steps is not None:
-            steps = min(steps, cfg.train.max_steps)
+        steps = total_steps(cfg)
         if schedule.warmup >= steps:
             raise ConfigError(
                 f"schedule.warmup={schedule.warmup}: must be less than the run's {steps} steps"

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from fce import checkpoint
-from fce.config import ConfigError, RunConfig, upgrade, user_settings
+from fce.config import ConfigError, RunConfig, total_steps, upgrade, user_settings
 
 if TYPE_CHECKING:
     from fce.factory import RunParts
@@ -92,20 +92,13 @@ def check_same_run(cfg: RunConfig, saved: DictConfig, source: str) -> dict[str, 
         for key in CHANGEABLE_KEYS
         if _select(theirs, key) != _select(mine, key)
     }
-    if cfg.schedule.name != "constant" and _total_steps(theirs) != _total_steps(mine):
+    if cfg.schedule.name != "constant" and total_steps(theirs) != total_steps(mine):
         raise ConfigError(
-            f"train.resume={cfg.train.resume}: this run would take {_total_steps(mine)} steps, "
-            f"the saved run {_total_steps(theirs)}, and schedule={cfg.schedule.name} spreads "
+            f"train.resume={cfg.train.resume}: this run would take {total_steps(mine)} steps, "
+            f"the saved run {total_steps(theirs)}, and schedule={cfg.schedule.name} spreads "
             "its decay over the run's length; keep the length (train.epochs, train.max_steps)"
         )
     return changed
-
-
-def _total_steps(settings: dict[str, Any]) -> int:
-    """The steps a run of these settings takes (``fce.trainer.Trainer.total_steps``)."""
-    train = settings["train"]
-    steps = settings["dataset"]["n_samples"] // train["batch_size"] * train["epochs"]
-    return steps if train["max_steps"] is None else min(steps, train["max_steps"])
 
 
 def load_resume(cfg: RunConfig) -> Resume | None:

@@ -162,10 +162,12 @@ class Trainer:
             self.started = True
         if self.step == 0:
             self.evaluate()
+        optimizers = list(estimator.optimizers.values())
         while self.step < self.total_steps:
             x = self.batch(self.step)
             z = self.noise(self.step, x) if estimator.uses_noise else None
-            self.schedule.apply(list(estimator.optimizers.values()), self.step, self.total_steps)
+            if not self.schedule.constant:  # the reference's constant rate: nothing to set
+                self.schedule.apply(optimizers, self.step, self.total_steps)
             out = estimator.step(x, z)
             self.step += 1
             if not out.trained_ebm:
