@@ -59,7 +59,18 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
 
 
 def one_line(error: BaseException) -> str:
-    """Hydra/OmegaConf messages span several lines; keep what names the key and the value."""
+    """Hydra/OmegaConf messages span several lines; keep what names the key and the value.
+
+    An override of a key the config lacks is "no such setting" with the nearest known key, as
+    for ``+key=value``: Hydra's advice to append it with ``+`` only leads to that error.
+    """
+    unknown = re.match(r"Could not override '([^']+)'", str(error))
+    cause = error.__cause__
+    root = getattr(cause, "parent_node", None)
+    if unknown and root is not None and " not in " in str(cause):
+        from fce.config import no_such_setting
+
+        return no_such_setting(unknown.group(1), root._get_root())
     lines = [line.strip() for line in str(error).splitlines()]
     kept = [line for line in lines if line and not line.startswith(_NOISE)]
     cause = error.__cause__

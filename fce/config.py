@@ -12,6 +12,7 @@ checks ranges, choices and keys, naming the offending one. Every group node carr
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from typing import Any
 
@@ -71,6 +72,38 @@ def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
         if isinstance(node, DictConfig) and not node._is_missing() and not node._is_none():
             found += unknown_keys(node, f"{name}.")
     return found
+
+
+HELP = "python run.py --help"
+OPTION_SCHEMAS = ("flow", "estimator", "threshold", "schedule")
+
+
+def setting_keys(tree: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a config (nodes and leaves), without Hydra's own keys."""
+    keys = []
+    for key, value in tree.items():
+        if key in INTERNAL_KEYS or (not prefix and key == "hydra"):
+            continue
+        keys.append(f"{prefix}{key}")
+        if isinstance(value, dict):
+            keys += setting_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def no_such_setting(key: str, cfg: DictConfig) -> str:
+    """The one line for a key no schema declares, with the nearest key ``cfg`` has (a typo is
+    the usual cause, and Hydra's own advice, to append it with ``+``, only leads to this)."""
+    tree = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)
+    known = [k for k in setting_keys(tree) if k != key and not k.startswith(f"{key}.")]
+    # In the groups whose options differ in their keys, the key may be another option's.
+    group = key.split(".", 1)[0]
+    node = tree.get(group) if "." in key and group in OPTION_SCHEMAS else None
+    where = f" with {group}={node['name']}" if isinstance(node, dict) and "name" in node else ""
+    # A high cutoff: a far-fetched guess misleads more than no guess.
+    nearest = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+    if nearest:
+        return f"{key}: no such setting{where}; did you mean {nearest[0]}? ({HELP} lists them)"
+    return f"{key}: no such setting{where}; {HELP} lists them"
 
 
 # Keys of the ebm node added with its variants, and the values every earlier run had.
@@ -252,9 +285,7 @@ def validate(cfg: DictConfig) -> None:
     """Check keys, choices and ranges of a composed config; raise ``ConfigError`` naming one."""
     unknown = unknown_keys(cfg)
     if unknown:
-        raise ConfigError(
-            f"{unknown[0]}: no such setting; `python run.py --help` lists them (a typo?)"
-        )
+        raise ConfigError(no_such_setting(unknown[0], cfg))
     missing = missing_keys(cfg)
     if missing:
         key = missing[0].split(".")[0] if "." in missing[0] else missing[0]

@@ -105,7 +105,23 @@ RUN_BAD_INPUTS = [
         "hydra.sweep.dir={tmp}/afile/sub: {tmp}/afile is a file, not a directory",
     ),
     # Keys no schema knows, and settings removed with ~: refused, with or without Hydra's +.
-    ("unknown-key-plus", ["+train.maxsteps=300"], "train.maxsteps: no such setting"),
+    # Hydra's advice for a key it cannot override (append it with +) only led to "no such
+    # setting": both forms say so at once, with the nearest key.
+    (
+        "unknown-key-no-plus",
+        ["train.maxsteps=300"],
+        "train.maxsteps: no such setting; did you mean train.max_steps?",
+    ),
+    (
+        "unknown-key-plus",
+        ["+train.maxsteps=300"],
+        "train.maxsteps: no such setting; did you mean train.max_steps?",
+    ),
+    (
+        "unknown-group-key",
+        ["trian.max_steps=300"],
+        "trian.max_steps: no such setting; did you mean train.max_steps?",
+    ),
     ("unknown-top-key-plus", ["+lr=0.1"], "lr: no such setting"),
     ("removed-seed", ["~seed"], "seed: has no value (removed with ~seed?)"),
     ("removed-dataset", ["~dataset"], "(removed with ~dataset?)"),
@@ -202,6 +218,11 @@ SWEEP_BAD_INPUTS = [
         "dataset=moons: unknown dataset; choose one of",
     ),
     (
+        "sweep-run-unknown-key",
+        [A_SPACE, "train.maxsteps=300"],
+        "train.maxsteps: no such setting; did you mean train.max_steps?",
+    ),
+    (
         "sweep-run-type",
         [A_SPACE, "train.batch_size=abc"],
         "train.batch_size=abc; Value 'abc' of type",
@@ -282,8 +303,8 @@ SWEEP_BAD_INPUTS = [
     (
         "space-key-of-one-group-option",
         ["sweep={tmp}/one_flow_only.yaml"],
-        "sweep=one_flow_only: params.flow.n_steps can be 2 with flow=maf: Could not override "
-        "'flow.n_steps'",
+        "sweep=one_flow_only: params.flow.n_steps can be 2 with flow=maf: flow.n_steps: no such "
+        "setting with flow=maf",
     ),
     (
         "space-categorical-out-of-range",
