@@ -236,7 +236,8 @@ def run_job(cfg: DictConfig, project_root: Path) -> float:
     try:
         metrics = run(cfg, context)
     except ConfigError as error:
-        remove_if_unused(output_dir)
+        if not resumes_in(cfg, output_dir):  # a run's own directory stays, to resume later
+            remove_if_unused(output_dir)
         fail(str(error))
     except DivergenceError as error:
         if not multirun:
@@ -255,10 +256,19 @@ def run_job(cfg: DictConfig, project_root: Path) -> float:
     return metrics["nll_ebm" if "nll_ebm" in metrics else "nll_flow"]
 
 
+def resumes_in(cfg: DictConfig, output_dir: Path) -> bool:
+    """Whether ``train.resume`` names ``output_dir`` (the run directory, its checkpoints/ or a
+    checkpoint in it)."""
+    if not cfg.train.resume:
+        return False
+    target = Path(cfg.train.resume).expanduser().resolve()
+    return output_dir.resolve() in (target, target.parent, target.parent.parent)
+
+
 def remove_if_unused(output_dir: Path) -> None:
     """Remove a run directory that holds nothing but Hydra's own files (a run that never
     started): bad input leaves no empty folder behind."""
-    hydra_files = {".hydra", "run.log", f"{Path(sys.argv[0]).stem}.log"}
+    hydra_files = {".hydra", ".lock", "run.log", f"{Path(sys.argv[0]).stem}.log"}
     if output_dir.is_dir() and {p.name for p in output_dir.iterdir()} <= hydra_files:
         shutil.rmtree(output_dir, ignore_errors=True)
 

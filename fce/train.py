@@ -125,26 +125,40 @@ def run(cfg: RunConfig, context: RunContext) -> dict[str, float]:
                     f"{output_dir}, or choose another hydra.run.dir"
                 )
             try:
-                if not continued:
-                    # First: a run dir with config.yaml and no checkpoint is one killed early,
-                    # which ``train.resume`` starts again in place.
-                    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-                    (output_dir / "config.yaml").write_text(config_yaml)
-                # Before the store is touched: a resumed FINISHED run stays FINISHED.
-                checkpoint.check_writable(output_dir / "checkpoints")
-            except OSError as error:
-                raise ConfigError(f"{output_dir}: cannot write there ({error.strerror})") from None
-            except checkpoint.CheckpointError as error:
-                raise ConfigError(str(error)) from None
-            parts = build(cfg, device)
-            if continued:
-                check_fits(parts, resume)
-            stop.check()
-            run_id = resume.state.get("mlflow_run_id") if continued else None
-            tracker = open_tracker(cfg, context, run_id, output_dir, str(device))
+                try:
+                    if not continued:
+                        # First: a run dir with config.yaml and no checkpoint is one killed
+                        # early, which ``train.resume`` starts again in place.
+                        config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+                        (output_dir / "config.yaml").write_text(config_yaml)
+                    # Before the store is touched: a resumed FINISHED run stays FINISHED.
+                    checkpoint.check_writable(output_dir / "checkpoints")
+                except OSError as error:
+                    message = f"{output_dir}: cannot write there ({error.strerror})"
+                    raise ConfigError(message) from None
+                except checkpoint.CheckpointError as error:
+                    raise ConfigError(str(error)) from None
+                parts = build(cfg, device)
+                if continued:
+                    check_fits(parts, resume)
+                stop.check()
+                run_id = resume.state.get("mlflow_run_id") if continued else None
+                tracker = open_tracker(cfg, context, run_id, output_dir, str(device))
+            except ConfigError:
+                if resume is None:
+                    unwrite(output_dir)
+                raise
             if context.on_run_created is not None and tracker.run_id is not None:
                 context.on_run_created(tracker.run_id)
             return _train(cfg, context, parts, tracker, stop, output_dir, resume, started)
+
+
+def unwrite(output_dir: Path) -> None:
+    """Remove what a refused run wrote in its new directory (its config.yaml, an empty
+    checkpoints/): else the same command, corrected, is refused as "already holds a run"."""
+    (output_dir / "config.yaml").unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty, or not a directory: not ours to remove
+        (output_dir / "checkpoints").rmdir()
 
 
 def _train(cfg, context, parts, tracker, stop, output_dir, resume, started) -> dict[str, float]:

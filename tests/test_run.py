@@ -306,3 +306,19 @@ def test_killed_in_the_first_seconds_then_resumed_in_place(tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))[-1] == "step_0000060.pt"
     _, found = runs(store_uri(tmp_path))
     assert [r.info.status for r in found if r.info.status != "KILLED"] == ["FINISHED"]
+
+
+def test_a_run_refused_for_a_malformed_store_leaves_nothing_behind(tmp_path):
+    """Its directory is gone, so the same command against a good store is not refused as
+    "already holds a run"."""
+    (tmp_path / "garbage.db").write_bytes(bytes(range(256)) * 8)
+    run_dir = tmp_path / "run"
+    args = [*tiny(tmp_path), f"hydra.run.dir={run_dir}"]
+    bad = run_cli([*args, f"tracking.uri=sqlite:///{tmp_path / 'garbage.db'}"], cwd=tmp_path)
+    assert bad.returncode == 2, bad.stderr
+    assert "cannot open the MLflow store" in bad.stderr.strip().splitlines()[-1]
+    assert not run_dir.exists()
+    good = run_cli(args, cwd=tmp_path)
+    assert good.returncode == 0, good.stderr
+    _, (run,) = runs(store_uri(tmp_path))
+    assert run.info.status == "FINISHED"
