@@ -2,24 +2,48 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch goes in first, so that the project's `torch>=2.6` is already met and
-# pip never pulls a multi-GB CUDA build. Elsewhere, e.g. for a GPU:
-#   make setup TORCH_SPEC='torch' TORCH_INDEX=<your wheel index>
-TORCH_SPEC ?= torch==2.13.0
+# torch goes in first, the build TORCH_BUILD names: `auto` (the default) takes the CUDA build
+# where `nvidia-smi -L` lists a GPU and the CPU build elsewhere (`torch==<locked>+cpu`, from
+# PyTorch's CPU index or, where that does not answer, pip's own sources), so a machine without
+# a GPU never downloads the CUDA build. sweeps/install.py says which it chose and installed.
+# Any other build (the project asks for torch>=2.13):
+#   make setup TORCH_SPEC='torch==2.13.0' TORCH_INDEX=<your wheel index>
+TORCH_BUILD ?= auto
+TORCH_SPEC ?=
 TORCH_INDEX ?=
-PIP_INDEX := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+# The lock (pip constraints): every package at the version the suite is tested with; `make lock`
+# remakes it. torch's line is left out of what the installs see, so that the torch installed
+# first (whichever TORCH_SPEC chose) stays.
+LOCK := constraints.txt
+LOCKED := $(VENV)/constraints.txt
 
-.PHONY: setup run test lint clean notebooks ui-check cluster-install cluster-up cluster-down test-cluster
+.PHONY: setup run test lint clean lock notebooks ui-check cluster-install cluster-up cluster-down test-cluster
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet '$(TORCH_SPEC)' $(PIP_INDEX)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	grep -iv '^torch==' $(LOCK) > $(LOCKED)
+	$(PY) -m pip install --quiet --upgrade -c $(LOCKED) pip setuptools
+	$(PY) sweeps/install.py torch --build '$(TORCH_BUILD)' --spec '$(TORCH_SPEC)' \
+		--index '$(TORCH_INDEX)' --constraint $(LOCKED)
+	$(PY) -m pip install --quiet -c $(LOCKED) -e '.[dev]'
 	$(PY) -m pip check
 	touch $@
+
+# Remakes the lock from a fresh venv: the CPU build of the locked torch (TORCH_VERSION=<release>
+# for another), then the project with every extra at the newest versions pip finds.
+LOCK_VENV ?= /tmp/fce-lock-venv
+TORCH_VERSION ?=
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip setuptools
+	$(LOCK_VENV)/bin/python sweeps/install.py torch --build cpu --version '$(TORCH_VERSION)'
+	$(LOCK_VENV)/bin/python -m pip install --quiet -e '.[dev,cluster,notebooks]'
+	$(LOCK_VENV)/bin/python -m pip check
+	$(LOCK_VENV)/bin/python sweeps/install.py freeze --out $(LOCK)
+	rm -rf $(LOCK_VENV)
 
 run: setup
 	$(PY) run.py $(ARGS)
@@ -63,7 +87,7 @@ notebooks: $(VENV)/.notebooks
 	$(VENV)/bin/jupyter lab analysis/ $(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
 
 $(VENV)/.notebooks: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e '.[dev,notebooks]'
+	$(PY) -m pip install --quiet -c $(LOCKED) -e '.[dev,notebooks]'
 	touch $@
 
 # The MLflow UI in a headless browser on a fresh run (needs chromium:

@@ -21,5 +21,7 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # The suite runs its own daemons (own sockets, ports and state), beside any packaged ones.
-"$PY" -c "import psycopg" 2>/dev/null || "$PY" -m pip install --quiet -e "$REPO[cluster]"
+# At the lock's versions (constraints.txt), less its torch line: the torch installed stays.
+"$PY" -c "import psycopg" 2>/dev/null ||
+    "$PY" -m pip install --quiet -c <(grep -iv '^torch==' "$REPO/constraints.txt") -e "$REPO[cluster]"
 "$PY" -c "import psycopg" || { echo "install.sh: error: psycopg did not install" >&2; exit 1; }
