@@ -215,6 +215,7 @@ def run_job(cfg: DictConfig, project_root: Path) -> float:
     # torch and mlflow load only once the input is known to be good.
     from hydra.core.hydra_config import HydraConfig
 
+    from fce.grid import swept_values
     from fce.interrupts import RunInterrupted, running, stop_when_orphaned
     from fce.train import RunContext, RunFault, run
     from fce.trainer import DivergenceError
@@ -226,11 +227,16 @@ def run_job(cfg: DictConfig, project_root: Path) -> float:
     output_dir = Path(hydra_cfg.runtime.output_dir)
     # A grid's runs share its sweep_id, so MLflow and pandas can group them.
     tags = {"sweep_id": hydra_cfg.sweep.dir, "job_num": str(hydra_cfg.job.num)} if multirun else {}
+    overrides = list(hydra_cfg.overrides.task)
     context = RunContext(
         output_dir=output_dir,
         project_root=project_root,
-        overrides=list(hydra_cfg.overrides.task),
+        overrides=overrides,
         tags=tags,
+        # Jobs that differ by a swept learning rate (say) get names that differ by it too.
+        name_suffix=" ".join(swept_values(Path(hydra_cfg.sweep.dir), overrides))
+        if multirun
+        else "",
     )
     running.set()
     try:

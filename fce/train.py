@@ -49,6 +49,7 @@ class RunContext:
     tags: dict[str, str] = field(default_factory=dict)
     on_eval: Callable[[int, dict[str, float]], None] | None = None
     on_run_created: Callable[[str], None] | None = None
+    name_suffix: str = ""  # after the run's name: a grid job's swept values
 
 
 @contextlib.contextmanager
@@ -87,6 +88,8 @@ def open_tracker(
         **context.tags,
     }
     name = cfg.tracking.get("run_name") or run_name(cfg)
+    if context.name_suffix:
+        name = f"{name} {context.name_suffix}"
     try:
         return instantiate(cfg.tracking)(
             run_name=name, run_id=run_id, tags=tags, project_root=context.project_root
@@ -246,7 +249,9 @@ def _train(cfg, context, parts, tracker, stop, output_dir, resume, started) -> d
         return final
     except DivergenceError as diverged:
         error = str(diverged)
-        log.error("%s; last good checkpoint kept in %s", diverged, checkpoint_dir)
+        saved = checkpoint.list_checkpoints(checkpoint_dir)
+        kept = f"last good checkpoint kept: {saved[-1]}" if saved else "no checkpoint before it"
+        log.error("%s; %s", diverged, kept)
         raise
     except (TrackingFault, RunFault) as fault:
         status = "FAILED"

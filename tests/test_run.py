@@ -4,6 +4,7 @@ the exit code."""
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -322,3 +323,40 @@ def test_a_run_refused_for_a_malformed_store_leaves_nothing_behind(tmp_path):
     assert good.returncode == 0, good.stderr
     _, (run,) = runs(store_uri(tmp_path))
     assert run.info.status == "FINISHED"
+
+
+def grid(tmp_path: Path, *sweep: str) -> subprocess.CompletedProcess:
+    args = [*tiny(tmp_path), "train.max_steps=30", f"hydra.sweep.dir={tmp_path / 'grid'}"]
+    return run_cli(["-m", *args, *sweep], cwd=tmp_path)
+
+
+def test_a_grid_counts_its_jobs_and_exits_1_when_one_diverged(tmp_path):
+    result = grid(tmp_path, "optimizer.lr_ebm=1e-3,1e30")
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: grid of 2 jobs in {tmp_path / 'grid'}: ")
+    assert "1 finished, 0 failed, 1 diverged" in last
+    # Diverged at step 1, before any checkpoint: no "last good checkpoint" to point at.
+    said = result.stdout + result.stderr
+    assert "diverged at step 1" in said and "no checkpoint before it" in said
+    assert "last good checkpoint" not in said
+    # The two jobs differ by the swept rate alone: so do their names.
+    _, found = runs(store_uri(tmp_path))
+    assert sorted(r.info.status for r in found) == ["FAILED", "FINISHED"]
+    for run in found:
+        rate = run.data.params["optimizer.lr_ebm"]
+        assert run.info.run_name == f"8gaussians-glow-s42 optimizer.lr_ebm={rate}"
+
+
+@pytest.mark.slow
+def test_a_parallel_grid_whose_every_job_diverged_exits_1(tmp_path):
+    result = grid(tmp_path, "hydra/launcher=joblib", "seed=0,1", "optimizer.lr_ebm=1e30")
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.endswith("0 finished, 0 failed, 2 diverged; each job's metrics.json says why")
+    _, found = runs(store_uri(tmp_path))
+    assert sorted(r.info.status for r in found) == ["FAILED", "FAILED"]
+    # A grid of finished jobs says so, and exits 0.
+    result = grid(tmp_path, "seed=3,4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 finished, 0 failed, 0 diverged" in result.stdout + result.stderr
