@@ -74,7 +74,7 @@ def choose(build: str) -> tuple[str, str]:
     if build != "auto":
         return build, f"TORCH_BUILD={build}"
     if gpu_listed():
-        return "cuda", "TORCH_BUILD=auto, and nvidia-smi lists a GPU"
+        return "cuda", "TORCH_BUILD=auto, and nvidia-smi lists a GPU; TORCH_BUILD=cpu for CPU"
     return "cpu", "TORCH_BUILD=auto, and no GPU is listed by nvidia-smi"
 
 
@@ -105,10 +105,13 @@ def attempts(
         # PyTorch publishes no +cpu wheels for macOS; PyPI's macOS wheels are CPU builds.
         return [(f"torch=={version} from PyPI (on macOS, a CPU build)", [f"torch=={version}"])]
     pinned = f"torch=={version}+cpu"
-    found = [(f"{pinned} from pip's configured sources", [pinned])]
+    found = f"{pinned} from pip's configured sources"
     if cpu_index_answers:
-        return [(f"{pinned} from {CPU_INDEX}", [pinned, "--extra-index-url", CPU_INDEX]), *found]
-    return found
+        return [
+            (f"{pinned} from {CPU_INDEX}", [pinned, "--extra-index-url", CPU_INDEX]),
+            (found, [pinned]),
+        ]
+    return [(f"{found} ({CPU_INDEX} does not answer)", [pinned])]
 
 
 def installed_build() -> str:

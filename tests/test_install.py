@@ -221,3 +221,23 @@ def test_every_install_of_the_project_goes_through_the_lock():
     cluster = (ROOT / "sweeps" / "cluster" / "install.sh").read_text()
     (line,) = [line for line in cluster.splitlines() if "pip install" in line]
     assert "constraints.txt" in line
+
+
+def test_the_cpu_index_is_probed_once_and_briefly(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "index.html").write_text("<a>torch</a>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        assert install.index_answers(url)
+        assert not install.index_answers(f"{url}/nowhere")  # a 404: not a wheel index
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not install.index_answers(url, timeout=1)  # nothing listens there now
