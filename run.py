@@ -6,7 +6,7 @@
 import sys
 from pathlib import Path
 
-from fce.cli import exit_quietly_on_signals, preflight, resume_in_place, run_job
+from fce.cli import exit_quietly_on_signals, preflight, resume_in_place, run_job, with_saved_run
 
 exit_quietly_on_signals()  # until a run installs its own handlers: no traceback on Ctrl-C
 
@@ -25,6 +25,7 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = with_saved_run(sys.argv[1:], ROOT / "conf")
     sys.argv += resume_in_place(sys.argv[1:])
     preflight(sys.argv[1:], ROOT / "conf")
     main()

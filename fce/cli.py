@@ -140,6 +140,132 @@ def resume_in_place(argv: Sequence[str]) -> list[str]:
     return [f"hydra.run.dir={target.resolve()}"]
 
 
+def _key(arg: str) -> str:
+    """The key an override sets: ``+train.max_steps=3`` -> ``train.max_steps``."""
+    return arg.lstrip("+~").split("=", 1)[0]
+
+
+def _covers(keys: set[str], key: str) -> bool:
+    """Whether ``key`` is one of ``keys`` or inside one of them (a group given whole)."""
+    return any(key == k or key.startswith(f"{k}.") for k in keys)
+
+
+def override_value(value: object) -> str:
+    """A Python value as Hydra's override grammar reads it back."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{override_value(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    if "'" in text or "\\" in text or "${" in text:
+        raise ValueError(f"{text!r} cannot be an override")
+    return f"'{text}'"
+
+
+def _saved_config(target: Path) -> tuple[Path | None, dict | None]:
+    """(the run's directory or None for a bare checkpoint, the config it ran with last): the
+    newest readable checkpoint's, else the run's config.yaml, else Hydra's copy."""
+    run_dir = None
+    if target.is_dir():
+        run_dir = target.parent if target.name == "checkpoints" else target
+    elif target.is_file() and target.parent.name == "checkpoints":
+        run_dir = target.parent.parent
+    from fce import checkpoint
+
+    has_checkpoint = target.is_file() or any(
+        checkpoint.list_checkpoints(d) for d in (target, target / "checkpoints")
+    )
+    if has_checkpoint:
+        try:
+            _, state, _ = checkpoint.resolve(target)
+            return run_dir, state.get("config")
+        except (checkpoint.CheckpointError, ValueError):
+            return run_dir, None  # reported in one line once the run starts
+    from omegaconf import OmegaConf
+
+    for path in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml") if run_dir else ():
+        if path.is_file():
+            return run_dir, OmegaConf.to_container(OmegaConf.load(path))
+    return run_dir, None
+
+
+def with_saved_run(argv: Sequence[str], conf_dir: Path) -> list[str]:
+    """``train.resume=<run>``: the saved run's settings, then the command line's on top.
+
+    The run's own Hydra overrides come first (``<run>/.hydra/overrides.yaml``; else the group
+    options its config names), then every setting of the saved config the command line does
+    not give (so a default changed in conf/ since does not change a resumed run), then the
+    command line: what may change on resume changes, and anything else given that differs
+    from the saved run is refused by ``fce.resume`` in one line.
+    """
+    argv = list(argv)
+    targets = [a.split("=", 1)[1] for a in argv if _key(a) == "train.resume" and "=" in a]
+    if (
+        not targets
+        or targets[-1] in ("", "null")
+        or any(a in ("-m", "--multirun", "--help", "-h", "--cfg", "-c", "--info") for a in argv)
+    ):
+        return argv
+    run_dir, saved = _saved_config(Path(targets[-1]).expanduser())
+    if saved is None:
+        return argv  # nothing readable to resume: fce.resume says why
+    from omegaconf import OmegaConf
+
+    from fce.config import upgrade, user_settings
+
+    given = {_key(a) for a in argv if not a.startswith("-")}
+    overrides_yaml = run_dir / ".hydra" / "overrides.yaml" if run_dir else None
+    if overrides_yaml is not None and overrides_yaml.is_file():
+        base = [str(o) for o in OmegaConf.load(overrides_yaml)]
+    else:
+        base = [
+            f"{group}={saved[group]['name']}"
+            for group in USER_GROUPS
+            if isinstance(saved.get(group), dict)
+            and saved[group].get("name") in group_options(conf_dir, group)
+        ]
+    base = [o for o in base if not _covers(given | {"train.resume"}, _key(o))]
+    flags = [a for a in argv if a.startswith("-")]
+    args = [*base, *(a for a in argv if not a.startswith("-"))]
+    if "experiment" in given:
+        return [*flags, *args]  # the keys it sets are the command line's
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fce.compose import compose
+
+    try:
+        now = _leaves(user_settings(compose(args)))
+        then = _leaves(user_settings(upgrade(OmegaConf.create(saved))))
+        restored = [
+            f"{key}={override_value(value)}"
+            for key, value in then.items()
+            if key in now and now[key] != value and not _covers(given, key)
+        ]
+        compose([*args, *restored])  # each restored value must compose
+    except Exception:
+        return argv  # the command line as typed: preflight names what is wrong with it
+    finally:
+        GlobalHydra.instance().clear()
+    return [*flags, *args, *restored]
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
+    """``{"train.max_steps": 60, "ebm.hidden": [32, 32], ...}``: a config's leaves, typed."""
+    found: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            found.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            found[f"{prefix}{key}"] = value
+    return found
+
+
 def every_value_of_each_sweep(args: Sequence[str]) -> list[list[str]]:
     """The concrete jobs that together use every value of every swept key once: the first
     value of each, then each other value of one key with the first of the rest."""

@@ -330,6 +330,7 @@ def grid(tmp_path: Path, *sweep: str) -> subprocess.CompletedProcess:
     return run_cli(["-m", *args, *sweep], cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_a_grid_counts_its_jobs_and_exits_1_when_one_diverged(tmp_path):
     result = grid(tmp_path, "optimizer.lr_ebm=1e-3,1e30")
     assert result.returncode == 1, result.stderr[-3000:]
@@ -360,3 +361,37 @@ def test_a_parallel_grid_whose_every_job_diverged_exits_1(tmp_path):
     result = grid(tmp_path, "seed=3,4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 finished, 0 failed, 0 diverged" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_resume_with_the_run_directory_alone_continues_the_saved_run(tmp_path):
+    """Its settings come from the run (here dataset=pinwheel and the temp store), not from
+    the command line; what may change on resume still does."""
+    import shutil
+
+    assert run_cli(tiny(tmp_path, "glow", "dataset=pinwheel"), cwd=tmp_path).returncode == 0
+    run_dir = _run_dir(tmp_path)
+    result = run_cli([f"train.resume={run_dir}", "train.max_steps=80"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, (run,) = runs(store_uri(tmp_path))  # the same MLflow run, in the run's own store
+    assert run.data.params["dataset.name"] == "pinwheel"
+    assert run.data.tags["fce.resumed_at_step_60"] == "train.max_steps: 60 -> 80"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "value")] == list(
+        range(1, 81)
+    )
+    # A setting given that differs from the saved run's is refused in one line, as before.
+    more = [f"train.resume={run_dir}", "train.max_steps=100"]
+    refused = run_cli([*more, "dataset=8gaussians"], cwd=tmp_path)
+    assert refused.returncode == 2
+    (line,) = refused.stderr.strip().splitlines()
+    assert "the checkpoint has dataset=" in line and "they must match" in line
+    # Without Hydra's record of the run's overrides, from the checkpoint's config alone.
+    shutil.rmtree(run_dir / ".hydra")
+    result = run_cli(more, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, (run,) = runs(store_uri(tmp_path))
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "value")] == list(
+        range(1, 101)
+    )
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))[-1] == "step_0000100.pt"
