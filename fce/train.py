@@ -260,7 +260,36 @@ def _train(cfg, context, parts, tracker, stop, output_dir, resume, started) -> d
         raise failure from fault
     finally:
         outcome = {"status": status, "step": trainer.step, "error": error}
+        keep_run_files(cfg, output_dir)
         _end(tracker, output_dir, outcome, time.perf_counter() - started, final)
+
+
+def keep_run_files(cfg: RunConfig, output_dir: Path) -> None:
+    """A run directory deleted (or emptied) while the run trained: its checkpoints are written
+    again by the next save, but its config.yaml and log are not; write the config again and
+    say what is lost, rather than end with them silently gone."""
+    lost = [
+        Path(h.baseFilename).name
+        for h in logging.getLogger().handlers
+        if isinstance(h, logging.FileHandler)
+        and Path(h.baseFilename).parent == output_dir.absolute()
+        and not Path(h.baseFilename).exists()
+    ]
+    config_yaml = output_dir / "config.yaml"
+    if not config_yaml.exists():
+        lost.append("config.yaml")
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            config_yaml.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        except OSError as failed:
+            log.warning("could not write %s again (%s)", config_yaml, failed.strerror)
+    if lost:
+        log.warning(
+            "%s lost %s while the run trained (deleted?); config.yaml written again, the "
+            "log's lines before now are gone",
+            output_dir,
+            " and ".join(lost),
+        )
 
 
 def _continue(trainer: Trainer, tracker: Tracker, resume: Resume) -> None:

@@ -395,3 +395,22 @@ def test_resume_with_the_run_directory_alone_continues_the_saved_run(tmp_path):
         range(1, 101)
     )
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))[-1] == "step_0000100.pt"
+
+
+@pytest.mark.slow
+def test_a_run_whose_directory_is_deleted_mid_run_says_so_and_keeps_its_config(tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    args = [*tiny(tmp_path), "train.max_steps=400", "train.checkpoint_every=100"]
+    proc = start_cli([*args, f"hydra.run.dir={run_dir}"], tmp_path)
+    _wait_for("run/checkpoints/step_*.pt", tmp_path, proc)
+    time.sleep(0.3)  # past the save, between two checkpoints
+    shutil.rmtree(run_dir)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    warned = [line for line in (stdout + stderr).splitlines() if "while the run trained" in line]
+    assert len(warned) == 1 and "run.log and config.yaml" in warned[0], stdout + stderr
+    saved = (run_dir / "config.yaml").read_text()  # written again, as the run had it
+    assert "max_steps: 400" in saved
+    assert list((run_dir / "checkpoints").glob("step_0000400.pt"))
