@@ -98,6 +98,27 @@ def open_tracker(
         raise ConfigError(str(error)) from None
 
 
+def used_settings(cfg: RunConfig) -> dict[str, str]:
+    """The run's settings as MLflow params, without those of a model it never uses: a compare
+    view of FCE and NCE runs would show NCE's flow settings (its noise is a fitted Gaussian)
+    as if they mattered. The ``name`` of every group stays, for grouping runs."""
+    from fce.estimators import ESTIMATORS
+
+    estimator = ESTIMATORS[cfg.estimator.name]
+    fitted_noise = cfg.estimator.get("noise") == "gaussian"
+    uses_flow = estimator.evaluates_flow and not fitted_noise
+    trains_both = estimator.evaluates_ebm and estimator.evaluates_flow and not fitted_noise
+    trains_both = trains_both and cfg.estimator.name != "nce"  # its flow is fixed noise
+    unused = [] if uses_flow else ["flow.", "optimizer.lr_flow"]
+    unused += [] if estimator.evaluates_ebm else ["ebm.", "optimizer.lr_ebm", "train.ema_decay"]
+    unused += [] if trains_both else ["threshold."]  # the rule alternates the two players
+    return {
+        key: value
+        for key, value in flatten(user_settings(cfg)).items()
+        if key.endswith(".name") or not any(key.startswith(u) for u in unused)
+    }
+
+
 def run(cfg: RunConfig, context: RunContext) -> dict[str, float]:
     """Train as ``cfg`` says, logged by its tracker; return the final metrics.
 
@@ -210,7 +231,7 @@ def _train(cfg, context, parts, tracker, stop, output_dir, resume, started) -> d
         if continued:
             _continue(trainer, tracker, resume)
         else:
-            tracker.log_params(flatten(user_settings(cfg)))
+            tracker.log_params(used_settings(cfg))
             tracker.log_artifact(output_dir / "config.yaml")
         log.info(
             "ready in %.1fs: %s on %s, %s steps, %s",
@@ -336,9 +357,9 @@ def where_things_went(tracker: Tracker, output_dir: Path) -> str:
     uri = getattr(tracker, "uri", None)
     if tracker.run_id is None or uri is None:
         return f"outputs in {output_dir} (not tracked: tracking=none)"
-    link = tracker.ui_link()
-    ui = link if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}, then {link}"
-    return f"outputs in {output_dir}; MLflow run {tracker.run_id}; to compare runs: {ui}"
+    links = f"{tracker.ui_link()} (all runs) or {tracker.ui_link(run=True)} (this run)"
+    ui = links if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}, then {links}"
+    return f"outputs in {output_dir}; MLflow run {tracker.run_id}; to look at it: {ui}"
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -59,6 +59,23 @@ def test_run_logs_params_metrics_artifacts_and_finishes(tmp_path, flow):
     assert f"MLflow run {run.info.run_id}" in said
     assert f"mlflow ui --backend-store-uri {store_uri(tmp_path)}, then http" in said
     assert "?workflowType=machine_learning" in said
+    # The run's own page too, in the same mode: the table's links into a run drop the mode.
+    page = f"/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    assert f"{page}?workflowType=machine_learning (this run)" in said
+
+
+def test_a_run_logs_only_the_settings_it_uses(tmp_path):
+    """NCE against a fitted Gaussian trains no flow: its flow's sizes, learning rate and the
+    threshold that alternates two players are not its params (each group's name stays)."""
+    result = run_cli(tiny(tmp_path, "glow", "estimator=nce"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, (run,) = runs(store_uri(tmp_path))
+    params = run.data.params
+    assert params["estimator.noise"] == "gaussian"
+    assert params["flow.name"] == "glow" and params["threshold.name"] == "fixed"
+    unused = [k for k in params if k.startswith(("flow.", "threshold.", "optimizer.lr_flow"))]
+    assert sorted(unused) == ["flow.name", "threshold.name"]
+    assert params["optimizer.lr_ebm"] == "0.001" and params["ebm.hidden"] == "[32, 32]"
 
 
 def test_every_dataset_logs_the_metrics_against_its_density(tmp_path):

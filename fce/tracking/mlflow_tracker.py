@@ -295,12 +295,15 @@ class MLflowTracker:
             for name in latest
         }
 
-    def ui_link(self, base: str = "http://127.0.0.1:5000") -> str:
-        """The UI's page of this run's experiment, on the runs table: MLflow 3.17 opens a bare
-        experiment page in its GenAI view whatever the experiment's tags."""
+    def ui_link(self, base: str = "http://127.0.0.1:5000", run: bool = False) -> str:
+        """The UI's page of this run's experiment (the runs table), or with ``run`` of the run
+        itself, in model-training mode: MLflow 3.17 opens a page without ``workflowType`` in
+        its GenAI view, unless the browser kept a click on "Model training" (the parameter
+        is not kept: the pages a link leads to drop it)."""
         if self.uri.startswith(("http://", "https://")):
             base = self.uri.rstrip("/")
-        return f"{base}/#/experiments/{self.experiment_id}?workflowType=machine_learning"
+        page = f"{self.experiment_id}/runs/{self.run_id}" if run else self.experiment_id
+        return f"{base}/#/experiments/{page}?workflowType=machine_learning"
 
     @_store_call
     def log_params(self, params: Mapping[str, str]) -> None:
