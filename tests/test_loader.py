@@ -211,3 +211,122 @@ def test_runs_logged_before_a_setting_existed_group_with_runs_at_its_default():
     }
     assert config_of(old) == config_of(new)
     assert config_of(old) != config_of({**new, "schedule.name": "cosine"})
+
+
+def log_runs(uri: str, experiment: str, runs: list[list[str]]) -> list[str]:
+    """Runs logged as run.py logs them (params of the composed config), without training."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    exp = found.experiment_id if found else client.create_experiment(experiment)
+    clock = itertools.count(1_700_000_000_000, 60_000)
+    ids = []
+    for k, overrides in enumerate(runs):
+        run = client.create_run(exp, start_time=next(clock))
+        metrics = [Metric(m, 1.0 + k, 0, 300) for m in ("nll_ebm", "kl_data_flow")]
+        client.log_batch(
+            run.info.run_id,
+            params=[Param(k, v) for k, v in params(*overrides).items()],
+            metrics=metrics,
+        )
+        client.set_terminated(run.info.run_id, "FINISHED")
+        ids.append(run.info.run_id)
+    return ids
+
+
+def test_an_nce_run_is_not_counted_as_its_configs_flow(tmp_path):
+    """NCE against a fitted Gaussian logs flow=glow and the Gaussian's kl_data_flow: it is
+    not a Glow run, and its table row shows the flow's settings and metrics as not applicable
+    (and an exact-MLE run likewise)."""
+    from analysis.loader import NOT_APPLICABLE
+
+    uri = store_uri(tmp_path)
+    fce, nce, nce_maf, mle = log_runs(
+        uri,
+        EXPERIMENT,
+        [
+            ["estimator=fce", "seed=0"],
+            ["estimator=nce", "seed=0"],
+            ["estimator=nce", "seed=1", "flow=maf"],  # the same experiment: NCE uses no flow
+            ["estimator=mle", "seed=0"],
+        ],
+    )
+    runs = load_runs(uri, [EXPERIMENT]).set_index("run_id")
+    assert runs.loc[fce, "flow.name"] == "glow"
+    assert runs.loc[[nce, nce_maf, mle], "flow.name"].eq(NOT_APPLICABLE).all()
+    assert runs.loc[[nce, mle], "flow.width"].eq(NOT_APPLICABLE).all()
+    assert math.isnan(runs.loc[nce, "kl_data_flow"])
+    chosen = newest_group(runs.reset_index(), ["dataset.name", "estimator.name", "flow.name"])
+    glow = chosen[chosen["flow.name"] == "glow"]
+    assert list(glow["run_id"]) == [fce]
+
+    metrics = ["nll_ebm", "kl_data_flow"]
+    text = format_table(aggregate(runs.reset_index(), metrics=metrics), metrics)
+    rows = text.set_index("estimator.name")
+    assert rows.loc["nce", "n"] == 2  # seeds 0 and 1 are repeats, whatever flow= said
+    assert rows.loc["nce", "kl_data_flow"] == NOT_APPLICABLE
+    assert rows.loc["mle", "kl_data_flow"] == NOT_APPLICABLE
+    assert rows.loc["fce", "kl_data_flow"] != NOT_APPLICABLE
+    assert rows.loc["nce", "flow.name"] == NOT_APPLICABLE
+    # Which runs each row drew.
+    assert set(rows.loc["nce", "runs"].split()) == {nce[:8], nce_maf[:8]}
+
+
+def test_titles_are_derived_from_names():
+    from analysis.loader import model_title, title_of
+
+    assert [title_of(n) for n in ("glow", "maf", "spline")] == ["Glow", "MAF", "Spline"]
+    assert title_of("flow_mle") == "Flow-MLE"
+    assert model_title("fce", "spline") == "Spline (FCE)" and model_title("nce", "—") == "NCE"
+
+
+def test_reading_a_missing_store_creates_nothing(tmp_path):
+    from analysis.loader import StoreError
+
+    missing = tmp_path / "no-such-folder" / "mistyped.db"
+    with pytest.raises(StoreError, match=r"mistyped\.db: no MLflow store there"):
+        load_runs(f"sqlite:///{missing}", [EXPERIMENT])
+    assert not missing.parent.exists()
+    with pytest.raises(StoreError, match="no MLflow store there"):
+        load_runs(str(tmp_path / "mlruns"), [EXPERIMENT])
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_missing_experiment_or_no_finished_run_is_one_line(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from analysis.loader import StoreError, finished
+
+    uri = store_uri(tmp_path)
+    client = MlflowClient(tracking_uri=uri)
+    client.create_experiment("empty")
+    with pytest.raises(StoreError, match=r"no experiment 'fce' in .*; it holds .*empty"):
+        load_runs(uri, ["fce"])
+    with pytest.raises(StoreError, match="no FINISHED run in empty; it holds no run"):
+        finished(load_runs(uri, ["empty"]), "empty")
+    run = client.create_run(client.get_experiment_by_name("empty").experiment_id)
+    client.set_terminated(run.info.run_id, "FAILED")
+    with pytest.raises(StoreError, match="1 FAILED run"):
+        finished(load_runs(uri, ["empty"]), "empty")
+
+
+def test_a_notebook_on_a_missing_store_says_one_line(tmp_path, monkeypatch):
+    """The notebooks open existing stores only: one line, no traceback, nothing created."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    missing = tmp_path / "nowhere" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{missing}")
+    notebook = nbformat.read(ROOT / "analysis" / "datasets_x_flows.ipynb", as_version=4)
+    client = NotebookClient(notebook, resources={"metadata": {"path": str(ROOT / "analysis")}})
+    with pytest.raises(CellExecutionError) as raised:
+        client.execute()
+    assert raised.value.ename == "StoreError"
+    outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]  # no traceback shown
+    stderr = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
+    assert f"error: sqlite:///{missing}: no MLflow store there" in stderr
+    assert not missing.parent.exists()
