@@ -248,6 +248,7 @@ def one_line_errors() -> None:
         from IPython import get_ipython
     except ImportError:
         return
+
     def show(shell, etype, value, tb, tb_offset=None) -> None:
         print(f"error: {value}", file=sys.stderr, flush=True)
 
