@@ -17,23 +17,38 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.loader import load_runs, newest_group
+from analysis.loader import (
+    NOT_APPLICABLE,
+    finished,
+    left_out,
+    load_runs,
+    newest_group,
+    run_label,
+    title_of,
+    trains,
+)
+from fce.config import ESTIMATOR_NAMES
 
 CELL = ("dataset.name", "estimator.name", "flow.name")
-# (metric, estimator) columns of the table: the EBMs of FCE and NCE and the same EBM by
-# maximum likelihood (mle, their ceiling), then the two flows.
-EBM_COLUMNS = [
-    (metric, estimator)
-    for metric in ("nll_ebm", "kl_data_ebm", "mse_logp")
-    for estimator in ("fce", "nce", "mle")
-]
-FLOW_COLUMNS = [
-    (metric, estimator)
-    for metric in ("nll_flow", "kl_data_flow")
-    for estimator in ("fce", "flow_mle")
-]
-# MLE labels both maximum-likelihood baselines: the metric says which model (nll_ebm, nll_flow).
-LABELS = {"fce": "FCE", "nce": "NCE", "mle": "MLE", "flow_mle": "MLE"}
+
+
+def label(estimator: str, model: str) -> str:
+    """An estimator's column label for a model: ``mle`` and ``flow_mle`` are both "MLE" (the
+    metric says which model: nll_ebm, nll_flow), the others their title (FCE, NCE)."""
+    return title_of(estimator.removeprefix(f"{model}_"))
+
+
+# (metric, estimator) columns of the table: the EBMs of the estimators that train one (FCE,
+# NCE, and the same EBM by maximum likelihood, mle: their ceiling), then the flows (FCE's and
+# the flow by maximum likelihood).
+EBM_ESTIMATORS = [e for e in ESTIMATOR_NAMES if "ebm" in trains(e)]
+FLOW_ESTIMATORS = [e for e in ESTIMATOR_NAMES if "flow" in trains(e)]
+EBM_COLUMNS = [(m, e) for m in ("nll_ebm", "kl_data_ebm", "mse_logp") for e in EBM_ESTIMATORS]
+FLOW_COLUMNS = [(m, e) for m in ("nll_flow", "kl_data_flow") for e in FLOW_ESTIMATORS]
+LABELS = {
+    e: label(e, "flow" if e in FLOW_ESTIMATORS and e not in EBM_ESTIMATORS else "ebm")
+    for e in ESTIMATOR_NAMES
+}
 
 
 def load_comparison(
@@ -41,13 +56,15 @@ def load_comparison(
 ) -> pd.DataFrame:
     """The FINISHED runs of ``experiment``: per dataset x estimator x flow, the seeds of its
     newest group of repeats (one sweep, one config; see ``analysis.loader.repeats``), so a
-    2,000-step run never stands beside a 5,000-step one in a cell."""
-    runs = load_runs(uri, [experiment])
-    if not len(runs):
-        return runs
-    runs = runs[runs["status"] == "FINISHED"]
+    2,000-step run never stands beside a 5,000-step one in a cell. ``flow`` keeps that flow's
+    runs and those of estimators that use none (NCE against a Gaussian, mle).
+
+    Raises ``analysis.loader.StoreError`` where the store or experiment is not there or holds
+    no FINISHED run.
+    """
+    runs = finished(load_runs(uri, [experiment]), f"MLflow experiment {experiment!r}")
     if flow is not None:
-        runs = runs[runs["flow.name"] == flow]
+        runs = runs[runs["flow.name"].isin([flow, NOT_APPLICABLE])]
     return newest_group(runs, CELL)
 
 
@@ -81,30 +98,56 @@ def seeds_won(runs: pd.DataFrame, dataset: str, other: str, metric: str) -> str:
     return f"{int((both['fce'] < both[other]).sum())}/{len(both)}"
 
 
+def mean_std(s: pd.Series, digits: int) -> str:
+    """``mean ± std``; one run: its value and ``(n=1)``, never "± nan"; none: "-"."""
+    if s["n"] == 0:
+        return "-"
+    if s["n"] == 1:
+        return f"{s['mean']:.{digits}f} (n=1)"
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def cells(runs: pd.DataFrame) -> list[tuple[str, str]]:
+    """The table's rows: each dataset with each flow trained on it (runs of estimators that
+    use no flow stand in every row of their dataset), or with "—" where no flow was."""
+    out = []
+    for dataset in sorted(runs["dataset.name"].unique()):
+        flows = runs.loc[runs["dataset.name"] == dataset, "flow.name"].dropna().unique()
+        trained = sorted(f for f in flows if f != NOT_APPLICABLE)
+        out += [(dataset, flow) for flow in trained or [NOT_APPLICABLE]]
+    return out
+
+
+def cell_runs(runs: pd.DataFrame, dataset: str, flow: str) -> pd.DataFrame:
+    return runs[(runs["dataset.name"] == dataset) & runs["flow.name"].isin([flow, NOT_APPLICABLE])]
+
+
 def comparison_table(runs: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
-    """One row per dataset: each metric for each estimator as mean ± std, and who wins.
+    """One row per dataset and flow: each metric for each estimator as mean ± std, and who
+    wins.
 
     "EBM" compares nll_ebm of FCE and NCE, "flow" nll_flow of FCE's flow and the MLE flow:
     the winner by the means (or "tie"), and on how many seeds FCE did better. The EBM by
     maximum likelihood (mle) is the ceiling beside them, in no verdict.
     """
     rows = []
-    for dataset in sorted(runs["dataset.name"].unique()):
-        row: dict[str, object] = {"dataset": dataset}
-        nll_data = runs.loc[runs["dataset.name"] == dataset, "nll_data"].dropna()
+    for dataset, flow in cells(runs):
+        part = cell_runs(runs, dataset, flow)
+        row: dict[str, object] = {"dataset": dataset, "flow": flow}
+        nll_data = part["nll_data"].dropna() if "nll_data" in part else pd.Series(dtype=float)
         row["nll_data"] = f"{nll_data.mean():.{digits}f}" if len(nll_data) else "-"
         for metric, estimator in EBM_COLUMNS + FLOW_COLUMNS:
-            s = _stats(runs, dataset, estimator, metric)
-            text = "-" if s["n"] == 0 else f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
-            row[f"{metric} {LABELS[estimator]}"] = text
-        stats = {e: _stats(runs, dataset, e, "nll_ebm") for e in ("fce", "nce")}
+            row[f"{metric} {LABELS[estimator]}"] = mean_std(
+                _stats(part, dataset, estimator, metric), digits
+            )
+        stats = {e: _stats(part, dataset, e, "nll_ebm") for e in ("fce", "nce")}
         row["EBM winner"] = verdict(stats["fce"], stats["nce"], ("FCE", "NCE"))
-        row["EBM: FCE better on"] = seeds_won(runs, dataset, "nce", "nll_ebm")
-        stats = {e: _stats(runs, dataset, e, "nll_flow") for e in ("fce", "flow_mle")}
+        row["EBM: FCE better on"] = seeds_won(part, dataset, "nce", "nll_ebm")
+        stats = {e: _stats(part, dataset, e, "nll_flow") for e in ("fce", "flow_mle")}
         row["flow winner"] = verdict(stats["fce"], stats["flow_mle"], ("FCE", "MLE"))
-        row["flow: FCE better on"] = seeds_won(runs, dataset, "flow_mle", "nll_flow")
-        seeds = runs.loc[runs["dataset.name"] == dataset].groupby("estimator.name")["seed"]
-        row["seeds"] = int(seeds.nunique().min())
+        row["flow: FCE better on"] = seeds_won(part, dataset, "flow_mle", "nll_flow")
+        row["seeds"] = int(part.groupby("estimator.name")["seed"].nunique().min())
+        row["runs"] = len(part)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -118,41 +161,45 @@ def markdown(table: pd.DataFrame) -> str:
 
 def comparison_figure(
     runs: pd.DataFrame, uri: str | None, datasets: Sequence[str], limit: float = 4.0
-) -> Figure:
-    """Rows of Data | EBM (FCE) | EBM (NCE) | EBM (MLE) | Flow (FCE) | Flow (MLE), each run's
-    lowest seed."""
-    from analysis.figures import load_trainer
+) -> tuple[Figure, list[str]]:
+    """Rows of Data | EBM (FCE) | EBM (NCE) | EBM (MLE) | Flow (FCE) | Flow (MLE), one per
+    dataset and flow, each from the lowest seed of its cell; and the runs it drew."""
+    from analysis.figures import caption, load_trainer
     from fce.callbacks import PANEL_SAMPLES
     from fce.plots import draw_density, draw_samples, finish_panel
 
-    columns = [
-        ("fce", "ebm"),
-        ("nce", "ebm"),
-        ("mle", "ebm"),
-        ("fce", "flow"),
-        ("flow_mle", "flow"),
+    columns = [(e, "ebm") for e in EBM_ESTIMATORS] + [(e, "flow") for e in FLOW_ESTIMATORS]
+    titles = ["Data"] + [
+        f"{model.upper() if model == 'ebm' else 'Flow'} ({LABELS[e]})" for e, model in columns
     ]
-    titles = ["Data", "EBM (FCE)", "EBM (NCE)", "EBM (MLE)", "Flow (FCE)", "Flow (MLE)"]
-    present = [d for d in datasets if d in set(runs["dataset.name"])]
-    fig = Figure(figsize=(15.0, 2.6 * len(present)), layout="constrained")
+    present = [(d, f) for d, f in cells(runs) if d in datasets]
+    present.sort(key=lambda cell: list(datasets).index(cell[0]))
+    fig = Figure(figsize=(2.5 * len(titles), 2.6 * len(present)), layout="constrained")
     axes = fig.subplots(len(present), len(titles), squeeze=False)
-    for dataset, row_axes in zip(present, axes):
+    drawn = []
+    for (dataset, flow), row_axes in zip(present, axes):
         samples = None
+        part = cell_runs(runs, dataset, flow)
         for ax, (estimator, model) in zip(row_axes[1:], columns):
-            match = runs[(runs["dataset.name"] == dataset) & (runs["estimator.name"] == estimator)]
+            match = part[part["estimator.name"] == estimator]
             if not len(match):
                 ax.set_facecolor("0.9")
                 continue
-            trainer = load_trainer(match.sort_values("seed").iloc[0]["run_id"], uri)
+            run = match.sort_values("seed").iloc[0]
+            where = dataset if flow == NOT_APPLICABLE else f"{dataset} {flow}"
+            drawn.append(f"{where}, {model} ({LABELS[estimator]}): {run_label(run)}")
+            trainer = load_trainer(run["run_id"], uri)
             samples = trainer.data[:PANEL_SAMPLES]
             evaluator, ebm = trainer.evaluator, trainer.evaluated_ebm
             log_q, log_p = evaluator.grid_log_densities(ebm, trainer.flow)
             draw_density(ax, log_p if model == "ebm" else log_q, limit)
         if samples is not None:
             draw_samples(row_axes[0], samples, limit)
-        row_axes[0].set_ylabel(dataset, fontsize=12)
+        name = dataset if flow == NOT_APPLICABLE else f"{dataset}\n{title_of(flow)}"
+        row_axes[0].set_ylabel(name, fontsize=12)
     finish_panel(axes, titles, limit)
-    return fig
+    caption(fig, ["runs: " + "; ".join(drawn)])
+    return fig, drawn
 
 
 def write_report(
@@ -162,10 +209,14 @@ def write_report(
     flow: str | None = None,
     datasets: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """compare.md, compare.csv and compare.png in ``out``, from the runs of ``experiment``."""
+    """compare.md, compare.csv and compare.png in ``out``, from the runs of ``experiment``.
+
+    Raises ``analysis.loader.StoreError`` (one line) where there is nothing to report.
+    """
     runs = load_comparison(uri, experiment, flow)
-    if not len(runs):
-        raise SystemExit(f"error: no FINISHED run in MLflow experiment {experiment!r}")
+    note = left_out(load_runs(uri, [experiment]))
+    if note:
+        print(note)
     if datasets is not None:
         runs = runs[runs["dataset.name"].isin(list(datasets))]
     out.mkdir(parents=True, exist_ok=True)
@@ -174,7 +225,9 @@ def write_report(
     (out / "compare.md").write_text(text + "\n")
     table.to_csv(out / "compare.csv", index=False)
     order = [d for d in (datasets or sorted(runs["dataset.name"].unique()))]
-    comparison_figure(runs, uri, order).savefig(out / "compare.png", dpi=90)
+    figure, drawn = comparison_figure(runs, uri, order)
+    figure.savefig(out / "compare.png", dpi=90)
     print(text)
+    print("compare.png: " + "; ".join(drawn))
     print(f"table and figure in {out}")
     return table

@@ -4,6 +4,8 @@ and the command end to end on a tiny grid."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
 import shlex
 
 import pandas as pd
@@ -60,7 +62,8 @@ def test_compare_command_runs_every_estimator_and_writes_the_report(tmp_path):
     out = tmp_path / "report"
     args = ["--seeds", "0", "1", "--uri", uri, "--out", str(out), "--datasets", "8gaussians"]
     # The overrides right after --datasets, as the docstring's example writes them.
-    done = run_cli([*args, *GRID_TINY], cwd=tmp_path, script="sweeps/compare.py", timeout=900)
+    # No wall-clock limit: the work is bounded (8 runs of 30 steps); load only slows it.
+    done = run_cli([*args, *GRID_TINY], cwd=tmp_path, script="sweeps/compare.py", timeout=None)
     assert done.returncode == 0, done.stderr[-3000:]
     table = pd.read_csv(out / "compare.csv")
     assert list(table["dataset"]) == ["8gaussians"] and table["seeds"].tolist() == [2]
@@ -68,10 +71,11 @@ def test_compare_command_runs_every_estimator_and_writes_the_report(tmp_path):
         assert " ± " in table.loc[0, column]
     assert (out / "compare.png").stat().st_size > 10_000
     assert "| 8gaussians |" in (out / "compare.md").read_text()
-    # --report-only reads the same runs again, runs nothing new.
+    # --report-only reads the same runs again, runs nothing new; by default into ./figures.
+    args = [a for a in args if a not in ("--out", str(out))]
     again = run_cli([*args, "--report-only"], cwd=tmp_path, script="sweeps/compare.py")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert pd.read_csv(out / "compare.csv").equals(table)
+    assert pd.read_csv(tmp_path / "figures" / "compare.csv").equals(table)
 
 
 def test_compare_rejects_an_unknown_dataset_in_one_line(tmp_path):
@@ -125,3 +129,75 @@ def test_bad_arguments_are_one_line_errors(tmp_path, argv, message):
     done = run_cli([*argv, "--report-only"], cwd=tmp_path, script="sweeps/compare.py")
     assert done.returncode == 2
     assert done.stderr.strip() == message
+
+
+def test_one_seed_is_its_value_and_n_not_plus_minus_nan():
+    runs = fake_runs()
+    table = comparison_table(runs[runs["seed"] == 0])
+    (row,) = table.to_dict("records")
+    assert row["nll_ebm FCE"] == f"{runs.loc[0, 'nll_ebm']:.3f} (n=1)"
+    assert not [k for k, v in row.items() if "nan" in str(v)]
+
+
+def test_every_flow_is_a_row_and_estimators_without_a_flow_stand_in_each():
+    runs = fake_runs()
+    maf = runs[runs["estimator.name"].isin(["fce", "flow_mle"])].assign(**{"flow.name": "maf"})
+    runs.loc[runs["estimator.name"].isin(["nce", "mle"]), "flow.name"] = "—"
+    table = comparison_table(pd.concat([runs, maf], ignore_index=True))
+    assert list(zip(table["dataset"], table["flow"])) == [("rings", "glow"), ("rings", "maf")]
+    assert (table["nll_ebm NCE"] == "2.900 ± 0.010").all()
+
+
+def dry_run(tmp_path, *argv):
+    done = run_cli(["--dry-run", *argv], cwd=tmp_path, script="sweeps/compare.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = done.stdout.splitlines()[0]
+    minutes = float(re.search(r"about (\d+) minutes", first).group(1))
+    return first, minutes
+
+
+def test_dry_run_says_how_many_runs_and_how_long_and_runs_nothing(tmp_path):
+    import json
+
+    first, minutes = dry_run(tmp_path)
+    n = 4 * 6 * 3
+    assert first.startswith(f"{n} runs (4 estimators x 6 datasets x 3 seeds), 2 at a time")
+    assert "5000 steps each" in first and "estimator_steps.json" in first
+    # The estimate is the benchmarks' step times times the steps: a tenth of the steps, about
+    # a tenth of the time (plus each run's start), and fce alone costs its own steps only.
+    steps = json.loads((ROOT / "benchmarks/results/estimator_steps.json").read_text())
+    _, shorter = dry_run(tmp_path, "train.max_steps=500")
+    assert shorter < minutes / 5
+    _, nce = dry_run(tmp_path, "--estimators", "nce", "--seeds", "0", "--jobs", "1")
+    per_step = steps["ms_per_step"]["nce_step"] / 1e3
+    assert nce == pytest.approx(6 * 5000 * per_step / 60, rel=0.5, abs=1)
+    assert not list(tmp_path.iterdir())  # no store, no outputs
+
+
+@pytest.mark.slow  # starts a real grid and interrupts it (about 15 s)
+def test_ctrl_c_ends_in_one_line_that_says_how_to_continue(tmp_path):
+    import signal
+    import time
+
+    from tests.helpers import start_cli
+
+    uri = store_uri(tmp_path)
+    args = ["--seeds", "0", "--datasets", "8gaussians", "--uri", uri, "--jobs", "1"]
+    proc = start_cli(
+        [*args, *GRID_TINY, "train.max_steps=100000"],
+        tmp_path,
+        script="sweeps/compare.py",
+        new_session=True,
+    )
+    first = proc.stdout.readline()  # the plan, printed before the grid starts
+    assert first.startswith("4 runs"), first
+    time.sleep(8)  # into the first run (a run of 100,000 steps: still running)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate()
+    assert proc.returncode == 130, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "interrupted: the FINISHED runs are kept in experiment 'compare'; "
+        "continue with: python sweeps/compare.py --datasets 8gaussians"
+    )
+    assert "Traceback" not in stderr
