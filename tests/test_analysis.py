@@ -35,7 +35,9 @@ def store(tmp_path_factory) -> Path:
         *GRID_TINY,
         f"tracking.uri={store_uri(path)}",
     ]
-    result = run_cli(grid, cwd=path, timeout=900)
+    # No wall-clock limits here: the work is bounded (30-step runs, 3 trials), and a busy
+    # machine only makes it slower, not wrong.
+    result = run_cli(grid, cwd=path, timeout=None)
     assert result.returncode == 0, result.stderr[-3000:]
     study = [
         "sweep=threshold_lr",
@@ -45,7 +47,7 @@ def store(tmp_path_factory) -> Path:
         *GRID_TINY,
         "tracking.experiment=study",
     ]
-    result = run_cli(study, cwd=path, timeout=900, script="sweeps/tune.py")
+    result = run_cli(study, cwd=path, timeout=None, script="sweeps/tune.py")
     assert result.returncode == 0, result.stderr[-3000:]
     return path
 
@@ -123,7 +125,7 @@ def test_notebook_runs_headless(store, name, experiment, monkeypatch, tmp_path):
     monkeypatch.setenv("FCE_EXPERIMENT", experiment)
     # Run from analysis/, as `jupyter lab analysis/` would.
     resources = {"metadata": {"path": str(ROOT / "analysis")}}
-    NotebookClient(notebook, timeout=300, resources=resources).execute()
+    NotebookClient(notebook, timeout=None, resources=resources).execute()
     outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [
@@ -167,7 +169,6 @@ def test_figures_command_regenerates_figures_and_table(store, tmp_path):
         capture_output=True,
         text=True,
         env=env,
-        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("fce-glow.png", "fce-maf.png", "curves-8gaussians.png", "results.md"):
