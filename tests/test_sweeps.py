@@ -176,12 +176,23 @@ def test_divergent_trials_fail_and_the_study_goes_on(tmp_path):
 
 @pytest.mark.slow
 def test_killed_sweep_leaves_nothing_running_after_the_next_start(tmp_path):
-    slow = ["train.max_steps=100000", "train.epochs=100000", "sweep.heartbeat_s=1"]
-    args = study_args(tmp_path, "threshold_lr", "sweep.n_trials=1", *slow)
+    """The killed trial FAILs at the next start and does not count toward n_trials: the rerun
+    of the same study runs both of its trials (issue 26.10)."""
+    # A panel and a checkpoint at every step make the trial long enough to be killed in, and
+    # change nothing the study keeps (how often a run draws and saves is not what it is).
+    slow = ["train.plot_every=1", "train.checkpoint_every=1", "sweep.heartbeat_s=1"]
+    args = study_args(tmp_path, "threshold_lr", "sweep.n_trials=2", *slow)
     proc = start_cli(args, tmp_path, script="sweeps/tune.py")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list(tmp_path.glob("**/trial_0000/config.yaml")):
         assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    # Until the trial's MLflow run exists (a run writes its config.yaml before it opens it).
+    while not any(
+        "mlflow_run_id" in t.user_attrs for t in trials(tmp_path, "threshold_lr-8gaussians-glow")
+    ):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the trial's run never started"
         time.sleep(0.1)
     time.sleep(1.0)
     proc.send_signal(signal.SIGKILL)
@@ -191,10 +202,17 @@ def test_killed_sweep_leaves_nothing_running_after_the_next_start(tmp_path):
     args = study_args(tmp_path, "threshold_lr", "sweep.n_trials=2", "sweep.heartbeat_s=1")
     result = run_cli(args, tmp_path, script="sweeps/tune.py")
     assert result.returncode == 0, result.stderr[-3000:]
-    states = [t.state.name for t in trials(tmp_path, "threshold_lr-8gaussians-glow")]
-    assert states == ["FAIL", "COMPLETE"]
+    done = trials(tmp_path, "threshold_lr-8gaussians-glow")
+    assert [t.state.name for t in done] == ["FAIL", "COMPLETE", "COMPLETE"]
     _, found = runs(store_uri(tmp_path))
     assert "RUNNING" not in {r.info.status for r in found}
+    # Every trial that began a run has one child run, whose state is the trial's.
+    children = {r.data.tags["optuna.trial"]: r for r in found if "optuna.trial" in r.data.tags}
+    assert sorted(children) == [str(t.number) for t in done]
+    assert [children[str(t.number)].data.tags["optuna.state"] for t in done] == [
+        t.state.name for t in done
+    ]
+    assert children["0"].info.status == "KILLED"
 
 
 def test_help_prints_usage_with_the_spaces_and_settings():

@@ -18,13 +18,30 @@ from omegaconf import DictConfig, OmegaConf
 
 from fce.config import ConfigError
 from fce.interrupts import RunInterrupted
+from fce.sweep.identity import (
+    check_same_run,
+    default_study_name,
+    name_objective,
+    run_definition,
+    study_uid,
+)
 from fce.sweep.locks import schema_lock, study_lock
-from fce.sweep.study import Stopping, StudyPlan, fail_dead_trials, fail_trials_of, make_storage
+from fce.sweep.study import (
+    Stopping,
+    StudyPlan,
+    budget_used,
+    fail_dead_trials,
+    fail_trials_of,
+    finished,
+    make_storage,
+)
 from fce.sweep.trials import check_same_space
 from fce.sweep.worker import run_worker
 from fce.sweep_space import Composer
 from fce.tracking import (
     MLflowTracker,
+    NullTracker,
+    Tracker,
     TrackingError,
     check_reachable,
     flatten,
@@ -112,25 +129,30 @@ def run_study(
     worker_entry: Callable[[StudyPlan, int, Any], None],
     stopping: Stopping,
 ) -> optuna.Study:
-    """Create or continue the study and run it to ``settings.n_trials`` trials in total.
+    """Create or continue the study and run it until ``settings.n_trials`` trials are
+    finished (``fce.sweep.study.finished``).
 
     The caller has checked the space against the run config (``check_space_against_run``)
     and installed SIGINT/SIGTERM handlers that only record the signal (``stopping``): it is
     acted on here at safe points, never in the middle of a store write.
 
     Raises:
-        ConfigError: the storage cannot be opened, or the study exists with another space or
-            direction; nothing is changed.
+        ConfigError: the storage cannot be opened, or the study exists with another space,
+            direction or run settings; nothing is changed.
         RunInterrupted: SIGINT or SIGTERM; trials in flight FAIL, their runs and the parent
             run KILLED.
-        SweepError: a worker process died; its trial FAIL, the parent run FAILED.
+        SweepError: a worker process died (its trial FAIL), or no trial this command ran
+            finished with a value; the parent run FAILED.
     """
     cfg = compose(base_overrides)
     storage_url = settings.storage or f"sqlite:///{(project_root / 'optuna.db').resolve()}"
-    study_name = settings.study_name or f"{settings.name}-{cfg.dataset.name}-{cfg.flow.name}"
-    store = tracking_uri(cfg.tracking.uri, project_root)
+    study_name = settings.study_name or default_study_name(settings, cfg)
+    definition = run_definition(settings, compose, base_overrides)
+    # tracking=none: the trials are scored and kept in the study alone, with no parent run.
+    store = tracking_uri(cfg.tracking.uri, project_root) if "uri" in cfg.tracking else None
     try:
-        check_reachable(store)  # before the study is touched
+        if store is not None:
+            check_reachable(store)  # before the study is touched
         # Two drivers creating one storage at once race on its schema (SQLite: alembic's
         # tables; PostgreSQL: "duplicate key ... pg_type_typname_nsp_index").
         with schema_lock(storage_url):
@@ -156,6 +178,9 @@ def run_study(
     where = storage_url.split("@")[-1]
     with study_lock(storage, storage_url, study_name):
         check_same_space(study, settings, where)
+        check_same_run(study, definition, where)
+        uid = study_uid(study)
+        name_objective(study, settings.objective)
     fail_dead_trials(study, storage, store, 3 * settings.heartbeat_s + 2, stopping)
     if stopping() is not None:
         raise RunInterrupted(128 + stopping())
@@ -163,36 +188,38 @@ def run_study(
     # Found or created under the lock: two drivers starting at once share one parent run.
     with study_lock(storage, storage_url, study_name):
         parent_id = study.user_attrs.get("mlflow_parent_run_id")
+        parent: Tracker = NullTracker()
         try:
-            parent = MLflowTracker(
-                store,
-                cfg.tracking.experiment,
-                run_name=f"study-{study_name}",
-                run_id=parent_id,
-                tags={"optuna.study": study_name, "optuna.storage": where},
-            )
+            if store is not None:
+                parent = MLflowTracker(
+                    store,
+                    cfg.tracking.experiment,
+                    run_name=f"study-{study_name}",
+                    run_id=parent_id,
+                    tags={"optuna.study": study_name, "optuna.storage": where},
+                )
         except TrackingError as error:
             raise ConfigError(str(error)) from None
-        if parent_id is None:
+        if parent_id is None and parent.run_id is not None:
             study.set_user_attr("mlflow_parent_run_id", parent.run_id)
         driver = study.user_attrs.get("fce.drivers", 0)
         study.set_user_attr("fce.drivers", driver + 1)
-    if parent_id is None:
+    if parent_id is None and parent.run_id is not None:
         parent.log_params(
             {f"sweep.{k}": v for k, v in flatten(OmegaConf.to_container(settings)).items()}
         )
         parent.log_params({"base_overrides": " ".join(base_overrides) or "(none)"})
 
-    remaining = settings.n_trials - len(study.trials)
-    status, problems = "FAILED", []
+    remaining = settings.n_trials - budget_used(study)
+    status, problems, nothing = "FAILED", [], None
     try:
         if stopping() is not None:
             pass
         elif remaining <= 0:
             log.info(
-                "study %s already has %d trials (n_trials=%d)",
+                "study %s already has %d finished or running trials (n_trials=%d)",
                 study_name,
-                len(study.trials),
+                settings.n_trials - remaining,
                 settings.n_trials,
             )
         else:
@@ -203,9 +230,11 @@ def run_study(
                 storage=storage_url,
                 study_name=study_name,
                 tracking_uri=store,
-                experiment=cfg.tracking.experiment,
+                experiment=cfg.tracking.get("experiment", ""),
                 parent_run_id=parent.run_id,
-                sweep_dir=str(sweep_root / study_name),
+                # Keyed by the study, not only its name: another study of the same name (in
+                # another storage, or made again) writes its trial_0000 elsewhere.
+                sweep_dir=str(sweep_root / f"{study_name}-{uid}"),
                 project_root=str(project_root),
                 conf_dir=str(conf_dir),
                 trials_before=len(study.trials),
@@ -221,22 +250,48 @@ def run_study(
                 run_worker(plan, 0, compose, stopping)
             else:
                 problems = run_workers(plan, n_workers, worker_entry, study, storage, stopping)
-        status = "KILLED" if stopping() is not None else "FAILED" if problems else "FINISHED"
+        nothing = no_result(study, driver)
+        failed = problems or nothing
+        status = "KILLED" if stopping() is not None else "FAILED" if failed else "FINISHED"
     finally:
         summarise(study, parent, settings)
         parent.finish(status)
     if stopping() is not None:
         raise RunInterrupted(128 + stopping())
     if problems:
-        have = len(study.trials)
+        have = sum(map(finished, study.get_trials(deepcopy=False)))
         raise SweepError(
             f"{'; '.join(problems)}; study {study_name} has {have} of {settings.n_trials} "
-            "trials; rerun the command to continue it"
+            "trials finished; rerun the command to continue it"
         )
+    if nothing:
+        raise SweepError(nothing)
     return study
 
 
-def summarise(study: optuna.Study, parent: MLflowTracker, settings: DictConfig) -> None:
+def no_result(study: optuna.Study, driver: int) -> str | None:
+    """Why this command leaves the study with nothing to show, or None: every trial it ran
+    failed, or (having run none) the study has no completed trial at all."""
+    trials = study.get_trials(deepcopy=False)
+    mine = [t for t in trials if t.user_attrs.get("fce.driver") == driver]
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    if mine and not any(t.state in done for t in mine):
+        first = next((t for t in mine if "error" in t.user_attrs), mine[0])
+        why = first.user_attrs.get("error", f"it ended {first.state.name}")
+        return (
+            f"study {study.study_name}: none of the {len(mine)} trial(s) this command ran "
+            f"completed (trial {first.number}: {why}); the reason of each is its 'error' "
+            "user attribute"
+        )
+    if not mine and not any(t.state == optuna.trial.TrialState.COMPLETE for t in trials):
+        return (
+            f"study {study.study_name}: no trial of its {len(trials)} completed; raise "
+            "sweep.n_trials to run more, or start another study with sweep.study_name"
+        )
+    return None
+
+
+def summarise(study: optuna.Study, parent: Tracker, settings: DictConfig) -> None:
     states = [t.state.name for t in study.trials]
     counts = {s: states.count(s) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
     parent.log_metrics(

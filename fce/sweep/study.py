@@ -27,6 +27,11 @@ log = logging.getLogger("fce.sweep")
 Stopping = Callable[[], "int | None"]
 """Returns the signal number once SIGINT or SIGTERM asked this process to stop, else None."""
 
+# The trial user attribute of a trial that ran to its end, whatever its state: one that was
+# cut off from outside (a signal, its worker killed, its heartbeat stale, the study's database
+# lost) lacks it.
+ENDED_ATTR = "fce.ended"
+
 
 @dataclass(frozen=True)
 class StudyPlan:
@@ -36,9 +41,9 @@ class StudyPlan:
     base_overrides: list[str]
     storage: str
     study_name: str
-    tracking_uri: str
+    tracking_uri: str | None  # None: tracking=none, nothing logged to MLflow
     experiment: str
-    parent_run_id: str
+    parent_run_id: str | None
     sweep_dir: str
     project_root: str
     conf_dir: str
@@ -46,14 +51,14 @@ class StudyPlan:
     driver: int = 0  # how many drivers of this study started before this one
 
 
-def make_storage(plan_storage: str, heartbeat_s: int, tracking_uri: str) -> StudyStorage:
+def make_storage(plan_storage: str, heartbeat_s: int, tracking_uri: str | None) -> StudyStorage:
     """RDB storage with heartbeats: a trial whose worker died is failed (and its MLflow run
     marked KILLED) once it has been silent for 3 heartbeats. Its connections are bounded per
     process and reconnect after a database restart (``fce.storage``)."""
 
     def on_stale(_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id:
+        if run_id and tracking_uri:
             set_run_status(tracking_uri, run_id, "KILLED", {"optuna.state": "FAIL"})
         log.warning("trial %d: its worker stopped beating; marked FAIL", trial.number)
 
@@ -114,7 +119,7 @@ def heartbeat(storage: optuna.storages.RDBStorage, trial_id: int, interval_s: fl
 def fail_trial(
     study: optuna.Study,
     storage: optuna.storages.RDBStorage,
-    tracking_uri: str,
+    tracking_uri: str | None,
     trial: optuna.trial.FrozenTrial,
     why: str,
 ) -> bool:
@@ -129,7 +134,7 @@ def fail_trial(
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
     run_id = trial.user_attrs.get("mlflow_run_id")
-    if run_id:
+    if run_id and tracking_uri:
         set_run_status(tracking_uri, run_id, "KILLED", {"optuna.state": "FAIL"})
     log.warning("trial %d marked FAIL: %s", trial.number, why)
     return True
@@ -139,8 +144,30 @@ def running_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
 
 
+def finished(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial counts toward ``n_trials``: COMPLETE, PRUNED, or FAIL by its own run
+    (it diverged, its config was rejected, its disk or tracking store failed). A trial cut off
+    from outside is FAIL too but not finished, so a rerun runs another in its place."""
+    state = trial.state
+    if state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
+        return True
+    return state == optuna.trial.TrialState.FAIL and ENDED_ATTR in trial.user_attrs
+
+
+def budget_used(study: optuna.Study) -> int:
+    """Trials finished, plus those RUNNING (each expected to finish): a worker starts another
+    only below ``n_trials``."""
+    trials = study.get_trials(deepcopy=False)
+    running = optuna.trial.TrialState.RUNNING
+    return sum(finished(t) or t.state == running for t in trials)
+
+
 def fail_trials_of(
-    study: optuna.Study, storage: optuna.storages.RDBStorage, tracking_uri: str, pid: int, why: str
+    study: optuna.Study,
+    storage: optuna.storages.RDBStorage,
+    tracking_uri: str | None,
+    pid: int,
+    why: str,
 ) -> list[int]:
     """Fail the RUNNING trials of a worker process of this host that died; return their
     numbers."""
@@ -158,7 +185,7 @@ def fail_trials_of(
 def fail_dead_trials(
     study: optuna.Study,
     storage: optuna.storages.RDBStorage,
-    tracking_uri: str,
+    tracking_uri: str | None,
     wait_s: float,
     stopping: Stopping,
 ) -> None:

@@ -16,7 +16,16 @@ from fce.cli import one_line
 from fce.config import ConfigError, validate
 from fce.interrupts import RunInterrupted
 from fce.sweep.locks import study_lock
-from fce.sweep.study import Stopping, StudyPlan, heartbeat, make_pruner, make_sampler, make_storage
+from fce.sweep.study import (
+    ENDED_ATTR,
+    Stopping,
+    StudyPlan,
+    budget_used,
+    heartbeat,
+    make_pruner,
+    make_sampler,
+    make_storage,
+)
 from fce.sweep.trials import suggest, trial_run_name
 from fce.sweep_space import Composer
 from fce.tracking import (
@@ -34,10 +43,12 @@ log = logging.getLogger("fce.sweep")
 TRACKING_WAIT_S = 180.0
 
 
-def wait_for_tracking(uri: str, timeout_s: float = TRACKING_WAIT_S) -> None:
+def wait_for_tracking(uri: str | None, timeout_s: float = TRACKING_WAIT_S) -> None:
     """Before a trial: a tracking server that is restarting is waited for, with a bound, and
     the trial fails (``ConfigError``) if it does not come back. Without this each trial would
     fail at once while the server is down, and a worker would burn through the study."""
+    if uri is None:  # tracking=none
+        return
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -50,7 +61,7 @@ def wait_for_tracking(uri: str, timeout_s: float = TRACKING_WAIT_S) -> None:
             time.sleep(2.0)
 
 
-def end_trial_run(uri: str, run_id: str, state: optuna.trial.TrialState) -> None:
+def end_trial_run(uri: str | None, run_id: str, state: optuna.trial.TrialState) -> None:
     """Tag a trial's MLflow run with its Optuna state; a failed trial's run still RUNNING
     (its end was lost to a tracking server that was down) is ended FAILED, once the server
     answers again. A store that stays away is logged, not raised: the study goes on."""
@@ -64,10 +75,11 @@ def end_trial_run(uri: str, run_id: str, state: optuna.trial.TrialState) -> None
 
 
 def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stopping) -> int | None:
-    """Run trials of the study in this process until it has ``n_trials`` in total.
+    """Run trials of the study in this process until ``n_trials`` of them are finished.
 
-    Before each trial the study's trials are counted under the study lock, and the trial is
-    created under it too, so workers of any number of drivers stop at ``n_trials`` exactly.
+    Before each trial the study's finished and running trials are counted under the study
+    lock (``budget_used``), and the trial is created under it too, so workers of any number
+    of drivers stop at ``n_trials`` exactly; a trial cut off from outside does not count.
 
     Returns:
         The signal number if SIGINT or SIGTERM stopped the worker (its trial in flight FAIL,
@@ -90,6 +102,8 @@ def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stoppi
         divergence or a fault of its disk or store, with the reason in its ``error`` user
         attribute."""
         overrides = [*plan.base_overrides, *suggest(trial, settings.params), "progress=none"]
+        output_dir = Path(plan.sweep_dir) / f"trial_{trial.number:04d}"
+        trial.set_user_attr("fce.output_dir", str(output_dir))
         try:
             wait_for_tracking(plan.tracking_uri)
             try:
@@ -97,9 +111,10 @@ def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stoppi
             except Exception as error:  # a combination the space check could not foresee
                 raise ConfigError(one_line(error)) from None
             validate(cfg)
-            cfg.tracking.run_name = trial_run_name(
-                trial.number, trial.params, cfg.tracking.run_name
-            )
+            if "run_name" in cfg.tracking:  # tracking=none names no run
+                cfg.tracking.run_name = trial_run_name(
+                    trial.number, trial.params, cfg.tracking.run_name
+                )
 
             def report(step: int, metrics: dict[str, float]) -> None:
                 signum = stopping()
@@ -109,12 +124,13 @@ def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stoppi
                 if trial.should_prune():
                     raise StopRun(f"pruned at step {step}")
 
+            parent = {"mlflow.parentRunId": plan.parent_run_id} if plan.parent_run_id else {}
             context = RunContext(
-                output_dir=Path(plan.sweep_dir) / f"trial_{trial.number:04d}",
+                output_dir=output_dir,
                 project_root=Path(plan.project_root),
                 overrides=overrides,
                 tags={
-                    "mlflow.parentRunId": plan.parent_run_id,
+                    **parent,
                     "optuna.study": plan.study_name,
                     "optuna.trial": str(trial.number),
                 },
@@ -134,9 +150,11 @@ def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stoppi
         with heartbeat(storage, trial_id, settings.heartbeat_s):
             try:
                 value = objective(trial)
+                trial.set_user_attr(ENDED_ATTR, True)
                 if math.isfinite(value):
                     state = optuna.trial.TrialState.COMPLETE
             except StopRun:
+                trial.set_user_attr(ENDED_ATTR, True)
                 state = optuna.trial.TrialState.PRUNED
             except optuna.exceptions.StorageInternalError as error:
                 # The database went away mid-trial (a restart outlasting the reconnects): this
@@ -155,15 +173,16 @@ def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stoppi
         done = f" {settings.objective}={value:.4g}" if complete else ""
         log.info("trial %d %s%s", trial.number, state.name, done)
         run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id:
+        if run_id and plan.tracking_uri:
             end_trial_run(plan.tracking_uri, run_id, state)
 
     while not interrupted and stopping() is None:
         optuna.storages.fail_stale_trials(study)
         with study_lock(storage, plan.storage, plan.study_name):
-            if storage.get_n_trials(study_id) >= settings.n_trials:
+            if budget_used(study) >= settings.n_trials:
                 return None
             trial = study.ask()
             trial.set_user_attr("fce.worker", process_identity())
+            trial.set_user_attr("fce.driver", plan.driver)
         run_one(trial)
     return interrupted[0] if interrupted else stopping()

@@ -28,7 +28,8 @@ MAX_STEPS = int(next(a for a in STUDY_TINY if a.startswith("train.max_steps=")).
 
 
 def trial_dirs(directory, name):
-    return {p.name for p in directory.glob(f"multirun/optuna/{name}/trial_*")}
+    # A study's trials are under <study name>-<the study's key>.
+    return {p.name for p in directory.glob(f"multirun/optuna/{name}-*/trial_*")}
 
 
 def test_two_machines_share_one_study_on_postgres_and_log_to_the_tracking_server(
@@ -94,7 +95,7 @@ def test_a_worker_killed_mid_trial_is_failed_by_the_heartbeat_and_the_study_goes
     a = start(args, machine(tmp_path, "a"), cluster.env())
     b = start(args, machine(tmp_path, "b"), cluster.env())
     started = wait_until(
-        lambda: list((tmp_path / "b").glob(f"multirun/optuna/{name}/trial_*/config.yaml")),
+        lambda: list((tmp_path / "b").glob(f"multirun/optuna/{name}-*/trial_*/config.yaml")),
         timeout=180,
         what="machine b to start a trial",
     )
@@ -113,9 +114,10 @@ def test_a_worker_killed_mid_trial_is_failed_by_the_heartbeat_and_the_study_goes
     output_a = finish(a)  # machine a goes on to the study's total
 
     done = trials(cluster, name)
-    assert len(done) == 8
-    # A RUNNING trial counts towards the total; if a ran out of trials before the grace
-    # period ended, the next start fails it (below).
+    # A RUNNING trial counts towards the total until it is failed: if a ran out of trials
+    # before the grace period ended, the next start fails it (below); if not, a ran another
+    # in its place (a killed trial does not count).
+    assert len(done) in (8, 9)
     assert done[killed].state.name in ("FAIL", "RUNNING")
     rerun = finish(
         start(study_args(cluster, name, "sweep.n_trials=10"), tmp_path / "b", cluster.env())
@@ -123,16 +125,16 @@ def test_a_worker_killed_mid_trial_is_failed_by_the_heartbeat_and_the_study_goes
     assert "stopped beating; marked FAIL" in output_a + rerun
 
     done = trials(cluster, name)
-    assert sorted(t.number for t in done) == list(range(10))
+    assert sorted(t.number for t in done) == list(range(11))  # ten finished, one killed
     states = {t.number: t.state.name for t in done}
     assert states[killed] == "FAIL"
     assert [n for n, s in states.items() if s != "COMPLETE"] == [killed], states
     params = [tuple(sorted(t.params.items())) for t in done if t.state.name == "COMPLETE"]
-    assert len(set(params)) == len(params) == 9  # no trial run twice
+    assert len(set(params)) == len(params) == 10  # no trial run twice
 
     _, found = mlflow_runs(cluster, name)
     by_trial = children_by_trial(found)
-    assert sorted(by_trial) == list(range(10))
+    assert sorted(by_trial) == list(range(11))
     assert all(len(runs) == 1 for runs in by_trial.values()), by_trial
     (dead,) = by_trial[killed]
     assert dead.info.status == "KILLED" and dead.data.tags["optuna.state"] == "FAIL"
@@ -177,7 +179,8 @@ def test_a_server_restarted_mid_study_leaves_no_trial_running(cluster, name, tmp
     output = finish(proc)
 
     done = trials(cluster, name)
-    assert len(done) == 8
+    # Eight finished; a trial cut off by the restarted database fails without counting.
+    assert len(done) >= 8
     states = [t.state.name for t in done]
     assert set(states) <= {"COMPLETE", "FAIL"}, states  # nothing left RUNNING
     # The study went on: trials started after the restart completed.
