@@ -11,9 +11,9 @@ derivatives go through the softplus only at the two knots each point uses.
 
 Autograd would record the forward's few dozen operations and replay two or three for each in
 the backward. ``RationalQuadratic`` instead runs the forward untracked and computes the
-gradient from the spline's partial derivatives in closed form. The inverse's gradient follows
-from the forward's by implicit differentiation: with x = g^-1(y; theta),
-dx/dy = 1 / g'(x) and dx/dtheta = -(dg/dtheta) / g'(x).
+gradient by one reverse sweep written out by hand through the spline's formulas. The
+inverse's gradient follows from the forward's by implicit differentiation: with
+x = g^-1(y; theta), dx/dy = 1 / g'(x) and dx/dtheta = -(dg/dtheta) / g'(x).
 """
 
 from __future__ import annotations
@@ -75,11 +75,21 @@ def rational_quadratic(
     values before the softmax, then (K - 1) x t interior derivatives before the softplus.
     Returns the image and, per entry, log|dg/dx| (inverse: -log g'(g^-1(x))).
     Differentiable in ``x`` and ``raw`` (first order)."""
-    if torch.is_grad_enabled() and (x.requires_grad or raw.requires_grad):
-        out, log_grad, *_ = RationalQuadratic.apply(x, raw, c, inverse)
-        return out, log_grad
-    out, log_grad, _ = _evaluate(x, raw, c, inverse, save=False)
+    if not (torch.is_grad_enabled() and (x.requires_grad or raw.requires_grad)):
+        out, log_grad, _ = _evaluate(x, raw, c, inverse, save=False)
+    elif _transforms_active():
+        out, log_grad, *_ = RationalQuadraticForTransforms.apply(x, raw, c, inverse)
+    else:
+        out, log_grad = RationalQuadratic.apply(x, raw, c, inverse)
     return out, log_grad
+
+
+def _transforms_active() -> bool:
+    """Whether a torch.func transform (vmap, jacrev, ...) is tracing: they need the
+    ``setup_context`` form of a custom Function, which costs several times the classic form's
+    overhead per call (about as much as a few dozen small operations)."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return True if active is None else active()
 
 
 def _evaluate(
@@ -147,15 +157,30 @@ def _evaluate(
     log_grad = log_grad.masked_fill_(~inside, 0.0)
     saved = ()
     if save:
-        saved = (xi, slope, width, height, d_k, d_k1, both, denominator, numerator, inside)
-        saved += (index, end, raw_d, exp, share, total)
+        saved = (xi, slope, width, height, d_k, d_k1, both, denominator, numerator, curvature)
+        saved += (inside, index, end, raw_d, exp, share, total)
     return out, log_grad, saved
 
 
 class RationalQuadratic(torch.autograd.Function):
-    """``rational_quadratic`` with its gradient in closed form. The forward returns the
-    tensors the backward needs as extra, non-differentiable outputs (torch.func's transforms,
-    vmap and jacrev in the tests, only let ``setup_context`` save inputs and outputs)."""
+    """``rational_quadratic`` with its gradient in closed form."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, raw: Tensor, c: SplineConstants, inverse: bool):
+        out, log_grad, saved = _evaluate(x, raw, c, inverse, save=True)
+        ctx.constants, ctx.inverse = c, inverse
+        ctx.save_for_backward(*saved)
+        return out, log_grad
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, grad_log: Tensor):
+        return _backward(ctx.constants, ctx.inverse, ctx.saved_tensors, grad_out, grad_log)
+
+
+class RationalQuadraticForTransforms(torch.autograd.Function):
+    """The same for torch.func's transforms (vmap and jacrev in the tests): they only let
+    ``setup_context`` save inputs and outputs, so the tensors the backward needs are extra,
+    non-differentiable outputs."""
 
     generate_vmap_rule = True
 
@@ -173,64 +198,75 @@ class RationalQuadratic(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, grad_log: Tensor, *_):
-        c: SplineConstants = ctx.constants
-        xi, slope, width, height, d_k, d_k1, both, den, numerator, inside = ctx.saved_tensors[:10]
-        index, end, raw_d, exp, share, total = ctx.saved_tensors[10:]
-        # Partials of g (F_*) and of L = log g' (L_*) in slope s, xi, height h (explicit) and
-        # the two knot derivatives, each other one held fixed; g = y_k + h N / D,
-        # g' = s^2 M / D^2 with N = s xi^2 + d_k xi (1 - xi), D and M the denominator and
-        # numerator above.
-        one_minus = 1 - xi
-        xi_sq = xi * xi
-        one_minus_2xi = one_minus - xi
-        one_minus_2both = 1 - 2 * both
-        inv_den = 1 / den
-        inv_num = 1 / numerator
-        n_out = torch.addcmul(slope * xi_sq, d_k, both)
-        h_d2 = height * inv_den * inv_den
-        f_h = n_out * inv_den
-        f_s = h_d2 * (xi_sq * den - n_out * one_minus_2both)
-        f_dk = h_d2 * both * (den - n_out)
-        f_dk1 = -h_d2 * n_out * both
-        f_xi = h_d2 * slope * numerator
-        two_both_d = 2 * both * inv_den
-        l_s = 2 / slope + 2 * both * inv_num - 2 * one_minus_2both * inv_den
-        l_dk = one_minus * one_minus * inv_num - two_both_d
-        l_dk1 = xi_sq * inv_num - two_both_d
-        curvature = d_k + d_k1 - 2 * slope
-        numerator_xi = 2 * (d_k1 * xi + slope * one_minus_2xi - d_k * one_minus)
-        l_xi = numerator_xi * inv_num - 2 * curvature * one_minus_2xi * inv_den
-        g_x = f_xi / width  # g'(x)
-        l_x = l_xi / width
-        # The coefficients u, v of dg/dtheta and dL/dtheta in the parameters' gradient; the
-        # inverse's by implicit differentiation (see the module's docstring).
-        if ctx.inverse:
-            grad_in = (grad_out - grad_log * l_x) / g_x
-            u, v = -grad_in, -grad_log
-        else:
-            grad_in = grad_out * g_x + grad_log * l_x
-            u, v = grad_out, grad_log
-        grad_x = torch.where(inside, grad_in, grad_out)  # the identity outside
-        mask = inside.to(u.dtype)
-        u, v = u * mask, v * mask
-        e_s = u * f_s + v * l_s
-        e_xi = u * f_xi + v * l_xi
-        e_h = u * f_h
-        # Through width w = x_k+1 - x_k, height h = y_k+1 - y_k, s = h / w,
-        # xi = (x - x_k) / w to the knots.
-        g_w = -(slope * e_s + xi * e_xi) / width
-        g_h = e_h + e_s / width
-        g_xk = -e_xi / width - g_w
-        grad_at = torch.stack([torch.stack([g_xk, u - g_h]), torch.stack([g_w, g_h])])
-        k_bins, (t, n) = c.bins, u.shape
-        grad_knots = u.new_zeros(k_bins + 1, 2, t, n).scatter(0, index[0] + c.pair_xy, grad_at)
-        # knot_j = offset_j + scale_j C_j / C_K with C = cumulate @ exp; exp = e^(raw - max).
-        grad_c = grad_knots * c.scales / total
-        grad_exp = torch.mm(c.cumulate.t(), grad_c.view(k_bins + 1, -1)).view(k_bins, 2, t, n)
-        grad_sizes = exp * (grad_exp - (grad_c * share).sum(0))
-        # Derivatives: softplus' = sigmoid, zero at the ends (constant 1).
-        grad_d = torch.stack([u * f_dk + v * l_dk, u * f_dk1 + v * l_dk1])
-        grad_d = (grad_d * torch.sigmoid(raw_d)).masked_fill(end, 0.0)
-        grad_raw_d = u.new_zeros(k_bins + 1, t, n).scatter(0, index, grad_d)[1:k_bins]
-        grad_raw = torch.cat([grad_sizes.view(-1, n), grad_raw_d.view(-1, n)])
-        return grad_x, grad_raw, None, None
+        return _backward(ctx.constants, ctx.inverse, ctx.saved_tensors, grad_out, grad_log)
+
+
+def _backward(
+    c: SplineConstants,
+    inverse: bool,
+    saved: tuple[Tensor, ...],
+    grad_out: Tensor,
+    grad_log: Tensor,
+) -> tuple[Tensor, Tensor, None, None]:
+    xi, slope, width, height, d_k, d_k1, both, den, numerator, curvature = saved[:10]
+    inside, index, end, raw_d, exp, share, total = saved[10:]
+    # Reverse mode by hand through g = y_k + h N / D and L = log g' = 2 log s + log M - 2 log D,
+    # with N = s xi^2 + d_k B, D = s + c B, M = d_k+1 xi^2 + 2 s B + d_k (1 - xi)^2,
+    # B = xi (1 - xi), c = d_k + d_k+1 - 2 s: one sweep for both outputs, at fixed x.
+    one_minus = 1 - xi
+    one_minus_2xi = one_minus - xi
+    xi_sq = xi * xi
+    inv_den = den.reciprocal()
+    if inverse:
+        # x = g^-1(y): dx/dy = 1 / g', dx/dtheta = -(dg/dtheta) / g' (implicit
+        # differentiation), and the log-det is -L: the sweep below runs with the upstream
+        # gradients u = -(dy-gradient) and v = -grad_log of g and L at fixed x.
+        half_numerator_xi = torch.addcmul(
+            torch.addcmul(d_k1 * xi, slope, one_minus_2xi), d_k, one_minus, value=-1
+        )
+        l_xi = 2 * (half_numerator_xi / numerator - curvature * one_minus_2xi * inv_den)
+        ratio = slope * inv_den
+        g_xi = ratio * ratio * numerator * width  # dg/dxi
+        grad_in = (grad_out - grad_log * l_xi / width) * width / g_xi
+        upstream_out, upstream_log = -grad_in, -grad_log
+    else:
+        upstream_out, upstream_log = grad_out, grad_log
+    mask = inside.to(xi.dtype)  # the identity outside: no gradient to the spline
+    u, v = upstream_out * mask, upstream_log * mask
+    n_out = torch.addcmul(slope * xi_sq, d_k, both)
+    u_d = u * inv_den
+    bar_n = u_d * height
+    bar_h = u_d * n_out
+    bar_d = -torch.addcmul(2 * v, bar_n, n_out) * inv_den
+    bar_m = v / numerator
+    bar_s = torch.addcmul(torch.addcmul(2 * v / slope, bar_d, 1 - 2 * both), bar_n, xi_sq)
+    bar_s = torch.addcmul(bar_s, bar_m, both, value=2)
+    bar_b = torch.addcmul(torch.addcmul(bar_d * curvature, bar_n, d_k), slope, bar_m, value=2)
+    bar_dk = torch.addcmul(both * (bar_n + bar_d), bar_m, one_minus * one_minus)
+    bar_dk1 = torch.addcmul(bar_m * xi_sq, bar_d, both)
+    half = torch.addcmul(
+        bar_n * slope * xi, bar_m, torch.addcmul(d_k1 * xi, d_k, one_minus, value=-1)
+    )
+    bar_xi = torch.add(bar_b * one_minus_2xi, half, alpha=2)
+    if inverse:
+        grad_x = torch.where(inside, grad_in, grad_out)
+    else:
+        grad_x = torch.where(inside, bar_xi / width, grad_out)
+    # Through w = x_k+1 - x_k, h = y_k+1 - y_k, s = h / w and xi = (x - x_k) / w to the knots.
+    inv_width = width.reciprocal()
+    a = bar_s * inv_width
+    b = bar_xi * inv_width
+    g_w = -torch.addcmul(slope * a, xi, b)
+    g_h = bar_h + a
+    grad_at = torch.stack([torch.stack([-b - g_w, u - g_h]), torch.stack([g_w, g_h])])
+    k_bins, (t, n) = c.bins, u.shape
+    grad_knots = u.new_zeros(k_bins + 1, 2, t, n).scatter(0, index[0] + c.pair_xy, grad_at)
+    # knot_j = offset_j + scale_j C_j / C_K with C = cumulate @ exp; exp = e^(raw - max).
+    grad_c = grad_knots * c.scales / total
+    grad_exp = torch.mm(c.cumulate.t(), grad_c.view(k_bins + 1, -1)).view(k_bins, 2, t, n)
+    grad_sizes = exp * (grad_exp - (grad_c * share).sum(0))
+    # Derivatives: softplus' = sigmoid, zero at the ends (constant 1).
+    grad_d = (torch.stack([bar_dk, bar_dk1]) * torch.sigmoid(raw_d)).masked_fill(end, 0.0)
+    grad_raw_d = u.new_zeros(k_bins + 1, t, n).scatter(0, index, grad_d)[1:k_bins]
+    grad_raw = torch.cat([grad_sizes.view(-1, n), grad_raw_d.view(-1, n)])
+    return grad_x, grad_raw, None, None
