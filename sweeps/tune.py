@@ -8,7 +8,10 @@ An Optuna study whose trials are FCE runs, each logged to MLflow under one paren
 Search spaces are sweeps/spaces/<space>.yaml (or any YAML file: sweep=path/to/space.yaml);
 study settings are sweeps/defaults.yaml; run overrides are those of `python run.py --help`.
 Ctrl-C or SIGTERM stops every trial at its next step (exit 130 or 143); a worker that dies
-has its trial failed while the others go on, and the driver then exits 1.
+has its trial failed while the others go on, and the driver then exits 1. `sweep.n_trials`
+counts finished trials (COMPLETE, PRUNED, or FAIL by their own run), not killed ones; a
+command none of whose trials completed exits 1. A continuation with other run settings is
+refused (exit 2): another study needs another `sweep.study_name`.
 """
 
 from __future__ import annotations
