@@ -3,6 +3,11 @@
 Grid normalisation: the EBM's exp(-f) is integrated numerically over [-L, L]^2 on a regular
 grid of cell centres (logsumexp plus the log cell area), which gives a normalised p_hat for
 NLL and KL, and log Z to compare with the learned c.
+
+Both directions of the KL divergence: KL(p_d || model) on the held-out points (mass-covering),
+KL(model || p_d) on the grid for the EBM and on the flow's own samples for the flow
+(mode-seeking), with the Jensen-Shannon divergence beside the latter, finite where the data's
+density is zero (docs/method.md, Metrics).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fce.config import EVAL_METRICS
-from fce.data import Dataset
+from fce.data import Dataset, make_generator
 from fce.ebm import EBM
 from fce.flows import Flow
 
@@ -77,6 +82,15 @@ def _chunked(fn, x: Tensor, chunk: int = EVAL_CHUNK) -> Tensor:
     return out
 
 
+LOG_2 = math.log(2.0)
+
+# Metrics that may be +inf in a healthy run: KL(model || p_d) is infinite as soon as the model
+# puts mass where the data's density is zero (checkerboard's empty squares), and every model
+# here has a density that is positive everywhere. The trainer lets these through; NaN in them,
+# or -inf, is still a divergence.
+MAY_BE_INFINITE = ("kl_ebm_data", "kl_flow_data", "kl_flow_data_se")
+
+
 DENSITY_VERSION = 1  # bump when a dataset's log_prob changes, to invalidate cached values
 
 
@@ -109,6 +123,12 @@ def true_log_prob(dataset: Dataset, points: Tensor) -> Tensor:
     return values.to(points.device)
 
 
+def _sample_columns(flow: Flow, z: Tensor) -> tuple[Tensor, Tensor]:
+    """The flow's samples g(z) and their log q as columns, to go through ``_chunked``."""
+    y, log_q = flow.transform_noise(z)
+    return y, log_q.unsqueeze(1)
+
+
 class Evaluator:
     """The metrics of an (EBM, flow) pair on fixed held-out points (docs/method.md, Metrics).
 
@@ -120,21 +140,48 @@ class Evaluator:
         nll_data           test NLL of the data density itself: the floor of the two above.
         kl_data_ebm        KL(p_d || p_hat) = mean log p_d(x) - log p_hat(x).
         kl_data_flow       KL(p_d || q) = mean log p_d(x) - log q(x).
+        kl_ebm_data        KL(p_hat || p_d) on the grid: sum p_hat (log p_hat - log p_d) h^2.
+        kl_flow_data       KL(q || p_d) = mean log q(y) - log p_d(y) over y ~ q.
+        kl_flow_data_se    the Monte-Carlo standard error of kl_flow_data.
+        js_ebm_data        Jensen-Shannon divergence of p_hat and p_d on the grid, in
+                           [0, log 2].
+        js_flow_data       Jensen-Shannon divergence of q and p_d: the held-out points and
+                           the flow's samples, in [0, log 2].
         mse_logp           mean (log p_theta(x) - log p_d(x))^2 with the learned c.
         mse_logp_centered  the variance of log p_theta(x) - log p_d(x): the shape error alone,
                            which a wrong c cannot inflate.
         tv_ebm             total variation between p_hat and p_d on the grid.
+
+    The flow's samples y come from base noise drawn once, from ``seed``'s own stream: the
+    same noise at every evaluation, as the held-out points are the same, so the training's
+    random streams are never touched and a resumed run logs what an uninterrupted one does.
+    ``n_flow_samples`` defaults to the number of held-out points.
     """
 
-    def __init__(self, dataset: Dataset, eval_points: Tensor, grid: Grid) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        eval_points: Tensor,
+        grid: Grid,
+        seed: int = 0,
+        n_flow_samples: int | None = None,
+    ) -> None:
         self.dataset = dataset
         self.eval_points = eval_points
         self.grid = grid
         self.log_p_true = None
+        self.log_p_true_grid = None
         self.p_true_grid = None
+        self.flow_noise = None
         if dataset.has_log_prob:
             self.log_p_true = true_log_prob(dataset, eval_points)
-            self.p_true_grid = true_log_prob(dataset, grid.points).exp()
+            self.log_p_true_grid = true_log_prob(dataset, grid.points)
+            self.p_true_grid = self.log_p_true_grid.exp()
+            n = eval_points.shape[0] if n_flow_samples is None else n_flow_samples
+            noise = torch.randn(
+                n, eval_points.shape[1], generator=make_generator(seed, "eval/flow")
+            )
+            self.flow_noise = noise.to(eval_points.device)
 
     @torch.no_grad()
     def __call__(self, ebm: EBM | None, flow: Flow | None) -> dict[str, float]:
@@ -149,9 +196,11 @@ class Evaluator:
         if self.log_p_true is not None:
             values["nll_data"] = -self.log_p_true.mean()
         if flow is not None:
-            values["nll_flow"] = -_chunked(flow.log_prob, x).double().mean()
+            log_q = _chunked(flow.log_prob, x).double()
+            values["nll_flow"] = -log_q.mean()
             if self.log_p_true is not None:
                 values["kl_data_flow"] = values["nll_flow"] + self.log_p_true.mean()
+                values |= self._flow_reverse(flow, log_q)
         if ebm is not None:
             values |= self._ebm_metrics(ebm)
         values = {name: values[name] for name in EVAL_METRICS if name in values}
@@ -177,10 +226,58 @@ class Evaluator:
             values["kl_data_ebm"] = values["nll_ebm"] + log_p_true.mean()
             values["mse_logp"] = error.pow(2).mean()
             values["mse_logp_centered"] = error.var(unbiased=False)
-            p_hat_grid = (neg_energy_grid.double() - log_z_grid).exp()
+            log_p_hat_grid = neg_energy_grid.double() - log_z_grid
+            p_hat_grid = log_p_hat_grid.exp()
             cell_area = math.exp(self.grid.log_cell_area)
             values["tv_ebm"] = 0.5 * (p_hat_grid - self.p_true_grid).abs().sum() * cell_area
+            values |= self._ebm_reverse(log_p_hat_grid, p_hat_grid, cell_area)
         return values
+
+    def _ebm_reverse(
+        self, log_p_hat: Tensor, p_hat: Tensor, cell_area: float
+    ) -> dict[str, Tensor]:
+        """KL(p_hat || p_d) and JS(p_hat, p_d) by the midpoint rule on the grid.
+
+        p_hat is the EBM normalised on the square and zero outside it, so both are integrals
+        over the square alone, except for p_d's mass outside it, where the mixture is p_d / 2
+        and JS gains (log 2) / 2 per unit of that mass. Cells where p_hat underflows to 0 add
+        nothing (x log x -> 0); cells where p_d is 0 and p_hat is not make the KL +inf.
+        """
+        log_p_true = self.log_p_true_grid
+        p_true = self.p_true_grid
+        zero = p_hat.new_zeros(())
+        kl = torch.where(p_hat > 0, p_hat * (log_p_hat - log_p_true), zero).sum() * cell_area
+        log_mixture = torch.logaddexp(log_p_hat, log_p_true) - LOG_2
+        to_hat = torch.where(p_hat > 0, p_hat * (log_p_hat - log_mixture), zero)
+        to_true = torch.where(p_true > 0, p_true * (log_p_true - log_mixture), zero)
+        outside = 1 - p_true.sum() * cell_area  # p_d's mass outside the square
+        js = 0.5 * ((to_hat.sum() + to_true.sum()) * cell_area + outside * LOG_2)
+        return {"kl_ebm_data": kl, "js_ebm_data": js}
+
+    def _flow_reverse(self, flow: Flow, log_q_data: Tensor) -> dict[str, Tensor]:
+        """KL(q || p_d) with its standard error, and JS(q, p_d), by Monte Carlo.
+
+        KL: the mean of log q(y) - log p_d(y) over the flow's samples y, exact in expectation;
+        +inf (and so its error) once a sample lands where p_d is 0. JS: half the mean of
+        log 2q / (q + p_d) over the samples plus half the mean of log 2p_d / (q + p_d) over
+        the held-out points (``log_q_data``, log q at them); each term is at most log 2.
+        """
+        z = self.flow_noise.to(next(flow.parameters()).dtype)
+        # One output tensor per chunk: the sample's two coordinates, then its log q.
+        passes = _chunked(lambda c: torch.cat(_sample_columns(flow, c), dim=1), z)
+        y, log_q = passes[:, :-1], passes[:, -1].double()
+        log_p = self.dataset.log_prob(y.to("cpu", torch.float64)).to(log_q.device)
+        excess = log_q - log_p
+        n = excess.shape[0]
+        kl = excess.mean()
+        # Of a sample holding +inf the spread is NaN; the error of an infinite mean is inf.
+        spread = excess.std() if n > 1 else kl.new_tensor(math.inf)
+        se = torch.where(torch.isinf(kl), kl, spread / math.sqrt(n))
+        to_flow = LOG_2 + log_q - torch.logaddexp(log_q, log_p)
+        log_p_data = self.log_p_true
+        to_data = LOG_2 + log_p_data - torch.logaddexp(log_p_data, log_q_data)
+        js = 0.5 * (to_flow.mean() + to_data.mean())
+        return {"kl_flow_data": kl, "kl_flow_data_se": se, "js_flow_data": js}
 
     @torch.no_grad()
     def grid_log_densities(self, ebm: EBM, flow: Flow) -> tuple[Tensor, Tensor]:

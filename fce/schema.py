@@ -31,6 +31,11 @@ EVAL_METRICS = (
     "nll_data",
     "kl_data_ebm",
     "kl_data_flow",
+    "kl_ebm_data",
+    "kl_flow_data",
+    "kl_flow_data_se",
+    "js_ebm_data",
+    "js_flow_data",
     "tv_ebm",
     "mse_logp",
     "mse_logp_centered",
@@ -38,12 +43,21 @@ EVAL_METRICS = (
     "flow_step_share",
 )
 # What an evaluation reports for an estimator that never trains the EBM (flow_mle).
-FLOW_METRICS = ("nll_flow", "nll_data", "kl_data_flow")
+FLOW_METRICS = (
+    "nll_flow",
+    "nll_data",
+    "kl_data_flow",
+    "kl_flow_data",
+    "kl_flow_data_se",
+    "js_flow_data",
+)
 # What an evaluation reports for an estimator that never trains the flow (mle).
 EBM_METRICS = (
     "nll_ebm",
     "nll_data",
     "kl_data_ebm",
+    "kl_ebm_data",
+    "js_ebm_data",
     "tv_ebm",
     "mse_logp",
     "mse_logp_centered",

@@ -192,13 +192,14 @@ def test_bad_estimator_settings_are_one_line(tmp_path, args, message):
         (
             "flow_mle",
             "nll_ebm",
-            "estimator=flow_mle trains no EBM; choose one of: nll_flow, nll_data, kl_data_flow",
+            "estimator=flow_mle trains no EBM; choose one of: nll_flow, nll_data, kl_data_flow, "
+            "kl_flow_data, kl_flow_data_se, js_flow_data",
         ),
         (
             "mle",
             "nll_flow",
             "estimator=mle trains no flow; choose one of: nll_ebm, nll_data, kl_data_ebm, "
-            "tv_ebm, mse_logp, mse_logp_centered, logz_gap",
+            "kl_ebm_data, js_ebm_data, tv_ebm, mse_logp, mse_logp_centered, logz_gap",
         ),
     ],
 )
