@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -68,9 +69,9 @@ class GridOutcome(Callback):
         if all(kind == "finished" for _, kind in outcomes):
             log.info("%s", line)
             return
-        from fce.cli import fail
-
-        fail(f"{line}; each job's metrics.json says why", code=EXIT_JOBS_FAILED)
+        # The CLI's one-line error, written here: fce.cli imports this module.
+        print(f"error: {line}; each job's metrics.json says why", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_JOBS_FAILED)
 
 
 def swept_values(sweep_dir: Path, job_overrides: Sequence[str]) -> list[str]:
