@@ -15,7 +15,7 @@ import pytest
 from nbclient import NotebookClient
 
 from analysis.loader import aggregate, cast, format_table, load_history, load_runs
-from tests.helpers import GRID_TINY, ROOT, run_cli, runs, store_uri
+from tests.helpers import GRID_TINY, HANG_GUARD_S, ROOT, run_cli, runs, store_uri
 
 # These tests read one store made by 8 runs and a study (about a minute to make).
 pytestmark = pytest.mark.slow
@@ -210,7 +210,7 @@ def test_make_notebooks_serves_the_notebooks(tmp_path):
                 time.sleep(1)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+        server.wait(timeout=HANG_GUARD_S)
         log.close()
     served = {item["name"] for item in listing["content"] if item["type"] == "notebook"}
     assert served == {f"{name}.ipynb" for name in NOTEBOOKS}

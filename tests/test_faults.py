@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from fce import checkpoint
-from tests.helpers import TINY, run_cli, runs, start_cli, store_uri
+from tests.helpers import HANG_GUARD_S, TINY, run_cli, runs, start_cli, store_uri
 
 # About 5,000 steps if left alone (tens of seconds): a fault ends it long before.
 LONG = [*TINY, "train.max_steps=5000", "train.epochs=100", "train.plot_every=0"]
@@ -109,7 +109,7 @@ def test_a_disk_that_fills_mid_run_ends_it_in_one_line_and_keeps_its_checkpoints
         proc = start_and_wait_for(args, tmp_path, run_dir / FIRST_CHECKPOINT)
         filler = fill(disk)
         started = time.monotonic()
-        stdout, stderr = ended(proc, timeout=60)
+        stdout, stderr = ended(proc, timeout=HANG_GUARD_S)
         waited = time.monotonic() - started
         fault = "No space left on device" if under == "run directory" else "disk is full"
         line = assert_one_line_fault(proc, stdout, stderr, fault, "stopped at step")
@@ -145,11 +145,11 @@ def test_a_store_locked_by_another_writer_ends_the_run_and_a_resume_loses_no_ste
     uri, run_dir = store_uri(tmp_path), tmp_path / "run"
     args = [*LONG, f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"]
     proc = start_and_wait_for(args, tmp_path, run_dir / FIRST_CHECKPOINT)
-    locker = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None, timeout=30)
+    locker = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None, timeout=HANG_GUARD_S)
     locker.execute("BEGIN EXCLUSIVE")
     try:
         started = time.monotonic()
-        stdout, stderr = ended(proc, timeout=90)
+        stdout, stderr = ended(proc, timeout=HANG_GUARD_S)
         waited = time.monotonic() - started
     finally:
         locker.execute("ROLLBACK")
@@ -241,7 +241,7 @@ def test_a_tracking_server_that_dies_mid_run_ends_it_within_a_bounded_wait(tmp_p
         os.killpg(server.pid, 9)
         server.wait()
         started = time.monotonic()
-        stdout, stderr = ended(proc, timeout=120)
+        stdout, stderr = ended(proc, timeout=HANG_GUARD_S)
         waited = time.monotonic() - started
     finally:
         if server.poll() is None:
@@ -280,7 +280,7 @@ def test_a_read_only_store_is_refused_in_one_line_naming_the_file(tmp_path):
     MlflowClient(tracking_uri=uri).search_experiments()  # an MLflow store, with its tables
     with read_only(database):
         args = [*TINY, f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'run'}"]
-        result = run_cli(args, cwd=tmp_path, timeout=120)
+        result = run_cli(args, cwd=tmp_path, timeout=HANG_GUARD_S)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stdout + result.stderr
     (line,) = result.stderr.strip().splitlines()

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fce import checkpoint
-from tests.helpers import TINY, TINY_FLOW, run_cli, runs, start_cli, store_uri
+from tests.helpers import HANG_GUARD_S, TINY, TINY_FLOW, run_cli, runs, start_cli, store_uri
 
 TUNE = "sweeps/tune.py"
 A_SPACE = "sweep=threshold_lr"
@@ -426,7 +426,7 @@ def test_bad_input_is_one_line_and_leaves_every_store_as_it_was(
     extra = [f"{k}={v}" for k, v in defaults.items() if k not in given]
 
     started = time.monotonic()
-    result = run_cli([*extra, *args], cwd=tmp_path, timeout=120, script=script)
+    result = run_cli([*extra, *args], cwd=tmp_path, timeout=HANG_GUARD_S, script=script)
     elapsed = time.monotonic() - started
 
     output = result.stdout + result.stderr
@@ -490,7 +490,7 @@ class Watched:
         steps = [int(m.group(1)) for line in self.lines if (m := re.search(r"step (\d+)/", line))]
         return max(steps, default=0)
 
-    def wait_until(self, condition, timeout: float = 180) -> None:
+    def wait_until(self, condition, timeout: float = HANG_GUARD_S) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
             assert self.proc.poll() is None, "".join(self.lines)
@@ -499,7 +499,7 @@ class Watched:
 
     def kill(self) -> str:
         self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
+        self.proc.wait(timeout=HANG_GUARD_S)
         for reader in self.readers:
             reader.join(timeout=10)
         return "".join(self.lines)
@@ -673,7 +673,7 @@ def test_four_processes_on_one_store_record_every_run_and_trial(tmp_path, empty_
         ),
     ]
     procs = [start_cli(args, tmp_path, script) for args, script in commands]
-    outputs = [p.communicate(timeout=600) for p in procs]
+    outputs = [p.communicate(timeout=HANG_GUARD_S) for p in procs]
     for proc, (stdout, stderr) in zip(procs, outputs):
         assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
         assert "database is locked" not in stdout + stderr
@@ -713,7 +713,7 @@ def test_same_seed_and_config_give_identical_metrics_in_two_processes(tmp_path, 
         for k in (0, 1)
     ]
     for proc in procs:
-        stdout, stderr = proc.communicate(timeout=300)
+        stdout, stderr = proc.communicate(timeout=HANG_GUARD_S)
         assert proc.returncode == 0, stdout[-2000:] + stderr[-2000:]
     (first,), (second,) = runs(uri, "twin0")[1], runs(uri, "twin1")[1]
     assert first.info.run_id != second.info.run_id
@@ -813,7 +813,7 @@ def test_a_stopped_or_killed_driver_takes_its_workers_with_it(tmp_path, sig):
     training as an orphan: each notices, stops at a step boundary and marks its run KILLED."""
     driver, workers = start_two_worker_study(tmp_path)
     driver.send_signal(sig)
-    driver.communicate(timeout=60)
+    driver.communicate(timeout=HANG_GUARD_S)
     assert driver.returncode == (143 if sig == signal.SIGTERM else -signal.SIGKILL)
     assert wait_gone(workers, 60) == []
     _, found = runs(store_uri(tmp_path))
@@ -830,7 +830,7 @@ def test_ctrl_c_on_a_two_worker_study_is_one_line_and_leaves_nothing_running(tmp
 
     driver, workers = start_two_worker_study(tmp_path, new_session=True)
     os.killpg(driver.pid, signal.SIGINT)
-    stdout, stderr = driver.communicate(timeout=90)
+    stdout, stderr = driver.communicate(timeout=HANG_GUARD_S)
     assert driver.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stdout + stderr, stderr[-3000:]
     said = [line for line in stderr.splitlines() if line.strip() and not LOG_RECORD.match(line)]
@@ -868,7 +868,7 @@ def test_a_worker_killed_alone_fails_its_trial_and_the_others_finish_the_study(t
     pid = int(victim.user_attrs["fce.worker"]["fce.pid"])
     assert pid in workers
     os.kill(pid, signal.SIGKILL)
-    _, stderr = driver.communicate(timeout=300)
+    _, stderr = driver.communicate(timeout=HANG_GUARD_S)
 
     assert driver.returncode == 1, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fce.tracking.housekeeping import store_lock
-from tests.helpers import TINY, TINY_FLOW, run_cli, runs, start_cli, store_uri
+from tests.helpers import HANG_GUARD_S, TINY, TINY_FLOW, run_cli, runs, start_cli, store_uri
 
 
 def tiny(tmp_path: Path, flow: str = "glow", *extra: str) -> list[str]:
@@ -94,7 +94,7 @@ def _run_dir(tmp_path: Path) -> Path:
     return run_dir
 
 
-def _wait_for(path_glob, root: Path, proc, timeout: float = 120) -> Path:
+def _wait_for(path_glob, root: Path, proc, timeout: float = HANG_GUARD_S) -> Path:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         hits = sorted(root.glob(path_glob))
@@ -118,7 +118,7 @@ def test_interrupt_marks_killed_writes_a_checkpoint_and_exits_128_plus_signal(tm
         time.sleep(0.2)
     time.sleep(1.0)
     proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == code, stderr
     _, (run,) = runs(store_uri(tmp_path))
     assert run.info.status == "KILLED"
@@ -164,7 +164,7 @@ def test_mlflow_tracking_uri_from_the_environment_is_honoured_and_the_setting_wi
             env=env,
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=HANG_GUARD_S,
         )
         assert done.returncode == 0, done.stderr[-2000:]
     assert len(runs(env_store)[1]) == 1  # no tracking.uri: the environment's store
@@ -218,7 +218,7 @@ def test_a_second_process_on_a_live_run_is_refused(tmp_path):
         assert line == f"{live}; wait for it or stop it first"
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)
+        proc.communicate(timeout=HANG_GUARD_S)
     _, (run,) = runs(store_uri(tmp_path))
     assert run.info.status == "KILLED"
 
@@ -236,7 +236,7 @@ def test_ctrl_c_then_resume_logs_every_step_exactly_once(tmp_path):
     _wait_for("outputs/*/*/checkpoints/step_*.pt", tmp_path, proc)
     time.sleep(1.5)  # well past the checkpoint: steps are buffered since the last flush
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == 130, stderr
     run_dir = _run_dir(tmp_path)
     client, (run,) = runs(store_uri(tmp_path))
@@ -285,7 +285,7 @@ def test_runs_started_at_once_each_get_their_own_directory(tmp_path):
 
     procs = [start_cli([*tiny(tmp_path), f"seed={s}"], tmp_path) for s in range(3)]
     for proc in procs:
-        _, stderr = proc.communicate(timeout=300)
+        _, stderr = proc.communicate(timeout=HANG_GUARD_S)
         assert proc.returncode == 0, stderr
     run_dirs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
     assert len(run_dirs) == 3
@@ -313,7 +313,7 @@ def test_killed_in_the_first_seconds_then_resumed_in_place(tmp_path):
     proc = start_cli(tiny(tmp_path), tmp_path)
     _wait_for("outputs/*/*/.hydra/config.yaml", tmp_path, proc)
     proc.send_signal(signal.SIGINT)  # before (or while) the run sets itself up
-    _, stderr = proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1].startswith("error: interrupted")
@@ -424,7 +424,7 @@ def test_a_run_whose_directory_is_deleted_mid_run_says_so_and_keeps_its_config(t
     _wait_for("run/checkpoints/step_*.pt", tmp_path, proc)
     time.sleep(0.3)  # past the save, between two checkpoints
     shutil.rmtree(run_dir)
-    stdout, stderr = proc.communicate(timeout=300)
+    stdout, stderr = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == 0, stderr[-3000:]
     warned = [line for line in (stdout + stderr).splitlines() if "while the run trained" in line]
     assert len(warned) == 1 and "run.log and config.yaml" in warned[0], stdout + stderr

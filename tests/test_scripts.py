@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import HANG_GUARD_S, ROOT
 
 SCRIPTS = sorted(
     str(p.relative_to(ROOT))
@@ -40,7 +40,7 @@ def test_script_starts_from_another_directory(script, tmp_path):
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_GUARD_S,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("usage:")

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from fce.compose import compose
-from tests.helpers import GRID_TINY, ROOT, TINY, run_cli, runs, start_cli, store_uri
+from tests.helpers import GRID_TINY, HANG_GUARD_S, ROOT, TINY, run_cli, runs, start_cli, store_uri
 
 # Lines a command prints as log records (its own, Optuna's, MLflow's), not as messages.
 LOG_RECORD = re.compile(r"^(\[|\d{4}/\d\d/\d\d \d\d:)")
@@ -54,7 +54,7 @@ def test_multirun_grid_with_joblib_logs_every_job_with_one_sweep_id(tmp_path):
         *GRID_TINY,
         f"tracking.uri={store_uri(tmp_path)}",
     ]
-    result = run_cli(args, cwd=tmp_path, timeout=600)
+    result = run_cli(args, cwd=tmp_path, timeout=HANG_GUARD_S)
     assert result.returncode == 0, result.stderr[-3000:]
     _, found = runs(store_uri(tmp_path))
     assert len(found) == 4
@@ -216,7 +216,7 @@ def test_killed_sweep_leaves_nothing_running_after_the_next_start(tmp_path):
 
 
 def test_help_prints_usage_with_the_spaces_and_settings():
-    result = run_cli(["--help"], ROOT, timeout=60, script="sweeps/tune.py")
+    result = run_cli(["--help"], ROOT, timeout=HANG_GUARD_S, script="sweeps/tune.py")
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert result.stdout.startswith("usage: python sweeps/tune.py sweep=<space>")
@@ -267,7 +267,7 @@ def test_two_drivers_on_one_study_run_n_trials_under_one_parent_run(tmp_path):
     args = study_args(tmp_path, "threshold_lr", "sweep.n_trials=4", "sweep.sampler=random")
     drivers = [start_cli(args, tmp_path, script="sweeps/tune.py") for _ in range(2)]
     for driver in drivers:
-        _, stderr = driver.communicate(timeout=300)
+        _, stderr = driver.communicate(timeout=HANG_GUARD_S)
         assert driver.returncode == 0, stderr[-3000:]
     done = trials(tmp_path, "threshold_lr-8gaussians-glow")
     assert [t.state.name for t in done] == ["COMPLETE"] * 4
@@ -348,7 +348,7 @@ def test_sigterm_stops_a_study_at_a_step_and_leaves_nothing_running(tmp_path):
         time.sleep(0.1)
     time.sleep(0.5)
     driver.send_signal(signal.SIGTERM)
-    stdout, stderr = driver.communicate(timeout=60)
+    stdout, stderr = driver.communicate(timeout=HANG_GUARD_S)
     assert driver.returncode == 143, stderr[-3000:]
     assert "Traceback" not in stdout + stderr, stderr[-3000:]
     said = [line for line in stderr.splitlines() if line.strip() and not LOG_RECORD.match(line)]

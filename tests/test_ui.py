@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, store_uri
+from tests.helpers import HANG_GUARD_S, ROOT, store_uri
 
 KIND = ("mlflow.experimentKind", "custom_model_development")
 
@@ -54,7 +54,7 @@ def test_the_ui_opens_on_the_runs_table_in_a_headless_browser(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_GUARD_S,
     )
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     lines = done.stdout.splitlines()
@@ -69,7 +69,7 @@ def test_ui_check_names_a_missing_browser_in_one_line(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=HANG_GUARD_S,
     )
     assert done.returncode == 2
     assert done.stderr.strip() == (

@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import ROOT, TINY
+from tests.helpers import HANG_GUARD_S, ROOT, TINY
 
 CLUSTER_SH = ROOT / "sweeps" / "cluster" / "cluster.sh"
 STUDY_TINY = [*TINY, "flow.n_steps=2", "flow.width=16"]
@@ -34,7 +34,7 @@ class Cluster:
         env.update(extra)
         return env
 
-    def script(self, *args: str, timeout: float = 240) -> str:
+    def script(self, *args: str, timeout: float = HANG_GUARD_S) -> str:
         result = subprocess.run(
             [str(CLUSTER_SH), *args],
             capture_output=True,
@@ -114,7 +114,7 @@ def start(
     )
 
 
-def finish(proc: subprocess.Popen, timeout: float = 400) -> str:
+def finish(proc: subprocess.Popen, timeout: float = HANG_GUARD_S) -> str:
     output, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, output[-4000:]
     return output

@@ -21,6 +21,7 @@ from tests.cluster.helpers import (
     trials,
     wait_until,
 )
+from tests.helpers import HANG_GUARD_S
 
 pytestmark = pytest.mark.cluster
 
@@ -96,7 +97,7 @@ def test_a_worker_killed_mid_trial_is_failed_by_the_heartbeat_and_the_study_goes
     b = start(args, machine(tmp_path, "b"), cluster.env())
     started = wait_until(
         lambda: list((tmp_path / "b").glob(f"multirun/optuna/{name}-*/trial_*/config.yaml")),
-        timeout=180,
+        timeout=HANG_GUARD_S,
         what="machine b to start a trial",
     )
     killed = int(started[0].parent.name.removeprefix("trial_"))
@@ -104,7 +105,7 @@ def test_a_worker_killed_mid_trial_is_failed_by_the_heartbeat_and_the_study_goes
     # before it opens its MLflow run).
     wait_until(
         lambda: "mlflow_run_id" in trials(cluster, name)[killed].user_attrs,
-        timeout=120,
+        timeout=HANG_GUARD_S,
         what="the trial's MLflow run",
     )
     time.sleep(1.0)
@@ -170,7 +171,7 @@ def test_a_server_restarted_mid_study_leaves_no_trial_running(cluster, name, tmp
     proc = start(args, machine(tmp_path, "a"), cluster.env())
     wait_until(
         lambda: sum(t.state.name == "COMPLETE" for t in trials(cluster, name)) >= 2,
-        timeout=240,
+        timeout=HANG_GUARD_S,
         what="two trials to complete",
         interval=1.0,
     )
