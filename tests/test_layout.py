@@ -95,3 +95,28 @@ def test_torch_free_modules_stay_torch_free():
     for name in ("fce/schema.py", "fce/config.py", "fce/cli.py", "fce/sweep_space.py"):
         source = (ROOT / name).read_text()
         assert not re.search(r"^(import torch|from torch)", source, re.M), name
+
+
+def test_no_test_waits_on_a_command_for_less_than_the_hang_guard():
+    # A command's work is bounded by its steps and points; a loaded machine only slows it, so a
+    # wall-clock limit below the hang guard would fail the suite on a busy machine.
+    from tests.helpers import HANG_GUARD_S
+
+    waits = {"run", "communicate", "wait", "run_cli", "ended", "finish", "script", "_wait_for"}
+    offenders = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            for keyword in node.keywords:
+                if (
+                    name in waits
+                    and keyword.arg in ("timeout", "timeout_s")
+                    and isinstance(keyword.value, ast.Constant)
+                    and isinstance(keyword.value.value, (int, float))
+                    and keyword.value.value < HANG_GUARD_S
+                ):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert offenders == []
