@@ -252,7 +252,11 @@ def test_a_config_error_in_a_trial_fails_that_trial_and_trials_are_named_apart(t
 
     _, found = runs(store_uri(tmp_path))
     children = [r for r in found if "optuna.trial" in r.data.tags]
-    assert len(children) == 6 - len(invalid)  # an invalid config starts no run
+    assert len(children) == 6  # an invalid config starts no training, but it has its run
+    for run in children:
+        refused = done[int(run.data.tags["optuna.trial"])] in invalid
+        assert (run.info.status == "FAILED") == refused
+        assert ("larger than dataset.n_samples" in run.data.tags.get("fce.error", "")) == refused
     names = [r.info.run_name for r in children]
     assert len(set(names)) == len(names)
     for run in children:

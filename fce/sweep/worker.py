@@ -29,6 +29,7 @@ from fce.sweep.study import (
 from fce.sweep.trials import suggest, trial_run_name
 from fce.sweep_space import Composer
 from fce.tracking import (
+    MLflowTracker,
     TrackingError,
     check_reachable,
     set_run_status,
@@ -72,6 +73,32 @@ def end_trial_run(uri: str | None, run_id: str, state: optuna.trial.TrialState) 
         set_run_status(uri, run_id, "FAILED" if failed else None, tags, if_running=True)
     except Exception as error:
         log.warning("MLflow run %s: could not record its trial's end (%s)", run_id, error)
+
+
+def record_refused_trial(plan: StudyPlan, trial: optuna.Trial, reason: str) -> None:
+    """A trial refused before its run started (a combination of values the config rejects)
+    still gets its MLflow child run, FAILED with the reason, so that the parent's children
+    and the study's trials agree. A store that cannot take it is logged, not raised."""
+    if plan.tracking_uri is None or plan.parent_run_id is None:
+        return
+    tags = {
+        "mlflow.parentRunId": plan.parent_run_id,
+        "optuna.study": plan.study_name,
+        "optuna.trial": str(trial.number),
+        "optuna.state": optuna.trial.TrialState.FAIL.name,
+        "fce.error": reason[:5000],  # MLflow's limit on a tag's value
+    }
+    try:
+        tracker = MLflowTracker(
+            plan.tracking_uri,
+            plan.experiment,
+            run_name=trial_run_name(trial.number, trial.params),
+            tags=tags,
+        )
+        trial.set_user_attr("mlflow_run_id", tracker.run_id)
+        tracker.finish("FAILED")
+    except TrackingError as error:
+        log.warning("trial %d: could not record its refusal in MLflow (%s)", trial.number, error)
 
 
 def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stopping) -> int | None:
@@ -141,6 +168,8 @@ def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stoppi
         except (DivergenceError, ConfigError, RunFault) as error:  # RunFault: its disk or store
             trial.set_user_attr("error", str(error))
             log.error("trial %d failed: %s", trial.number, error)
+            if "mlflow_run_id" not in trial.user_attrs:  # refused before its run started
+                record_refused_trial(plan, trial, str(error))
             return math.nan
         return metrics[settings.objective]
 
