@@ -91,6 +91,8 @@ class RQSplineCoupling(Transform):
         nn.init.zeros_(out.weight)
         nn.init.zeros_(out.bias)
         self.net = nn.Sequential(*layers, out)
+        # The linear layers, kept at hand: slicing the Sequential builds a new module per call.
+        self._linears = tuple(self.net[::2])
         # softplus(raw + shift) + min_derivative = 1 at raw = 0: the identity at init.
         self.derivative_shift = math.log(math.expm1(1.0 - min_derivative))
         self._constants_cache: dict = {}
@@ -124,7 +126,7 @@ class RQSplineCoupling(Transform):
         ((3K - 1) t, n), bin-major, the batch last, so the spline's maths runs along it with unit
         stride (batch-major, it ran on strided slices of a few bins each, several times
         slower)."""
-        *hidden, last = self.net[::2]
+        *hidden, last = self._linears
         h = cond
         for i, layer in enumerate(hidden):
             h = torch.addmm(layer.bias.unsqueeze(1), layer.weight, h.relu_() if i else h)
