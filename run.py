@@ -3,17 +3,13 @@
 `python run.py -m dataset=8gaussians,pinwheel flow=glow,maf seed=0,1,2` runs a grid.
 """
 
-import sys
 from pathlib import Path
 
-from fce.cli import exit_quietly_on_signals, preflight, resume_in_place, run_job, with_saved_run
+import hydra
+from omegaconf import DictConfig
 
-exit_quietly_on_signals()  # until a run installs its own handlers: no traceback on Ctrl-C
-
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from fce.config import register_configs  # noqa: E402
+from fce.cli import launch, run_job
+from fce.config import register_configs
 
 ROOT = Path(__file__).resolve().parent
 register_configs()
@@ -25,7 +21,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    sys.argv[1:] = with_saved_run(sys.argv[1:], ROOT / "conf")
-    sys.argv += resume_in_place(sys.argv[1:])
-    preflight(sys.argv[1:], ROOT / "conf")
-    main()
+    launch(main, ROOT / "conf")

@@ -1,34 +1,17 @@
-"""What leaves the loop besides metrics: density figures and checkpoints, as callbacks."""
+"""What leaves the loop besides metrics: density figures and checkpoints, as callbacks (the
+``Callback`` protocol is the loop's own, ``fce.trainer``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from fce.trainer import Trainer
+from fce.trainer import Callback, Trainer
+
+__all__ = ["Callback", "Checkpoints", "Figures", "OnEval"]
 
 PANEL_SAMPLES = 100_000  # data points drawn in a density panel's first column
-
-
-class Callback:
-    """No-op hooks; subclasses override the ones they need."""
-
-    def on_start(self, trainer: Trainer) -> None:
-        pass
-
-    def on_step(self, trainer: Trainer, signals: dict[str, float]) -> None:
-        pass
-
-    def on_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        pass
-
-    def after_step(self, trainer: Trainer) -> None:
-        pass
-
-    def on_end(self, trainer: Trainer) -> None:
-        pass
 
 
 class Figures(Callback):

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from fce.errors import first_line
+
 FORMAT = "fce-checkpoint/1"
 KEEP = 2
 _NAME = re.compile(r"^step_(\d+)\.pt$")
@@ -75,8 +77,7 @@ def load(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, not a torch file, unpickling refused...
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(error)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an FCE checkpoint (expected format {FORMAT})")
     return state

@@ -1,7 +1,9 @@
-"""Command-line edge: bad input becomes one line on stderr and a non-zero exit, fast.
+"""The Hydra job body of ``run.py``: check the command line before torch loads, then run each
+job once and map its failures to one line and an exit code.
 
-Torch-free, so that an unknown dataset or a mistyped value is reported before the heavy
-imports. Used by run.py and the sweep driver.
+Torch-free at import: ``launch`` runs the checks of ``fce.preflight`` (one line, exit code 2)
+before ``@hydra.main`` composes the job; torch and mlflow load in ``run_job`` only once its
+config is known to be good.
 """
 
 from __future__ import annotations
@@ -9,344 +11,75 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
-import os
-import re
 import shutil
-import signal
 import sys
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
+
+from fce.config import validate
+from fce.errors import EXIT_FAILED, ConfigError, fail
+from fce.preflight import exit_quietly_on_signals, preflight, resume_in_place, with_saved_run
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-USER_GROUPS = (
-    "dataset",
-    "ebm",
-    "flow",
-    "optimizer",
-    "threshold",
-    "schedule",
-    "estimator",
-    "tracking",
-    "experiment",
+# What sweeps/tune.py imports from here until it is moved onto the library.
+from fce.compose import composition_error as one_line  # noqa: F401
+from fce.preflight import (  # noqa: F401
+    check_group_choices,
+    check_store,
+    check_study_storage,
+    check_writable_dir,
 )
-EXIT_BAD_INPUT = 2
-_NOISE = ("Set the environment variable HYDRA_FULL_ERROR", "reference_type=", "object_type=")
+
+__all__ = ["fail", "launch", "run_job"]
+
+# The overrides of a single run that ``launch`` composed and validated: its job (composed
+# again by Hydra from the same overrides) is not validated a second time.
+_checked: list[str] | None = None
 
 
-def exit_quietly_on_signals() -> None:
-    """SIGINT/SIGTERM before a run exists: one line and the shell's exit code (130, 143).
+def launch(main: Callable[[], object], conf_dir: Path) -> None:
+    """Run ``main`` (a ``@hydra.main`` function) on this process's command line, checked first.
 
-    There is nothing to save or end yet; Python's default would print a KeyboardInterrupt
-    traceback from whatever import was loading. A run replaces these handlers with its own
-    (``fce.interrupts``), which stop at a step boundary.
+    A Ctrl-C before the run exists is one line; ``train.resume=<run>`` gets the saved run's
+    settings (``with_saved_run``) and, for a run directory, its directory as Hydra's; then
+    every job the command line asks for is composed and validated before any starts.
     """
-
-    def handler(signum: int, _frame: object) -> None:
-        sys.stderr.write("error: interrupted before the run started\n")
-        os._exit(128 + signum)
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, handler)
-
-
-def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(code)
-
-
-def one_line(error: BaseException) -> str:
-    """Hydra/OmegaConf messages span several lines; keep what names the key and the value.
-
-    An override of a key the config lacks is "no such setting" with the nearest known key, as
-    for ``+key=value``: Hydra's advice to append it with ``+`` only leads to that error.
-    """
-    unknown = re.match(r"Could not override '([^']+)'", str(error))
-    cause = error.__cause__
-    root = getattr(cause, "parent_node", None)
-    if unknown and root is not None and " not in " in str(cause):
-        from fce.config import no_such_setting
-
-        return no_such_setting(unknown.group(1), root._get_root())
-    lines = [line.strip() for line in str(error).splitlines()]
-    kept = [line for line in lines if line and not line.startswith(_NOISE)]
-    cause = error.__cause__
-    if cause is not None and str(cause).splitlines() and str(cause) not in str(error):
-        kept.append(str(cause).splitlines()[0].strip())
-    return "; ".join(kept) or type(error).__name__
-
-
-def group_options(conf_dir: Path, group: str) -> list[str]:
-    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
-
-
-def check_group_choices(args: Sequence[str], conf_dir: Path) -> None:
-    """Reject ``group=option`` for an option that does not exist, naming the choices, and
-    ``~group`` for a group every run needs (before composing: the defaults list names a
-    recipe by ``${experiment}_${dataset}``, which Hydra cannot resolve without the group)."""
-    for arg in args:
-        removed = re.fullmatch(r"~(\w+)(=.*)?", arg)
-        if removed and removed.group(1) in USER_GROUPS and removed.group(1) != "experiment":
-            group = removed.group(1)
-            fail(f"{group}: has no value (removed with ~{group}?); every run needs it")
-        match = re.fullmatch(r"[+~]?(\w+)=(.*)", arg)
-        if not match or match.group(1) not in USER_GROUPS:
-            continue
-        group, value = match.groups()
-        if "(" in value or value in ("", "null"):
-            continue  # sweep functions (choice, glob...) and removals: Hydra checks them
-        allowed = group_options(conf_dir, group)
-        for option in value.split(","):
-            if option not in allowed:
-                fail(f"{group}={option}: unknown {group}; choose one of: {', '.join(allowed)}")
-
-
-def first_of_each_sweep(args: Sequence[str]) -> list[str]:
-    """``key=a,b,c`` -> ``key=a``: one concrete job of a multirun, to compose-check it."""
-    concrete = []
-    for arg in args:
-        match = re.fullmatch(r"([+~]?[\w./@-]+)=(.*)", arg)
-        if match and "," in match.group(2) and "[" not in match.group(2):
-            concrete.append(f"{match.group(1)}={match.group(2).split(',')[0]}")
-        elif match and "(" in match.group(2):
-            continue  # choice()/range()/glob(): left to Hydra
-        else:
-            concrete.append(arg)
-    return concrete
-
-
-def resume_in_place(argv: Sequence[str]) -> list[str]:
-    """``hydra.run.dir=<the run's directory>`` for ``train.resume=<run dir or its checkpoint>``
-    (unless a directory is given): Hydra then writes its files there, not in a new folder."""
-    if any(a in ("-m", "--multirun") for a in argv) or any(
-        a.lstrip("+").startswith("hydra.run.dir=") for a in argv
-    ):
-        return []
-    targets = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("train.resume=")]
-    if not targets or targets[-1] in ("", "null"):
-        return []
-    target = Path(targets[-1]).expanduser()
-    if target.is_file() and target.parent.name == "checkpoints":
-        target = target.parent.parent
-    elif target.is_dir() and target.name == "checkpoints":
-        target = target.parent
-    if not target.is_dir() or not (
-        (target / "config.yaml").is_file() or (target / ".hydra").is_dir()
-    ):
-        return []  # not a run directory: the resumed run gets one of its own
-    return [f"hydra.run.dir={target.resolve()}"]
-
-
-def _key(arg: str) -> str:
-    """The key an override sets: ``+train.max_steps=3`` -> ``train.max_steps``."""
-    return arg.lstrip("+~").split("=", 1)[0]
-
-
-def _covers(keys: set[str], key: str) -> bool:
-    """Whether ``key`` is one of ``keys`` or inside one of them (a group given whole)."""
-    return any(key == k or key.startswith(f"{k}.") for k in keys)
-
-
-def override_value(value: object) -> str:
-    """A Python value as Hydra's override grammar reads it back."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(override_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{override_value(v)}" for k, v in value.items()) + "}"
-    text = str(value)
-    if "'" in text or "\\" in text or "${" in text:
-        raise ValueError(f"{text!r} cannot be an override")
-    return f"'{text}'"
-
-
-def _saved_config(target: Path) -> tuple[Path | None, dict | None]:
-    """(the run's directory or None for a bare checkpoint, the config it ran with last): the
-    newest readable checkpoint's, else the run's config.yaml, else Hydra's copy."""
-    run_dir = None
-    if target.is_dir():
-        run_dir = target.parent if target.name == "checkpoints" else target
-    elif target.is_file() and target.parent.name == "checkpoints":
-        run_dir = target.parent.parent
-    from fce import checkpoint
-
-    has_checkpoint = target.is_file() or any(
-        checkpoint.list_checkpoints(d) for d in (target, target / "checkpoints")
-    )
-    if has_checkpoint:
-        try:
-            _, state, _ = checkpoint.resolve(target)
-            return run_dir, state.get("config")
-        except (checkpoint.CheckpointError, ValueError):
-            return run_dir, None  # reported in one line once the run starts
-    from omegaconf import OmegaConf
-
-    for path in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml") if run_dir else ():
-        if path.is_file():
-            return run_dir, OmegaConf.to_container(OmegaConf.load(path))
-    return run_dir, None
-
-
-def with_saved_run(argv: Sequence[str], conf_dir: Path) -> list[str]:
-    """``train.resume=<run>``: the saved run's settings, then the command line's on top.
-
-    The run's own Hydra overrides come first (``<run>/.hydra/overrides.yaml``; else the group
-    options its config names), then every setting of the saved config the command line does
-    not give (so a default changed in conf/ since does not change a resumed run), then the
-    command line: what may change on resume changes, and anything else given that differs
-    from the saved run is refused by ``fce.resume`` in one line.
-    """
-    argv = list(argv)
-    targets = [a.split("=", 1)[1] for a in argv if _key(a) == "train.resume" and "=" in a]
-    if (
-        not targets
-        or targets[-1] in ("", "null")
-        or any(a in ("-m", "--multirun", "--help", "-h", "--cfg", "-c", "--info") for a in argv)
-    ):
-        return argv
-    run_dir, saved = _saved_config(Path(targets[-1]).expanduser())
-    if saved is None:
-        return argv  # nothing readable to resume: fce.resume says why
-    from omegaconf import OmegaConf
-
-    from fce.config import upgrade, user_settings
-
-    given = {_key(a) for a in argv if not a.startswith("-")}
-    overrides_yaml = run_dir / ".hydra" / "overrides.yaml" if run_dir else None
-    if overrides_yaml is not None and overrides_yaml.is_file():
-        base = [str(o) for o in OmegaConf.load(overrides_yaml)]
-    else:
-        base = [
-            f"{group}={saved[group]['name']}"
-            for group in USER_GROUPS
-            if isinstance(saved.get(group), dict)
-            and saved[group].get("name") in group_options(conf_dir, group)
-        ]
-    base = [o for o in base if not _covers(given | {"train.resume"}, _key(o))]
-    flags = [a for a in argv if a.startswith("-")]
-    args = [*base, *(a for a in argv if not a.startswith("-"))]
-    if "experiment" in given:
-        return [*flags, *args]  # the keys it sets are the command line's
-    from hydra.core.global_hydra import GlobalHydra
-
-    from fce.compose import compose
-
-    try:
-        now = _leaves(user_settings(compose(args)))
-        then = _leaves(user_settings(upgrade(OmegaConf.create(saved))))
-        restored = [
-            f"{key}={override_value(value)}"
-            for key, value in then.items()
-            if key in now and now[key] != value and not _covers(given, key)
-        ]
-        compose([*args, *restored])  # each restored value must compose
-    except Exception:
-        return argv  # the command line as typed: preflight names what is wrong with it
-    finally:
-        GlobalHydra.instance().clear()
-    return [*flags, *args, *restored]
-
-
-def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
-    """``{"train.max_steps": 60, "ebm.hidden": [32, 32], ...}``: a config's leaves, typed."""
-    found: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            found.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            found[f"{prefix}{key}"] = value
-    return found
-
-
-def every_value_of_each_sweep(args: Sequence[str]) -> list[list[str]]:
-    """The concrete jobs that together use every value of every swept key once: the first
-    value of each, then each other value of one key with the first of the rest."""
-    base = first_of_each_sweep(args)
-    jobs = [base]
-    for arg in args:
-        match = re.fullmatch(r"([+~]?[\w./@-]+)=(.*)", arg)
-        if not (match and "," in match.group(2) and "[" not in match.group(2)):
-            continue
-        key, values = match.group(1), match.group(2).split(",")
-        first = f"{key}={values[0]}"
-        for value in values[1:]:
-            jobs.append([f"{key}={value}" if a == first else a for a in base])
-    return jobs
-
-
-def preflight(argv: Sequence[str], conf_dir: Path, config_name: str = "config") -> None:
-    """Compose the config the command line asks for and validate it, or exit with one line.
-
-    Hydra's own messages for these cases span several lines; this gives one, within a
-    fraction of a second, before any job starts.
-    """
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    if any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c") for a in argv):
-        return
-    check_group_choices([a for a in argv if not a.startswith("-")], conf_dir)  # with ~group
-    # Launcher and other hydra.* settings are Hydra's own; the job config is checked here.
-    overrides = [a for a in overrides if not a.lstrip("+").startswith("hydra")]
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf, open_dict
-
-    from fce.compose import compose
-    from fce.config import ConfigError, validate
-    from fce.tracking import TrackingError
-
-    jobs = every_value_of_each_sweep(overrides)
-    try:
-        # Every value of a multirun's lists, not only the first job's: a bad later value
-        # must not fail after the first jobs have run.
-        composed = [compose(job, config_name, return_hydra_config=True) for job in jobs]
-    except Exception as error:  # composition: unknown key, wrong type, bad syntax
-        fail(one_line(error))
-    finally:
-        GlobalHydra.instance().clear()
-    cfg = composed[0]
-    key = "hydra.sweep.dir" if any(a in ("-m", "--multirun") for a in argv) else "hydra.run.dir"
-    given = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith(f"{key}=")]
-    node = cfg.hydra.sweep if key == "hydra.sweep.dir" else cfg.hydra.run
-    run_dir = given[-1] if given else OmegaConf.to_container(node)["dir"]
-    check_writable_dir(f"{key}={run_dir}", run_dir)
-    try:
-        for job in composed:
-            with open_dict(job):
-                del job["hydra"]
-            validate(job)
-        check_store(cfg.tracking.get("uri"))
-    except (ConfigError, TrackingError) as error:
-        fail(str(error))
+    global _checked
+    exit_quietly_on_signals()  # until a run installs its own handlers: no traceback on Ctrl-C
+    argv = with_saved_run(sys.argv[1:], conf_dir)
+    argv += resume_in_place(argv)
+    _checked = preflight(argv, conf_dir)
+    sys.argv[1:] = argv  # Hydra reads its command line from sys.argv
+    main()
 
 
 def run_job(cfg: DictConfig, project_root: Path) -> float:
     """The body of ``run.py``'s Hydra job: validate, run, and map failures to exit codes.
 
-    Returns the objective a Hydra sweeper would minimise (the EBM's test NLL; the flow's for
-    flow_mle). In a multirun a diverged job returns NaN and the grid goes on.
+    Returns the objective a Hydra sweeper would minimise: the estimator's ``score_metric``
+    (the EBM's test NLL; the flow's where only the flow trains). In a multirun a diverged job
+    returns NaN and the grid goes on.
     """
-    from fce.config import ConfigError, validate
-
-    try:
-        validate(cfg)
-    except ConfigError as error:
-        fail(str(error))
-    # torch and mlflow load only once the input is known to be good.
     from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    if list(hydra_cfg.overrides.task) != _checked:  # else launch validated this very config
+        try:
+            validate(cfg)
+        except ConfigError as error:
+            remove_if_unused(Path(hydra_cfg.runtime.output_dir))
+            fail(str(error))
+    # torch and mlflow load only once the input is known to be good.
+    from hydra.utils import get_class
 
     from fce.grid import swept_values
     from fce.interrupts import RunInterrupted, running, stop_when_orphaned
     from fce.train import RunContext, RunFault, run
     from fce.trainer import DivergenceError
 
-    hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode.name == "MULTIRUN"
     if multirun and multiprocessing.current_process().name != "MainProcess":
         stop_when_orphaned()  # a launcher's worker process (joblib): it dies with its launcher
@@ -373,11 +106,11 @@ def run_job(cfg: DictConfig, project_root: Path) -> float:
         fail(str(error))
     except DivergenceError as error:
         if not multirun:
-            fail(str(error), code=1)
+            fail(str(error), code=EXIT_FAILED)
         logging.getLogger("fce").error("job %s: %s", hydra_cfg.job.num, error)
         return math.nan  # the grid goes on; the run is FAILED in MLflow
     except RunFault as error:  # a full disk, a locked store, a dead server: the grid stops too
-        fail(str(error), code=1)
+        fail(str(error), code=EXIT_FAILED)
     except RunInterrupted as interrupt:
         raise SystemExit(interrupt.exit_code) from None
     except KeyboardInterrupt:  # before the MLflow run existed: nothing to end or save
@@ -385,7 +118,7 @@ def run_job(cfg: DictConfig, project_root: Path) -> float:
         fail("interrupted before the run started", code=130)
     finally:
         running.clear()
-    return metrics["nll_ebm" if "nll_ebm" in metrics else "nll_flow"]
+    return metrics[get_class(cfg.estimator._target_).score_metric]
 
 
 def resumes_in(cfg: DictConfig, output_dir: Path) -> bool:
@@ -403,60 +136,3 @@ def remove_if_unused(output_dir: Path) -> None:
     hydra_files = {".hydra", ".lock", "run.log", f"{Path(sys.argv[0]).stem}.log"}
     if output_dir.is_dir() and {p.name for p in output_dir.iterdir()} <= hydra_files:
         shutil.rmtree(output_dir, ignore_errors=True)
-
-
-def check_store(uri: str | None) -> None:
-    """A SQLite store must be a file (not in memory, not a directory) in a writable directory,
-    writable itself and empty or MLflow's; an HTTP server must answer (in seconds, not
-    MLflow's minutes of retries)."""
-    from fce.tracking import check_reachable, check_sqlite_store
-
-    if uri and uri.startswith("sqlite:///") and uri.removeprefix("sqlite:///") != ":memory:":
-        check_writable_dir(f"tracking.uri={uri}", str(Path(uri.removeprefix("sqlite:///")).parent))
-    if uri and uri.startswith("sqlite:"):
-        check_sqlite_store(uri)
-    elif uri:
-        check_reachable(uri)
-
-
-def check_study_storage(storage: str, tracking: str) -> None:
-    """An Optuna storage must not be an MLflow store (``tracking`` is the resolved tracking
-    URI): both keep an ``alembic_version`` table, and each would write into the other's."""
-    from fce.config import ConfigError
-    from fce.tracking.housekeeping import MLFLOW_TABLES, sqlite_tables
-
-    same = storage == tracking
-    if storage.startswith("sqlite:///") and not same:
-        database = Path(storage.removeprefix("sqlite:///"))
-        if tracking.startswith("sqlite:///"):
-            same = database.resolve() == Path(tracking.removeprefix("sqlite:///")).resolve()
-        tables = sqlite_tables(database) if database.is_file() else None
-        if not same and tables and tables >= MLFLOW_TABLES:
-            raise ConfigError(
-                f"sweep.storage={storage}: {database} is an MLflow store; Optuna's tables "
-                "would mix with MLflow's; use a file of its own, e.g. "
-                f"sqlite:///{database.parent / 'optuna.db'}"
-            )
-    if same:
-        raise ConfigError(
-            f"sweep.storage={storage}: the MLflow store (tracking.uri) too; Optuna's tables "
-            "would mix with MLflow's; use a storage of its own, e.g. sqlite:///<dir>/optuna.db"
-        )
-
-
-def check_writable_dir(setting: str, directory: str) -> None:
-    """Fail unless ``directory`` (interpolations allowed) can be created and written in.
-
-    Hydra would otherwise fail with a traceback when it creates the run's directory. The part
-    before the first interpolation is checked: its deepest existing ancestor must be a
-    directory we can write a file in (a write test, since permissions do not stop root).
-    """
-    fixed = Path(directory.split("${", 1)[0] or ".").absolute()
-    existing = next(p for p in (fixed, *fixed.parents) if p.exists())
-    if not existing.is_dir():
-        fail(f"{setting}: {existing} is a file, not a directory; choose a writable directory")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as error:
-        fail(f"{setting}: cannot write in {existing} ({error.strerror}); choose another")

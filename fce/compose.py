@@ -6,12 +6,14 @@ another thread while in use), on the project's conf/ with its schemas registered
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Sequence
 
 from omegaconf import DictConfig
 
-from fce.config import CONF_DIR, register_configs
+from fce.config import CONF_DIR, no_such_setting, register_configs
+from fce.errors import first_line
 
 _lock = threading.Lock()
 _initialised = False
@@ -35,3 +37,26 @@ def compose(
         return hydra_compose(
             config_name, overrides=list(overrides), return_hydra_config=return_hydra_config
         )
+
+
+# Lines of Hydra's messages that name neither the key nor the value.
+_NOISE = ("Set the environment variable HYDRA_FULL_ERROR", "reference_type=", "object_type=")
+
+
+def composition_error(error: BaseException) -> str:
+    """A failed composition as one line: Hydra/OmegaConf messages span several lines; keep
+    what names the key and the value.
+
+    An override of a key the config lacks is "no such setting" with the nearest known key, as
+    for ``+key=value``: Hydra's advice to append it with ``+`` only leads to that error.
+    """
+    unknown = re.match(r"Could not override '([^']+)'", str(error))
+    cause = error.__cause__
+    root = getattr(cause, "parent_node", None)
+    if unknown and root is not None and " not in " in str(cause):
+        return no_such_setting(unknown.group(1), root._get_root())
+    lines = [line.strip() for line in str(error).splitlines()]
+    kept = [line for line in lines if line and not line.startswith(_NOISE)]
+    if cause is not None and str(cause).splitlines() and str(cause) not in str(error):
+        kept.append(first_line(cause, limit=10_000))
+    return "; ".join(kept) or type(error).__name__

@@ -18,6 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fce.errors import ConfigError  # noqa: F401 (raised here, imported from here by callers)
 from fce.schema import (  # noqa: F401 (the names the rest of the package imports from here)
     CONF_DIR,
     DATASET_NAMES,
@@ -37,10 +38,6 @@ from fce.schema import (  # noqa: F401 (the names the rest of the package import
     RunConfig,
     register_configs,
 )
-
-
-class ConfigError(ValueError):
-    """Bad user input, reported as one line that names the key and what is allowed."""
 
 
 def user_settings(cfg: DictConfig) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 # The energy's nonlinearity, by ``ebm.activation``: LeakyReLU is the reference's; the smooth
 # ones give a smooth energy (docs/truth.md measures what that buys).
-from fce.schema import EBM_ACTIVATIONS as ACTIVATIONS
+ACTIVATIONS = ("leaky_relu", "silu", "softplus", "elu", "tanh")
 
 
 def _activation(name: str, negative_slope: float) -> nn.Module:

@@ -7,19 +7,24 @@ only decides the order (which fixes the random initialisation) and wires the par
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import Tensor
 
-from fce.callbacks import Callback
-from fce.config import ConfigError, RunConfig, user_settings
+from fce import checkpoint
+from fce.config import RunConfig, upgrade, user_settings
 from fce.data import make_generator
+from fce.errors import ConfigError
 from fce.estimators import ESTIMATORS, Estimator, Players
+from fce.flows import Flow
 from fce.metrics import Evaluator, Grid
+from fce.recording import Tracker
 from fce.schedule import Schedule
-from fce.tracking import Tracker
-from fce.trainer import LoopSettings, Trainer
+from fce.trainer import Callback, LoopSettings, Trainer
 
 
 def resolve_device(name: str) -> torch.device:
@@ -68,13 +73,14 @@ def build(cfg: RunConfig, device: torch.device) -> RunParts:
     torch.manual_seed(cfg.seed)
     ebm = instantiate(cfg.ebm).to(device)
     flow = instantiate(cfg.flow).to(device)
+    if cfg.estimator.get("noise_checkpoint"):  # NCE against a flow trained by another run
+        load_noise_flow(flow, str(cfg.estimator.noise_checkpoint), user_settings(cfg.flow))
     players = Players(
         ebm=ebm,
         flow=flow,
         optimizers=instantiate(cfg.optimizer),
         rule=instantiate(cfg.threshold),
         train_data=train_data,
-        flow_config=user_settings(cfg.flow),
         seed=cfg.seed,
     )
     estimator = instantiate(cfg.estimator)(players)
@@ -88,6 +94,23 @@ def build(cfg: RunConfig, device: torch.device) -> RunParts:
     )
     schedule = instantiate(cfg.schedule)
     return RunParts(estimator, train_data.to(device), evaluator, settings, schedule)
+
+
+def load_noise_flow(flow: Flow, noise_checkpoint: str, flow_settings: dict[str, Any]) -> None:
+    """Load into ``flow`` the flow of another run's checkpoint (or run directory), whose flow
+    settings must be ``flow_settings`` (the ``noise_checkpoint`` an estimator contrasts with)."""
+    where = f"estimator.noise_checkpoint={noise_checkpoint}"
+    try:
+        _, state, _ = checkpoint.resolve(Path(noise_checkpoint).expanduser())
+    except checkpoint.CheckpointError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    saved = user_settings(upgrade(OmegaConf.create(state["config"])).flow)
+    if saved != flow_settings:
+        raise ConfigError(
+            f"{where}: its flow is {saved}, this run's flow={flow_settings}; "
+            "choose the same flow group and sizes"
+        )
+    flow.load_state_dict(state["trainer"]["flow"])
 
 
 def build_trainer(cfg: RunConfig, device: torch.device) -> Trainer:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fce.config import EVAL_METRICS
+from fce.names import EVAL_METRICS
 from fce.data import Dataset, make_generator
 from fce.ebm import EBM
 from fce.flows import Flow

@@ -1,4 +1,8 @@
-"""The ``Tracker`` protocol the training loop talks to, and two trackers without a store."""
+"""The ``Tracker`` protocol the training loop writes to, and two trackers without a store.
+
+Below the loop and torch-free: the loop depends on this port, and ``fce.tracking`` (MLflow)
+implements it, so the science never imports the tracking layer.
+"""
 
 from __future__ import annotations
 

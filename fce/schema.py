@@ -13,6 +13,8 @@ from typing import Any
 
 from omegaconf import MISSING, OmegaConf
 
+from fce.names import EBM_METRICS, EVAL_METRICS, FLOW_METRICS  # noqa: F401 (re-exported)
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 DATASET_NAMES = ("8gaussians", "spiral", "2spirals", "checkerboard", "rings", "pinwheel")
 FLOW_NAMES = ("glow", "maf", "spline")
@@ -24,45 +26,6 @@ ESTIMATOR_NAMES = ("fce", "nce", "flow_mle", "mle")
 NOISE_NAMES = ("gaussian", "flow")  # NCE's fixed noise: a fitted Gaussian or a frozen flow
 DEVICES = ("auto", "cpu", "cuda")
 PROGRESS_MODES = ("auto", "bar", "log", "none")
-# What an evaluation logs (fce/metrics.py), in the order tables show them.
-EVAL_METRICS = (
-    "nll_ebm",
-    "nll_flow",
-    "nll_data",
-    "kl_data_ebm",
-    "kl_data_flow",
-    "kl_ebm_data",
-    "kl_flow_data",
-    "kl_flow_data_se",
-    "js_ebm_data",
-    "js_flow_data",
-    "tv_ebm",
-    "mse_logp",
-    "mse_logp_centered",
-    "logz_gap",
-    "flow_step_share",
-)
-# What an evaluation reports for an estimator that never trains the EBM (flow_mle).
-FLOW_METRICS = (
-    "nll_flow",
-    "nll_data",
-    "kl_data_flow",
-    "kl_flow_data",
-    "kl_flow_data_se",
-    "js_flow_data",
-)
-# What an evaluation reports for an estimator that never trains the flow (mle).
-EBM_METRICS = (
-    "nll_ebm",
-    "nll_data",
-    "kl_data_ebm",
-    "kl_ebm_data",
-    "js_ebm_data",
-    "tv_ebm",
-    "mse_logp",
-    "mse_logp_centered",
-    "logz_gap",
-)
 # Keys of Hydra's instantiation machinery: not settings of the user's, so neither logged as
 # MLflow params nor compared on resume.
 INTERNAL_KEYS = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")

@@ -22,6 +22,8 @@ from typing import Any
 import optuna
 import sqlalchemy
 
+from fce.errors import first_line
+
 log = logging.getLogger("fce.sweep")
 
 POOL_SIZE = 1  # kept open between uses: the worker's main thread
@@ -61,8 +63,9 @@ def _retry_connect(dialect: Any, _record: Any, cargs: tuple, cparams: dict) -> A
         except dialect.loaded_dbapi.OperationalError as error:
             if time.monotonic() + delay > deadline:
                 raise
-            reason = (str(error).strip().splitlines() or ["?"])[0][:200]
-            log.warning("database unreachable (%s); retrying in %.1fs", reason, delay)
+            log.warning(
+                "database unreachable (%s); retrying in %.1fs", first_line(error, 200), delay
+            )
             time.sleep(delay)
             delay = min(2 * delay, 5.0)
 

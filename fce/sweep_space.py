@@ -12,8 +12,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fce.cli import one_line
-from fce.config import EBM_METRICS, EVAL_METRICS, FLOW_METRICS, ConfigError, validate
+from fce.compose import composition_error
+from fce.config import validate
+from fce.errors import ConfigError, first_line
+from fce.names import EBM_METRICS, EVAL_METRICS, FLOW_METRICS
 
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
@@ -47,13 +49,13 @@ def load_sweep(name: str, space_dir: Path, defaults: Path, overrides: list[str])
     try:
         space = OmegaConf.load(path)
     except Exception as error:
-        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({first_line(error)})") from None
     try:
         settings = OmegaConf.merge(
             OmegaConf.load(defaults), space, OmegaConf.from_dotlist(overrides), {"name": name}
         )
     except Exception as error:
-        raise ConfigError(f"sweep overrides {overrides}: {str(error).splitlines()[0]}") from None
+        raise ConfigError(f"sweep overrides {overrides}: {first_line(error)}") from None
     validate_sweep(settings, path, known=tuple(OmegaConf.load(defaults)))
     return settings
 
@@ -175,7 +177,7 @@ def check_space_against_run(
         try:
             trial_cfg = compose([*base, *overrides])
         except Exception as error:  # composition: a key this group lacks, a wrong type
-            raise ConfigError(f"{where}{what}: {one_line(error)}") from None
+            raise ConfigError(f"{where}{what}: {composition_error(error)}") from None
         try:
             validate(trial_cfg)
         except ConfigError as error:

@@ -1,4 +1,5 @@
-"""The training loop: plain PyTorch, no Hydra, no MLflow; metrics leave through a ``Tracker``.
+"""The training loop: plain PyTorch, no Hydra, no MLflow; metrics leave through a ``Tracker``
+(``fce.recording``), everything else through a ``Callback``.
 
 One step reads top to bottom: take a batch (and noise), let the estimator step, check and
 record its signals, evaluate now and then on fixed held-out points, and let the callbacks
@@ -16,14 +17,13 @@ import torch
 from torch import Tensor
 
 from fce.averaging import WeightAverage
-from fce.callbacks import Callback
 from fce.data import stream_seed
 from fce.ebm import EBM
 from fce.estimators import Estimator
 from fce.flows import Flow
 from fce.metrics import MAY_BE_INFINITE, Evaluator
 from fce.schedule import Constant, Schedule
-from fce.tracking import MemoryTracker, NullTracker, Tracker
+from fce.recording import MemoryTracker, NullTracker, Tracker
 
 # A finite blow-up is a divergence too: a loss, value or test NLL beyond this many nats (the
 # models' numbers are a few nats; a run whose EBM NLL reaches 1e4 has left the data).
@@ -41,6 +41,27 @@ class DivergenceError(RuntimeError):
 
 class StopRun(Exception):
     """Raised by a callback to end a run early (e.g. a pruned sweep trial)."""
+
+
+class Callback:
+    """What the loop calls besides the estimator: no-op hooks, subclasses override the ones
+    they need. Defined here, with the loop; the callbacks themselves live above it
+    (``fce.callbacks``, ``fce.progress``, ``fce.interrupts``)."""
+
+    def on_start(self, trainer: Trainer) -> None:
+        pass
+
+    def on_step(self, trainer: Trainer, signals: dict[str, float]) -> None:
+        pass
+
+    def on_eval(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        pass
+
+    def after_step(self, trainer: Trainer) -> None:
+        pass
+
+    def on_end(self, trainer: Trainer) -> None:
+        pass
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fce.cli import fail, one_line
+from fce.compose import composition_error
 from fce.config import DATASET_NAMES, ESTIMATOR_NAMES, FLOW_NAMES, total_steps
+from fce.errors import fail
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks" / "results"
@@ -148,7 +149,7 @@ def estimate(args: argparse.Namespace, overrides: list[str]) -> str:
         try:
             cfg = compose([f"estimator={estimator}", f"dataset={args.datasets[0]}", *overrides])
         except Exception as error:  # Hydra's override and config errors
-            fail(f"{' '.join(overrides)}: {one_line(error)}")
+            fail(f"{' '.join(overrides)}: {composition_error(error)}")
         n = total_steps(cfg)
         steps.add(n)
         per_run = start_s + n * step_ms(estimator, cfg, steps_json, speed_json) / 1e3 * (

@@ -65,7 +65,6 @@ def make_trainer(
         optimizers=optimizers,
         rule=rule if rule is not None else FixedThreshold(value=0.6),
         train_data=data,
-        flow_config={},
         seed=settings.seed,
     )
     model = ESTIMATORS[estimator](players, name=estimator, **options)

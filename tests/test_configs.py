@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from fce.cli import group_options
+from fce.preflight import group_options
 from fce.compose import compose
 from fce.config import (
     DATASET_NAMES,
@@ -36,6 +36,16 @@ def test_groups_hold_exactly_the_documented_options():
     assert "adam" in group_options(CONF, "optimizer")
     assert {"fixed", "ema"} <= set(group_options(CONF, "threshold"))
     assert "reference" in group_options(CONF, "experiment")
+
+
+def test_the_torch_free_choices_are_the_libraries_own():
+    # The science does not import the config: the choices validation offers before torch
+    # loads are checked here against the modules that implement them.
+    from fce import data, ebm
+    from fce.config import EBM_ACTIVATIONS
+
+    assert data.DATASET_NAMES == DATASET_NAMES == tuple(data.DATASETS)
+    assert ebm.ACTIVATIONS == EBM_ACTIVATIONS
 
 
 def test_defaults_are_the_reference_values():
@@ -128,6 +138,14 @@ def test_an_old_config_without_targets_is_upgraded_to_build():
     validate(compose_cfg(["flow=maf", "threshold=ema"]))
 
 
+def test_an_old_config_draws_one_flow_sample_per_held_out_point():
+    # Runs saved before eval.flow_samples drew as many as eval.n_points: a resumed one goes on
+    # logging kl_flow_data from the same samples.
+    old = OmegaConf.create(user_settings(compose_cfg(["eval.n_points=3000"])))
+    del old.eval.flow_samples
+    assert upgrade(old).eval.flow_samples == 3000
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -138,6 +156,7 @@ def test_an_old_config_without_targets_is_upgraded_to_build():
         ("dataset.name=moons", r"dataset.name='moons': unknown; choose one of"),
         ("device=tpu", r"device='tpu': unknown; choose one of: auto, cpu, cuda"),
         ("threads=0", r"threads=0: must be a positive integer"),
+        ("eval.flow_samples=0", r"eval.flow_samples=0: must be a positive integer"),
         ("flow.scale_bound=0", r"flow.scale_bound=0.0: must be a positive number \(or inf\)"),
         ("flow=maf flow.scale_bound=inf", r"flow.scale_bound=inf: must be a positive number"),
         ("flow=spline flow.n_layers=0", r"flow.n_layers=0: must be a positive integer"),

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from fce.cli import preflight
+from fce.preflight import preflight
 from fce.config import register_configs
 from tests.helpers import ROOT
 

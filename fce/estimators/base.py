@@ -31,7 +31,6 @@ class Players:
         optimizers: makes an optimizer for a model, with the player's learning rate.
         rule: the alternation rule of the ``threshold`` group.
         train_data: the training set (NCE fits its Gaussian noise to it).
-        flow_config: the run's ``flow`` settings, to check a loaded flow against.
         seed: the run's seed, from which an estimator's own random streams derive (the
             loop's come from it too: ``fce.data.stream_seed``).
     """
@@ -41,7 +40,6 @@ class Players:
     optimizers: Optimizers
     rule: FixedThreshold
     train_data: Tensor
-    flow_config: dict[str, Any]
     seed: int
 
 
@@ -70,6 +68,8 @@ class Estimator(ABC):
             beyond ``fce.trainer.DIVERGENCE_BOUND`` (finite, but absurd).
         panel_titles: (flow, EBM) titles of the density panels.
         curves: the signals and metrics of the end-of-run curves figure.
+        score_metric: the evaluation metric a grid's job returns (lower is better): the
+            test NLL of the model it trains, the EBM's where it trains one.
     """
 
     name: ClassVar[str]
@@ -80,6 +80,7 @@ class Estimator(ABC):
     evaluates_ebm: ClassVar[bool] = True
     evaluates_flow: ClassVar[bool] = True
     bounded_metrics: ClassVar[tuple[str, ...]] = ("nll_ebm", "logz_gap")
+    score_metric: ClassVar[str] = "nll_ebm"
     panel_titles: ClassVar[tuple[str, str]] = ("Flow", "EBM")
     curves: ClassVar[tuple[str, ...]] = (
         "value",

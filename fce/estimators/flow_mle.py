@@ -19,6 +19,7 @@ class FlowMLE(Estimator):
     uses_noise = False
     evaluates_ebm = False  # the EBM is never trained: its numbers would mean nothing
     bounded_metrics = ("nll_flow",)
+    score_metric = "nll_flow"
     panel_titles = ("Flow (MLE)", "EBM (not trained)")
     curves = ("loss", "nll_flow", "kl_data_flow")
 

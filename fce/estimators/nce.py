@@ -7,13 +7,10 @@ References:
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
-from fce import checkpoint
-from fce.config import INTERNAL_KEYS, ConfigError, upgrade
 from fce.estimators.base import Estimator, Players, StepOutput
 from fce.estimators.fce_estimator import ebm_ascent
 from fce.flows import Flow, Gaussian
@@ -24,9 +21,10 @@ class NCE(Estimator):
 
     Args:
         noise: ``gaussian``, a Gaussian with the training set's mean and covariance; or
-            ``flow``, the players' flow, frozen: loaded from ``noise_checkpoint`` (a run's
-            checkpoint or directory, whose flow must be the run's ``flow`` group's), or as
-            given when there is none (a noise model built in code).
+            ``flow``, the players' flow, frozen.
+        noise_checkpoint: where that flow was trained (a run's checkpoint or directory);
+            the factory loads it into the players' flow before NCE is built
+            (``fce.factory.load_noise_flow``). None: the flow as given (built in code).
     """
 
     name = "nce"
@@ -35,10 +33,10 @@ class NCE(Estimator):
     panel_titles = ("Noise (fixed)", "EBM")
 
     def __init__(
-        self, players: Players, name: str, noise: str, noise_checkpoint: str | None
+        self, players: Players, name: str, noise: str, noise_checkpoint: str | None = None
     ) -> None:
         super().__init__(players, name)
-        self.flow = noise_model(players, noise, noise_checkpoint)
+        self.flow = noise_model(players, noise)
         self.opt_ebm = players.optimizers.for_ebm(self.ebm)
         self.optimizers = {"opt_ebm": self.opt_ebm}
 
@@ -55,35 +53,10 @@ class NCE(Estimator):
         return StepOutput({"value": value, "acc": accuracy}, self.ebm, trained_ebm=True)
 
 
-def noise_model(players: Players, noise: str, noise_checkpoint: str | None) -> Flow:
-    """NCE's fixed noise: a fitted Gaussian, or a trained flow loaded and frozen."""
+def noise_model(players: Players, noise: str) -> Flow:
+    """NCE's fixed noise: a Gaussian fitted to the training set, or the players' flow frozen
+    (trained already when the factory loaded it from ``noise_checkpoint``)."""
     if noise == "gaussian":
         return Gaussian.fit(players.train_data)
-    flow = players.flow
-    flow.requires_grad_(False)
-    if noise_checkpoint is None:
-        return flow
-    where = f"estimator.noise_checkpoint={noise_checkpoint}"
-    try:
-        _, state, _ = checkpoint.resolve(Path(str(noise_checkpoint)).expanduser())
-    except checkpoint.CheckpointError as error:
-        raise ConfigError(f"{where}: {error}") from None
-    saved_flow = _settings(upgrade_flow(state["config"]))
-    mine = _settings(players.flow_config)
-    if saved_flow != mine:
-        raise ConfigError(
-            f"{where}: its flow is {saved_flow}, this run's flow={mine}; "
-            "choose the same flow group and sizes"
-        )
-    flow.load_state_dict(state["trainer"]["flow"])
-    return flow
-
-
-def upgrade_flow(saved_config: dict[str, Any]) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(upgrade(OmegaConf.create(saved_config)).flow)
-
-
-def _settings(node: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in node.items() if k not in INTERNAL_KEYS}
+    players.flow.requires_grad_(False)
+    return players.flow

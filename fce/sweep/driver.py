@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
-from fce.config import ConfigError
+from fce.errors import ConfigError, first_line
 from fce.interrupts import RunInterrupted
 from fce.sweep.identity import (
     check_same_run,
@@ -166,9 +166,8 @@ def run_study(
     except TrackingError as error:
         raise ConfigError(str(error)) from None
     except Exception as error:  # a bad URL, an unwritable file, a server that is down
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         raise ConfigError(
-            f"sweep.storage={storage_url}: cannot open the Optuna storage ({reason})"
+            f"sweep.storage={storage_url}: cannot open the Optuna storage ({first_line(error)})"
         ) from None
     if study.direction.name.lower() != settings.direction:
         raise ConfigError(

@@ -10,7 +10,8 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig
 
-from fce.config import ConfigError, user_settings
+from fce.config import user_settings
+from fce.errors import ConfigError
 from fce.sweep_space import GROUPS, Composer, override
 from fce.tracking import flatten
 

@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig
 
-from fce.cli import one_line
+from fce.errors import first_line
 from fce.storage import StudyStorage
 from fce.tracking import (
     set_run_status,
@@ -104,7 +104,9 @@ def heartbeat(storage: optuna.storages.RDBStorage, trial_id: int, interval_s: fl
             try:
                 storage.record_heartbeat(trial_id)
             except Exception as error:  # a busy store: the next beat will do
-                log.warning("heartbeat of trial id %d not recorded: %s", trial_id, one_line(error))
+                log.warning(
+                    "heartbeat of trial id %d not recorded: %s", trial_id, first_line(error)
+                )
 
     storage.record_heartbeat(trial_id)
     thread = threading.Thread(target=beat, name="heartbeat", daemon=True)

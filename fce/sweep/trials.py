@@ -11,7 +11,7 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig
 
-from fce.config import ConfigError
+from fce.errors import ConfigError
 from fce.sweep_space import override
 
 log = logging.getLogger("fce.sweep")

@@ -12,8 +12,9 @@ from pathlib import Path
 import optuna
 from omegaconf import OmegaConf
 
-from fce.cli import one_line
-from fce.config import ConfigError, validate
+from fce.compose import composition_error
+from fce.config import validate
+from fce.errors import ConfigError
 from fce.interrupts import RunInterrupted
 from fce.sweep.locks import study_lock
 from fce.sweep.study import (
@@ -136,7 +137,7 @@ def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stoppi
             try:
                 cfg = compose(overrides)
             except Exception as error:  # a combination the space check could not foresee
-                raise ConfigError(one_line(error)) from None
+                raise ConfigError(composition_error(error)) from None
             validate(cfg)
             if "run_name" in cfg.tracking:  # tracking=none names no run
                 cfg.tracking.run_name = trial_run_name(

@@ -3,7 +3,7 @@
 ``tracking=mlflow`` (the default) logs to an MLflow store; ``tracking=none`` to nowhere.
 """
 
-from fce.tracking.base import MemoryTracker, NullTracker, Tracker, flatten
+from fce.recording import MemoryTracker, NullTracker, Tracker, flatten
 from fce.tracking.mlflow_tracker import (
     MLflowTracker,
     TrackingError,

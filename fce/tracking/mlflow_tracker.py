@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from fce.errors import first_line
 from fce.tracking.housekeeping import (
     MLFLOW_TABLES,
     process_identity,
@@ -52,17 +53,6 @@ def bound_http_retries() -> None:
     """Apply ``HTTP_BOUNDS`` where the environment does not set them already."""
     for name, value in HTTP_BOUNDS.items():
         os.environ.setdefault(name, value)
-
-
-def first_line(error: BaseException) -> str:
-    """An exception as one line: MLflow and SQLAlchemy append SQL and parameters below, and
-    SQLAlchemy may put a line of its own above."""
-    lines = [
-        line.strip()
-        for line in str(error).splitlines()
-        if line.strip() and not line.startswith("(raised as a result of")
-    ]
-    return (lines or [type(error).__name__])[0][:300]
 
 
 def _quiet_store_errors() -> None:

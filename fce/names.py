@@ -1,0 +1,45 @@
+"""Names the science and the torch-free edges share: what an evaluation logs.
+
+At the bottom of the package, with no imports: ``fce.metrics`` orders its output by them and
+the sweep's objective check (before torch loads) offers them.
+"""
+
+# What an evaluation logs (fce/metrics.py), in the order tables show them.
+EVAL_METRICS = (
+    "nll_ebm",
+    "nll_flow",
+    "nll_data",
+    "kl_data_ebm",
+    "kl_data_flow",
+    "kl_ebm_data",
+    "kl_flow_data",
+    "kl_flow_data_se",
+    "js_ebm_data",
+    "js_flow_data",
+    "tv_ebm",
+    "mse_logp",
+    "mse_logp_centered",
+    "logz_gap",
+    "flow_step_share",
+)
+# What an evaluation reports for an estimator that never trains the EBM (flow_mle).
+FLOW_METRICS = (
+    "nll_flow",
+    "nll_data",
+    "kl_data_flow",
+    "kl_flow_data",
+    "kl_flow_data_se",
+    "js_flow_data",
+)
+# What an evaluation reports for an estimator that never trains the flow (mle).
+EBM_METRICS = (
+    "nll_ebm",
+    "nll_data",
+    "kl_data_ebm",
+    "kl_ebm_data",
+    "js_ebm_data",
+    "tv_ebm",
+    "mse_logp",
+    "mse_logp_centered",
+    "logz_gap",
+)
