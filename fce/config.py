@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from fce.errors import ConfigError  # noqa: F401 (raised here, imported from here by callers)
 from fce.schema import (  # noqa: F401 (the names the rest of the package imports from here)
     CONF_DIR,
+    CONTRAST_NAMES,
     DATASET_NAMES,
     DEVICES,
     EBM_ACTIVATIONS,
@@ -29,12 +30,14 @@ from fce.schema import (  # noqa: F401 (the names the rest of the package import
     EVAL_METRICS,
     FLOW_METRICS,
     FLOW_NAMES,
+    FLOW_OBJECTIVE_NAMES,
     INTERNAL_KEYS,
     NOISE_NAMES,
     OPTIMIZER_NAMES,
     PROGRESS_MODES,
     SCHEDULE_NAMES,
     THRESHOLD_NAMES,
+    UPDATE_NAMES,
     RunConfig,
     register_configs,
 )
@@ -235,6 +238,35 @@ def _schedule(cfg: DictConfig) -> None:
             raise ConfigError(f"schedule.gamma={schedule.gamma}: must be in (0, 1]")
 
 
+def _fce_options(cfg: DictConfig) -> None:
+    """FCE's contrast, flow objective and updates (docs/method.md): choices, ranges, and the
+    combinations that would leave a setting without effect."""
+    est = cfg.estimator
+    _choice(cfg, "estimator.contrast", CONTRAST_NAMES)
+    _choice(cfg, "estimator.flow_objective", FLOW_OBJECTIVE_NAMES)
+    _choice(cfg, "estimator.updates", UPDATE_NAMES)
+    _positive_float(cfg, "estimator.base_scale")
+    _open_interval(cfg, "estimator.mixture_weight", 0.0, 1.0)
+    _finite(cfg, "estimator.nll_weight", low=0.0)
+    _open_interval(cfg, "estimator.accuracy_target", 0.0, 1.0)
+    _positive_float(cfg, "estimator.controller_gain")
+    if est.contrast == "gaussian" and est.flow_objective == "value":
+        raise ConfigError(
+            "estimator.contrast=gaussian: V does not depend on the flow then, so the flow "
+            "would not learn; use estimator.flow_objective=nll"
+        )
+    if est.contrast == "gaussian" and est.base_scale != 1:
+        raise ConfigError(
+            f"estimator.base_scale={est.base_scale}: widens the flow's part of the contrast, "
+            "and estimator.contrast=gaussian has none; use 1"
+        )
+    if est.flow_objective == "nll" and est.nll_weight != 0:
+        raise ConfigError(
+            f"estimator.nll_weight={est.nll_weight}: weighs the NLL against V, and "
+            "estimator.flow_objective=nll is the NLL alone; use 0"
+        )
+
+
 def missing_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     """Settings without a value: a key removed with ``~key``, or a group with ``~group``."""
     schema = OmegaConf.get_type(cfg)
@@ -300,6 +332,8 @@ def validate(cfg: DictConfig) -> None:
                 "estimator.noise_checkpoint=None: estimator.noise=flow needs the checkpoint "
                 "(file or run directory) of a trained flow"
             )
+    if cfg.estimator.name == "fce":
+        _fce_options(cfg)
     if cfg.estimator.name == "mle":
         _positive_int(cfg, "estimator.grid_cells")
         _positive_float(cfg, "estimator.grid_limit")

@@ -24,6 +24,10 @@ EBM_ACTIVATIONS = ("leaky_relu", "silu", "softplus", "elu", "tanh")
 SCHEDULE_NAMES = ("constant", "cosine", "step")
 ESTIMATOR_NAMES = ("fce", "nce", "flow_mle", "mle")
 NOISE_NAMES = ("gaussian", "flow")  # NCE's fixed noise: a fitted Gaussian or a frozen flow
+# FCE's options (fce/estimators/fce_estimator.py, fce/contrast.py); the first is the paper's.
+CONTRAST_NAMES = ("flow", "mixture", "gaussian")
+FLOW_OBJECTIVE_NAMES = ("value", "nll")
+UPDATE_NAMES = ("alternate", "simultaneous", "controlled")
 DEVICES = ("auto", "cpu", "cuda")
 PROGRESS_MODES = ("auto", "bar", "log", "none")
 # Keys of Hydra's instantiation machinery: not settings of the user's, so neither logged as
@@ -133,6 +137,18 @@ class EstimatorConfig(PartialNode):
 
 
 @dataclass
+class FCEEstimatorConfig(EstimatorConfig):
+    contrast: str = MISSING  # what the EBM is contrasted against: flow, mixture, gaussian
+    base_scale: float = MISSING  # T: the flow's base N(0, T^2 I) in the contrast (1: itself)
+    mixture_weight: float = MISSING  # the flow's share of contrast=mixture, in (0, 1)
+    flow_objective: str = MISSING  # value (V + nll_weight NLL, the paper's) or nll alone
+    nll_weight: float = MISSING  # lambda >= 0 of flow_objective=value
+    updates: str = MISSING  # alternate (the threshold rule), simultaneous, controlled
+    accuracy_target: float = MISSING  # updates=controlled: the accuracy it holds
+    controller_gain: float = MISSING  # updates=controlled: s += gain (acc - target) a step
+
+
+@dataclass
 class NCEEstimatorConfig(EstimatorConfig):
     noise: str = MISSING
     noise_checkpoint: str | None = MISSING  # noise=flow: a checkpoint (or run dir) with a flow
@@ -186,7 +202,7 @@ class RunConfig:
     optimizer: OptimizerConfig = MISSING
     threshold: Any = MISSING  # FixedThresholdConfig | EMAThresholdConfig
     schedule: Any = MISSING  # ScheduleConfig | CosineScheduleConfig | StepScheduleConfig
-    estimator: Any = MISSING  # EstimatorConfig | NCEEstimatorConfig | MLEEstimatorConfig
+    estimator: Any = MISSING  # EstimatorConfig | FCE-, NCE- or MLEEstimatorConfig
     tracking: Any = MISSING  # MLflowTrackingConfig | PartialNode (none)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -209,6 +225,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     },
     "estimator": {
         "estimator": EstimatorConfig,
+        "fce": FCEEstimatorConfig,
         "nce": NCEEstimatorConfig,
         "mle": MLEEstimatorConfig,
     },

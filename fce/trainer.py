@@ -191,9 +191,9 @@ class Trainer:
                 self.schedule.apply(optimizers, self.step, self.total_steps)
             out = estimator.step(x, z)
             self.step += 1
-            if not out.trained_ebm:
+            if out.trained_flow:
                 self.flow_steps += 1
-            elif self.average is not None:
+            if out.trained_ebm and self.average is not None:
                 self.average.update()
             signals = self._synced(out.signals, out.stepped)
             estimator.observe(signals)
@@ -230,7 +230,7 @@ class Trainer:
             label = f"the {self.estimator.name.upper()} {self.estimator.objective_label}"
             raise DivergenceError(self.step, label, _why(value))
         if not math.isfinite(norm_f):
-            which = "EBM" if stepped is self.ebm else "flow"
+            which = "EBM" if stepped is self.ebm else "flow" if stepped is self.flow else "models'"
             bad = next(
                 (n for n, p in stepped.named_parameters() if not torch.isfinite(p).all()), "norm"
             )

@@ -46,11 +46,17 @@ class Players:
 @dataclass
 class StepOutput:
     """What one step did: its per-step signals (0-dim tensors, not yet synced to the host),
-    and which model it moved."""
+    and which model it moved (``trained_flow`` defaults to ``not trained_ebm``: one player a
+    step; a step that moves both says so)."""
 
     signals: dict[str, Tensor]
     stepped: nn.Module
     trained_ebm: bool
+    trained_flow: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.trained_flow is None:
+            self.trained_flow = not self.trained_ebm
 
 
 class Estimator(ABC):
