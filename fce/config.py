@@ -115,7 +115,7 @@ def upgrade(saved: DictConfig) -> DictConfig:
 
     Adds the ``_target_`` of each group node from its conf/ file, and the defaults of keys
     added since: the estimator group (every run was FCE before it), Glow's ``scale_bound``
-    (its log-scale had no floor then).
+    (its log-scale had no floor then), ``eval.flow_samples`` (as many as held-out points).
     """
     if "estimator" not in saved:
         saved.estimator = {"name": "fce"}
@@ -123,6 +123,8 @@ def upgrade(saved: DictConfig) -> DictConfig:
         saved.schedule = {"name": "constant"}
     if "ema_decay" not in saved.train:
         saved.train.ema_decay = 0.0
+    if "flow_samples" not in saved.eval:  # the reverse KL drew one sample per held-out point
+        saved.eval.flow_samples = saved.eval.n_points
     if "ebm" in saved:  # the energy's shape options came with the ebm group's variants
         for key, value in EBM_SHAPE_DEFAULTS.items():
             if key not in saved.ebm:
@@ -164,6 +166,7 @@ LIMITS = {
     "dataset.n_samples": 50_000_000,
     "train.batch_size": 1_000_000,
     "eval.n_points": 1_000_000,
+    "eval.flow_samples": 1_000_000,
     "eval.grid_cells": 2048,
     # estimator=mle differentiates through every grid point each step: 1024^2 points hold
     # about 0.5 GiB per hidden layer of width 128, forward and backward.
@@ -402,6 +405,7 @@ def validate(cfg: DictConfig) -> None:
     _seed(cfg, "eval.seed")
     _positive_int(cfg, "threads")
     _positive_int(cfg, "eval.n_points")
+    _positive_int(cfg, "eval.flow_samples")
     _positive_int(cfg, "eval.grid_cells")
     _positive_float(cfg, "eval.grid_limit")
     if "experiment" in cfg.tracking and not cfg.tracking.experiment:

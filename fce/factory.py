@@ -66,7 +66,13 @@ def build(cfg: RunConfig, device: torch.device) -> RunParts:
     train_data = source.training_set(cfg.seed)
     eval_points = source.dataset.sample(cfg.eval.n_points, make_generator(cfg.eval.seed, "eval"))
     grid = Grid.make(cfg.eval.grid_limit, cfg.eval.grid_cells, device=device)
-    evaluator = Evaluator(source.dataset, eval_points.to(device), grid, seed=cfg.eval.seed)
+    evaluator = Evaluator(
+        source.dataset,
+        eval_points.to(device),
+        grid,
+        seed=cfg.eval.seed,
+        n_flow_samples=cfg.eval.flow_samples,
+    )
 
     # Parameter initialisation only (data and noise have their own streams): the EBM first,
     # then the flow, whatever the estimator, so one seed starts every estimator alike.

@@ -183,6 +183,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     n_points: int = MISSING
+    flow_samples: int = MISSING  # the flow's samples for kl_flow_data and js_flow_data
     seed: int = MISSING
     grid_limit: float = MISSING
     grid_cells: int = MISSING

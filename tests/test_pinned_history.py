@@ -33,6 +33,7 @@ SMALL = [
     "train.max_steps=40",
     "train.eval_every=20",
     "eval.n_points=1000",
+    "eval.flow_samples=1000",
     "eval.grid_cells=32",
     "device=cpu",
 ]
