@@ -4,29 +4,20 @@ the study while a trial is counted and created."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 from collections.abc import Iterator
 
 import optuna
 
+from fce.filelock import sqlite_lock
+
 log = logging.getLogger("fce.sweep")
 
 
-@contextlib.contextmanager
-def sqlite_lock(url: str) -> Iterator[None]:
-    """An exclusive lock on a SQLite storage, among the processes of this machine (a lock
-    file beside it); a no-op for other storages."""
-    if not url.startswith("sqlite:///"):
-        yield
-        return
-    with open(url.removeprefix("sqlite:///") + ".study-lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+# The lock file beside a SQLite storage (its own: not the MLflow store's, which a sweep opens
+# while it holds this one).
+STUDY_LOCK = ".study-lock"
 
 
 @contextlib.contextmanager
@@ -34,7 +25,7 @@ def schema_lock(url: str) -> Iterator[None]:
     """Held while a storage is opened (and its tables made, the first time): SQLite, the
     lock file beside it; PostgreSQL, a session advisory lock on a connection of its own."""
     if not url.startswith("postgresql"):
-        with sqlite_lock(url):
+        with sqlite_lock(url, STUDY_LOCK):
             yield
         return
     import sqlalchemy
@@ -62,7 +53,7 @@ def study_lock(storage: optuna.storages.RDBStorage, url: str, study_name: str) -
     the server's advisory lock, held by one connection (released if the process dies).
     """
     if url.startswith("sqlite:///"):
-        with sqlite_lock(url):
+        with sqlite_lock(url, STUDY_LOCK):
             yield
         return
     import sqlalchemy

@@ -6,37 +6,27 @@ marked KILLED, not left RUNNING).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import socket
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from fce.filelock import sqlite_lock
 
 # Tables every MLflow store has (an Optuna storage has neither).
 MLFLOW_TABLES = frozenset({"experiments", "runs"})
 
 
-@contextlib.contextmanager
-def store_lock(uri: str) -> Iterator[None]:
+def store_lock(uri: str) -> contextlib.AbstractContextManager[None]:
     """Serialise first contact with a SQLite store across processes.
 
     The first client of a new SQLite file creates MLflow's tables; two processes doing it at
     once (a parallel grid, sweep workers) fail with "table already exists". Other stores
-    handle their own concurrency.
+    handle their own concurrency. Its lock file is its own: a sweep may hold its study's lock
+    while it opens the store.
     """
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    lock_path = Path(uri.removeprefix("sqlite:///") + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return sqlite_lock(uri, ".lock")
 
 
 def sqlite_tables(path: Path) -> set[str] | None:
