@@ -22,6 +22,7 @@ from analysis.loader import (
     finished,
     left_out,
     load_runs,
+    markdown,
     newest_group,
     run_label,
     title_of,
@@ -150,13 +151,6 @@ def comparison_table(runs: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
         row["runs"] = len(part)
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def markdown(table: pd.DataFrame) -> str:
-    header = "| " + " | ".join(map(str, table.columns)) + " |"
-    rule = "|" + "---|" * len(table.columns)
-    body = ["| " + " | ".join(map(str, row)) + " |" for row in table.itertuples(index=False)]
-    return "\n".join([header, rule, *body])
 
 
 def comparison_figure(

@@ -38,6 +38,7 @@ from analysis.loader import (
     left_out,
     load_history,
     load_runs,
+    markdown,
     model_title,
     newest_group,
     repeats,
@@ -231,13 +232,6 @@ def curves_figure(
     ]
     caption(fig, drawn)
     return fig, drawn
-
-
-def markdown(table: pd.DataFrame) -> str:
-    header = "| " + " | ".join(map(str, table.columns)) + " |"
-    rule = "|" + "---|" * len(table.columns)
-    rows = ["| " + " | ".join(map(str, row)) + " |" for row in table.itertuples(index=False)]
-    return "\n".join([header, rule, *rows])
 
 
 def results_table(runs: pd.DataFrame) -> str:

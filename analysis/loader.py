@@ -482,6 +482,14 @@ def format_table(table: pd.DataFrame, metrics: Sequence[str], digits: int = 3) -
     return out
 
 
+def markdown(table: pd.DataFrame) -> str:
+    """``table`` as a Markdown table: a header row, then one row a line."""
+    header = "| " + " | ".join(map(str, table.columns)) + " |"
+    rule = "|" + "---|" * len(table.columns)
+    rows = ["| " + " | ".join(map(str, row)) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *rows])
+
+
 def mean_std(mean: float, std: float, digits: int = 3) -> str:
     """``mean ± std``; one run has no spread: its value alone, not "± nan" (nor "± 0")."""
     if math.isnan(mean):
