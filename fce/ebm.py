@@ -104,5 +104,3 @@ class EBM(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """log p_theta(x) = -f_theta(x) - c (self-normalised through the learned c)."""
         return -self.energy(x) - self.log_z
-
-    log_prob = forward

@@ -8,6 +8,7 @@ record its signals, evaluate now and then on fixed held-out points, and let the 
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -35,8 +36,6 @@ class DivergenceError(RuntimeError):
 
     def __init__(self, step: int, quantity: str, reason: str = "is not finite") -> None:
         super().__init__(f"diverged at step {step}: {quantity} {reason}")
-        self.step = step
-        self.quantity = quantity
 
 
 class StopRun(Exception):
@@ -290,10 +289,12 @@ class Trainer:
     # --- checkpoints --------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs; the buffered signals are flushed first."""
+        """Everything a resumed run needs, as it is now: a copy that training on leaves as it
+        was (the modules' and optimizers' own state dicts are views of their live tensors).
+        The buffered signals are flushed first."""
         self.flush()
         estimator = self.estimator
-        return {
+        state = {
             "ebm": self.ebm.state_dict(),
             "flow": self.flow.state_dict(),
             **{name: opt.state_dict() for name, opt in estimator.optimizers.items()},
@@ -308,6 +309,7 @@ class Trainer:
             # so that anything drawing from it later (dropout, a new sampler) resumes exactly.
             "torch_rng": torch.get_rng_state(),
         }
+        return copy.deepcopy(state)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         estimator = self.estimator

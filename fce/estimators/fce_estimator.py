@@ -230,13 +230,6 @@ class FCE(Estimator):
         self._frozen = None
         return value.detach(), fce_accuracy(log_p_data, log_q_data, log_p_noise, log_q_noise)
 
-    @torch.no_grad()
-    def score(self, x: Tensor, z: Tensor) -> tuple[float, float]:
-        """(V, accuracy) of the current models on data ``x`` and noise ``z``, no step taken."""
-        x_noise, log_q_noise = self.flow.transform_noise(z)
-        args = (self.ebm(x), self.flow.log_prob(x), self.ebm(x_noise), log_q_noise)
-        return fce_value(*args).item(), fce_accuracy(*args).item()
-
     def observe(self, signals: dict[str, float]) -> None:
         if self.updates == "controlled":
             bound = math.log(CONTROLLER_MAX_FACTOR)
