@@ -183,6 +183,19 @@ def test_gaussian_contrast_with_the_flow_by_nll_is_nce_and_flow_mle_in_one_run()
     assert metrics["flow_step_share"] == 1.0
     assert both.history.history["value"][1] == nce.history.history["value"][1]
     assert both.history.history["flow_loss"][1] == flow_mle.history.history["loss"][1]
+    # Whatever the contrast, a flow trained by its NLL alone never sees the EBM: it is
+    # flow-MLE's flow (the covering recipe's, docs/truth.md).
+    mixture, _ = run(
+        [
+            *common,
+            "estimator.contrast=mixture",
+            "estimator.base_scale=2",
+            "estimator.flow_objective=nll",
+            "estimator.updates=simultaneous",
+        ]
+    )
+    for a, b in zip(mixture.flow.parameters(), flow_mle.flow.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_simultaneous_updates_move_both_models_every_step_and_average_the_ebm():
