@@ -17,16 +17,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+from analysis.regions import Region, write
 from fce.config import DATASET_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 PERFORMANCE = ROOT / "docs" / "performance.md"
-BEGIN = "<!-- costs: made by `python benchmarks/costs.py --write` -->"
-END = "<!-- /costs -->"
-BEGIN_SUMMARY = "<!-- costs summary: made by `python benchmarks/costs.py --write` -->"
-END_SUMMARY = "<!-- /costs summary -->"
+COMMAND = "python benchmarks/costs.py --write"
 DEFAULT_STEPS = 5000
 
 
@@ -178,18 +176,11 @@ def summary() -> str:
     return textwrap.fill(text, width=96, break_on_hyphens=False) + "\n"
 
 
-def block(summarised: bool = False) -> str:
-    if summarised:
-        return f"{BEGIN_SUMMARY}\n{summary()}{END_SUMMARY}"
-    return f"{BEGIN}\n{table()}{END}"
-
-
-def current(text: str, summarised: bool = False) -> str | None:
-    """The table (or summary) between its markers in text, or None without them."""
-    begin, end = (BEGIN_SUMMARY, END_SUMMARY) if summarised else (BEGIN, END)
-    if begin not in text or end not in text:
-        return None
-    return text[text.index(begin) : text.index(end) + len(end)]
+# The table in docs/performance.md, its summary in README.md (analysis.regions).
+REGIONS = [
+    Region(README, "costs summary", COMMAND, summary),
+    Region(PERFORMANCE, "costs", COMMAND, table),
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,16 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.write:
         sys.stdout.write(table())
         return 0
-    for path, summarised in ((README, True), (PERFORMANCE, False)):
-        text = path.read_text()
-        old = current(text, summarised)
-        if old is None:
-            begin = BEGIN_SUMMARY if summarised else BEGIN
-            print(f"costs.py: error: {path.name} has no {begin}", file=sys.stderr)
-            return 1
-        path.write_text(text.replace(old, block(summarised)))
-        print(f"costs.py: wrote {path.relative_to(ROOT)}")
-    return 0
+    return write(REGIONS, "costs.py")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from analysis.regions import Region, write
 from fce.config import FLOW_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,11 +227,16 @@ def measure_default_run() -> dict:
 
 TRUTH_RUN = ["experiment=truth", "dataset=rings", "tracking=none"]
 PERFORMANCE = ROOT / "docs" / "performance.md"
-TRUTH_BEGIN = (
-    "<!-- speed truth: made by `python benchmarks/speed.py --report "
-    "benchmarks/results/speed_truth.json --write` -->"
-)
-TRUTH_END = "<!-- /speed truth -->"
+TRUTH_JSON = ROOT / "benchmarks" / "results" / "speed_truth.json"
+# The table in docs/performance.md, made from TRUTH_JSON (analysis.regions).
+REGIONS = [
+    Region(
+        PERFORMANCE,
+        "speed truth",
+        "python benchmarks/speed.py --report benchmarks/results/speed_truth.json --write",
+        lambda: truth_table(json.loads(TRUTH_JSON.read_text())) + "\n",
+    )
+]
 # Runs run.py with the flow class swapped for a baseline spline's (argv: FILE, run.py, args).
 _RUN_WITH_SPLINE = """
 import importlib.util, runpy, sys
@@ -509,13 +515,9 @@ def main() -> None:
         if not args.write:
             print(table)
             return
-        text = PERFORMANCE.read_text()
-        if TRUTH_BEGIN not in text or TRUTH_END not in text:
-            raise SystemExit(f"error: {PERFORMANCE.name} has no {TRUTH_BEGIN}")
-        old = text[text.index(TRUTH_BEGIN) : text.index(TRUTH_END) + len(TRUTH_END)]
-        PERFORMANCE.write_text(text.replace(old, f"{TRUTH_BEGIN}\n{table}\n{TRUTH_END}"))
-        print(f"speed.py: wrote {PERFORMANCE.relative_to(ROOT)}")
-        return
+        if args.report.resolve() != TRUTH_JSON:
+            parser.error(f"--write: the docs' table is made from {TRUTH_JSON.relative_to(ROOT)}")
+        raise SystemExit(write(REGIONS, "speed.py"))
     if args.run_only and args.skip_run:
         parser.error("--run-only and --skip-run exclude each other")
     if args.baseline_spline and not args.truth:

@@ -23,13 +23,11 @@ import argparse
 import json
 import math
 import multiprocessing
-import statistics
 import time
 from pathlib import Path
 
+from analysis.truth import equal_time_table, table
 from fce.config import DATASET_NAMES
-
-TARGETS = (0.1, 0.05)
 
 
 def one_run(job: tuple[str, str, int, list[str]]) -> dict:
@@ -82,100 +80,6 @@ def one_run(job: tuple[str, str, int, list[str]]) -> dict:
         "final": timeline[-1] if timeline else {},
         "timeline": timeline,
     }
-
-
-def first_reach(run: dict, target: float) -> tuple[float, int] | None:
-    for point in run["timeline"]:
-        if point.get(run["metric"], math.inf) <= target:
-            return point["seconds"], point["step"]
-    return None
-
-
-def table(runs: list[dict]) -> str:
-    def spread(values: list[float]) -> str:
-        if not values:
-            return "-"
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.3f} ± {sd:.3f}"
-
-    head = "| dataset | label | KL final, mean ± std | per seed | wall s | steps |"
-    head += "".join(f" to {t} (s, steps) |" for t in TARGETS)
-    lines = [head, "|" + "---|" * (6 + len(TARGETS))]
-    keyed: dict[tuple[str, str], list[dict]] = {}
-    for run in runs:
-        keyed.setdefault((run["dataset"], run.get("label", "")), []).append(run)
-    order = {name: i for i, name in enumerate(DATASET_NAMES)}
-    for (dataset, label), group in sorted(
-        keyed.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])
-    ):
-        group.sort(key=lambda r: r["seed"])
-        finals = [r["final"].get(r["metric"], math.nan) for r in group]
-        seeds = " ".join(
-            f"s{r['seed']}:{v:.3f}" + ("!" if r["error"] else "") for r, v in zip(group, finals)
-        )
-        cells = [
-            dataset,
-            label,
-            spread([v for v in finals if math.isfinite(v)]),
-            seeds,
-            f"{statistics.mean(r['seconds'] for r in group):.0f}",
-            f"{statistics.mean(r['steps'] for r in group):.0f}",
-        ]
-        for target in TARGETS:
-            reached = [x for x in (first_reach(r, target) for r in group) if x is not None]
-            if reached:
-                cells.append(
-                    f"{statistics.mean(s for s, _ in reached):.0f} s, "
-                    f"{statistics.mean(n for _, n in reached):.0f} ({len(reached)}/{len(group)})"
-                )
-            else:
-                cells.append(f"not reached (0/{len(group)})")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def at_time(run: dict, seconds: float) -> float:
-    """The run's KL at its last evaluation within ``seconds`` of its first step."""
-    within = [p for p in run["timeline"] if p["seconds"] <= seconds]
-    return within[-1][run["metric"]] if within else math.nan
-
-
-def equal_time_table(runs: list[dict], base: str) -> str:
-    """Each label's KL when the ``base`` label's run of the same dataset and seed ended.
-
-    A run that ended sooner (a cheaper step) is shown at its end, marked with the share of the
-    base's time it used: it had time to spare, so its number understates it at equal time.
-    """
-    by_key = {(r["label"], r["dataset"], r["seed"]): r for r in runs}
-    labels = sorted({r["label"] for r in runs} - {base})
-    lines = [
-        f"| dataset | {base} (s) | " + " | ".join(labels) + " |",
-        "|" + "---|" * (2 + len(labels)),
-    ]
-    for dataset in DATASET_NAMES:
-        bases = [r for r in runs if r["label"] == base and r["dataset"] == dataset]
-        if not bases:
-            continue
-        budget = statistics.mean(r["seconds"] for r in bases)
-        cells = [dataset, f"{budget:.0f}"]
-        for label in labels:
-            values, shares = [], []
-            for b in bases:
-                other = by_key.get((label, dataset, b["seed"]))
-                if other is None:
-                    continue
-                values.append(at_time(other, b["seconds"]))
-                shares.append(min(other["seconds"] / b["seconds"], 1.0))
-            finite = [v for v in values if math.isfinite(v)]
-            if not finite:
-                cells.append("-")
-                continue
-            sd = statistics.stdev(finite) if len(finite) > 1 else 0.0
-            used = statistics.mean(shares)
-            note = f" (done in {used:.0%} of the time)" if used < 0.99 else ""
-            cells.append(f"{statistics.mean(finite):.3f} ± {sd:.3f}{note}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def main() -> None:
