@@ -189,7 +189,7 @@ def main(argv: list[str]) -> None:
         # Trial output directories sit under the working directory, as Hydra's do.
         sweep_root = Path.cwd().resolve() / "multirun" / "optuna"
         try:
-            run_study(settings, run_overrides, compose, ROOT, CONF, sweep_root, worker_entry, stop)
+            run_study(settings, run_overrides, compose, ROOT, sweep_root, worker_entry, stop)
         except SweepError as error:
             fail(str(error), code=1)
     except (ConfigError, TrackingError) as error:

@@ -124,7 +124,6 @@ def run_study(
     base_overrides: list[str],
     compose: Composer,
     project_root: Path,
-    conf_dir: Path,
     sweep_root: Path,
     worker_entry: Callable[[StudyPlan, int, Any], None],
     stopping: Stopping,
@@ -235,7 +234,6 @@ def run_study(
                 # another storage, or made again) writes its trial_0000 elsewhere.
                 sweep_dir=str(sweep_root / f"{study_name}-{uid}"),
                 project_root=str(project_root),
-                conf_dir=str(conf_dir),
                 trials_before=len(study.trials),
                 driver=driver,
             )

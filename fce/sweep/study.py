@@ -46,7 +46,6 @@ class StudyPlan:
     parent_run_id: str | None
     sweep_dir: str
     project_root: str
-    conf_dir: str
     trials_before: int
     driver: int = 0  # how many drivers of this study started before this one
 
