@@ -11,9 +11,10 @@ on that store, then chromium --headless loads two pages of it:
   show the runs table with the run's name and the model-training side bar, and none of the
   GenAI view's panels (traces, token usage, judges);
 - the bare experiment page (``/#/experiments/<id>``), as a first visit with a fresh browser
-  profile sees it: reported, not checked. In MLflow 3.17 it is the GenAI overview whatever the
-  experiment's ``mlflow.experimentKind`` tag says: the GenAI | Model training switch of the
-  side bar decides, from the link's ``workflowType`` or from what the browser last chose.
+  profile sees it: reported, not checked (docs/reliability.md says what it showed: the
+  GenAI | Model training switch of the side bar, not the experiment's
+  ``mlflow.experimentKind`` tag, decides, from the link's ``workflowType`` or from what the
+  browser last chose).
 
 Also checked: the experiment carries ``mlflow.experimentKind=custom_model_development``.
 """

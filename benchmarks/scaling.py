@@ -29,9 +29,9 @@ that every trial runs to its last step. The same N trials are run with K = 1 and
   CPUs that are hyperthreads of one core on the host, another job running), and no sweep
   can scale past it.
 
-By default each trial is a default run (5,000 steps, about a minute here): what a sweep runs
-unless told otherwise. Shorter trials pay the fixed cost for fewer trials: with 1,000-step
-trials (15 s) the ratio fell to 1.69x while it was 1.86x within the trials' span.
+By default each trial is a default run (5,000 steps): what a sweep runs unless told
+otherwise. Shorter trials pay the fixed cost for fewer trials, so the ratio falls below the
+one within the trials' span (docs/performance.md has both).
 
 By default the search space is one point: the keys of ``threshold_lr`` fixed at the run
 config's values (a space file written to the temporary directory), so every trial does the

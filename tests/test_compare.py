@@ -174,7 +174,7 @@ def test_dry_run_says_how_many_runs_and_how_long_and_runs_nothing(tmp_path):
     assert not list(tmp_path.iterdir())  # no store, no outputs
 
 
-@pytest.mark.slow  # starts a real grid and interrupts it (about 15 s)
+@pytest.mark.slow  # starts a real grid and interrupts it
 def test_ctrl_c_ends_in_one_line_that_says_how_to_continue(tmp_path):
     import signal
     import time

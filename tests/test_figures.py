@@ -24,7 +24,7 @@ def test_the_final_checkpoint_is_the_highest_step():
         final_checkpoint(["checkpoints/notes.txt"])
 
 
-@pytest.mark.slow  # three processes: a run, its resume, figures.py (20 to 45 s)
+@pytest.mark.slow  # three processes: a run, its resume, figures.py
 def test_figures_reads_a_run_resumed_for_more_steps(tmp_path):
     uri = store_uri(tmp_path)
     run_dir = tmp_path / "run"
@@ -71,7 +71,7 @@ def figures(args: list[str], cwd) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.slow  # four tiny runs and figures.py (about 40 s)
+@pytest.mark.slow  # four tiny runs and figures.py
 def test_figures_groups_by_estimator_and_draws_every_flow_into_the_working_directory(tmp_path):
     """FCE and NCE runs of 8gaussians with flow=glow, and FCE with the spline flow: the panel
     titled Glow (FCE) is FCE's run, NCE gets its own figure, spline has its own, and all of it

@@ -451,7 +451,7 @@ def test_bad_input_is_one_line_and_leaves_every_store_as_it_was(
 
 # --- SIGKILL, then resume -----------------------------------------------------------------------
 
-# Default model sizes at batch 1000: about 50 steps/s here, so each kill point below is a window
+# Default model sizes at batch 1000: tens of steps a second, so each kill point below is a window
 # of a second or more, which the watcher hits reliably.
 KILL_RUN = [
     "dataset.n_samples=20000",
