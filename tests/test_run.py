@@ -3,6 +3,7 @@ the exit code."""
 
 from __future__ import annotations
 
+import math
 import signal
 import subprocess
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from fce.data import DATASET_NAMES
 from fce.tracking.housekeeping import store_lock
 from tests.helpers import HANG_GUARD_S, TINY, TINY_FLOW, run_cli, runs, start_cli, store_uri
 
@@ -79,14 +81,23 @@ def test_a_run_logs_only_the_settings_it_uses(tmp_path):
 
 
 def test_every_dataset_logs_the_metrics_against_its_density(tmp_path):
-    result = run_cli(tiny(tmp_path, "glow", "dataset=spiral"), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    _, (run,) = runs(store_uri(tmp_path))
-    metrics = run.data.metrics
-    for name in ("kl_data_ebm", "kl_data_flow", "tv_ebm", "mse_logp", "mse_logp_centered"):
-        assert name in metrics, name
-    assert metrics["kl_data_ebm"] == pytest.approx(metrics["nll_ebm"] - metrics["nll_data"])
-    assert 0 <= metrics["tv_ebm"] <= 1
+    # Every dataset of the registry, as one multirun: one process, a short run each.
+    short = {"train.max_steps": "20", "train.plot_every": "0", "train.checkpoint_every": "0"}
+    args = [a for a in tiny(tmp_path, "glow") if a.split("=")[0] not in short]
+    args += [f"{k}={v}" for k, v in short.items()]
+    result = run_cli(["-m", f"dataset={','.join(DATASET_NAMES)}", *args], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, found = runs(store_uri(tmp_path))
+    by_dataset = {run.data.params["dataset.name"]: run for run in found}
+    assert sorted(by_dataset) == sorted(DATASET_NAMES) and len(found) == len(DATASET_NAMES)
+    for dataset, run in by_dataset.items():
+        assert run.info.status == "FINISHED", dataset
+        metrics = run.data.metrics
+        for name in ("kl_data_ebm", "kl_data_flow", "tv_ebm", "mse_logp", "mse_logp_centered"):
+            assert math.isfinite(metrics.get(name, math.nan)), (dataset, name)
+        kl = metrics["nll_ebm"] - metrics["nll_data"]
+        assert metrics["kl_data_ebm"] == pytest.approx(kl), dataset
+        assert 0 <= metrics["tv_ebm"] <= 1, dataset
 
 
 def _run_dir(tmp_path: Path) -> Path:
