@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from fce.callbacks import Callback
@@ -71,12 +71,11 @@ _watching = False
 running = threading.Event()  # set while this process trains a run (fce.cli.run_job)
 
 
-def stop_when_orphaned(interval_s: float = 1.0, grace_s: float = 60.0) -> None:
-    """In a worker process of a multirun (joblib's loky workers): when the process that
-    launched the grid dies (SIGKILL, the out-of-memory killer), stop too, instead of
-    training on and then idling for ever. The run in progress gets SIGTERM (it stops at its
-    next step boundary: a checkpoint, KILLED); the process exits once it has, or after
-    ``grace_s`` at the latest."""
+def when_orphaned(act: Callable[[], None], interval_s: float = 1.0) -> None:
+    """Call ``act`` once, from a daemon thread, when the process that started this one has
+    died (SIGKILL, the out-of-memory killer, a lost session): an orphan is adopted by another
+    process, so its parent's pid changes. Polled: no signal tells a child its parent died.
+    One watcher a process; later calls are ignored."""
     global _watching
     if _watching:
         return
@@ -86,6 +85,18 @@ def stop_when_orphaned(interval_s: float = 1.0, grace_s: float = 60.0) -> None:
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(interval_s)
+        act()
+
+    threading.Thread(target=watch, name="when-orphaned", daemon=True).start()
+
+
+def stop_when_orphaned(interval_s: float = 1.0, grace_s: float = 60.0) -> None:
+    """In a worker process of a multirun (joblib's loky workers): when the process that
+    launched the grid dies, stop too, instead of training on and then idling for ever. The
+    run in progress gets SIGTERM (it stops at its next step boundary: a checkpoint, KILLED);
+    the process exits once it has, or after ``grace_s`` at the latest."""
+
+    def stop() -> None:
         if running.is_set():
             os.kill(os.getpid(), signal.SIGTERM)
         deadline = time.monotonic() + grace_s
@@ -93,4 +104,10 @@ def stop_when_orphaned(interval_s: float = 1.0, grace_s: float = 60.0) -> None:
             time.sleep(0.2)
         os._exit(128 + signal.SIGTERM)
 
-    threading.Thread(target=watch, name="stop-when-orphaned", daemon=True).start()
+    when_orphaned(stop, interval_s)
+
+
+def sigterm_when_orphaned(interval_s: float = 2.0) -> None:
+    """A sweep worker whose driver died: SIGTERM to itself, which its handler turns into the
+    worker's own orderly stop (the trial in progress failed, its run KILLED)."""
+    when_orphaned(lambda: os.kill(os.getpid(), signal.SIGTERM), interval_s)

@@ -20,8 +20,6 @@ import logging
 import os
 import signal
 import sys
-import threading
-import time
 from pathlib import Path
 
 from fce.cli import (
@@ -94,25 +92,15 @@ class Stop:
         return self.signum
 
 
-def watch_parent(interval_s: float = 2.0) -> None:
-    """A worker whose driver died (even by SIGKILL) stops itself as if sent SIGTERM."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(interval_s)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
-
-
 def worker_entry(plan, worker: int, stop_event) -> None:
     """One worker process of a parallel study (spawned: a fresh interpreter). Exits 130 or
     143 when a signal, or the driver through ``stop_event``, stopped it."""
     stop = Stop()
     stop.install()
     setup_logging()
-    watch_parent()
+    from fce.interrupts import sigterm_when_orphaned
+
+    sigterm_when_orphaned()  # its driver died (even by SIGKILL): stop as if sent SIGTERM
     from fce.sweep import run_worker
 
     def stopping() -> int | None:
