@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fce.errors import ConfigError  # noqa: F401 (raised here, imported from here by callers)
+from fce.errors import ConfigError
 from fce.schema import (  # noqa: F401 (the names the rest of the package imports from here)
     CONF_DIR,
     CONTRAST_NAMES,

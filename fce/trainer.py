@@ -23,8 +23,8 @@ from fce.ebm import EBM
 from fce.estimators import Estimator
 from fce.flows import Flow
 from fce.metrics import MAY_BE_INFINITE, Evaluator
-from fce.schedule import Constant, Schedule
 from fce.recording import MemoryTracker, NullTracker, Tracker
+from fce.schedule import Constant, Schedule
 
 # A finite blow-up is a divergence too: a loss, value or test NLL beyond this many nats (the
 # models' numbers are a few nats; a run whose EBM NLL reaches 1e4 has left the data).
