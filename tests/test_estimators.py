@@ -108,6 +108,7 @@ def test_flow_mle_recovers_the_gaussian_and_leaves_the_ebm_alone():
     assert len(losses) == 600 and sum(losses[-50:]) < sum(losses[:50])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["nce", "flow_mle", "mle"])
 def test_run_py_logs_each_estimator_to_mlflow(tmp_path, estimator):
     uri = store_uri(tmp_path)
@@ -130,6 +131,7 @@ def test_run_py_logs_each_estimator_to_mlflow(tmp_path, estimator):
         assert not metrics & {"nll_ebm", "mse_logp", "value"}
 
 
+@pytest.mark.slow
 def test_nce_with_a_frozen_flow_from_a_checkpoint(tmp_path):
     uri = store_uri(tmp_path)
     common = [*TINY, f"tracking.uri={uri}", "flow.n_steps=2", "flow.width=16"]

@@ -100,6 +100,7 @@ def steps_logged(uri: str, run_id: str, name: str) -> list[int]:
     return sorted(m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, name))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("under", ["run directory", "store"])
 def test_a_disk_that_fills_mid_run_ends_it_in_one_line_and_keeps_its_checkpoints(tmp_path, under):
     with small_disk(tmp_path / "disk") as disk:

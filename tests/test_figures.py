@@ -116,6 +116,7 @@ def test_figures_groups_by_estimator_and_draws_every_flow_into_the_working_direc
     assert {p.name: p.stat().st_mtime_ns for p in (ROOT / "docs" / "figures").iterdir()} == docs
 
 
+@pytest.mark.slow  # figures.py twice, end to end
 def test_figures_on_a_missing_store_or_experiment_is_one_line(tmp_path):
     missing = tmp_path / "no-such-folder" / "mistyped.db"
     done = figures(["--uri", f"sqlite:///{missing}"], cwd=tmp_path)

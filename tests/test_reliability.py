@@ -402,9 +402,27 @@ def recorded_runs(db: Path) -> list[tuple[str, str]]:
         return list(connection.execute("SELECT run_uuid, status FROM runs"))
 
 
+# The bad inputs found only after torch loads or a store opens cost a full start each: slow
+# (`make test` and CI run them); the rest, refused before torch loads, stay in the default suite.
+SLOW_BAD_INPUTS = {
+    "tracking-store-not-a-database",
+    "experiment-name-too-long",
+    "checkpoint-dir-a-file",
+    "no-gpu",
+    "resume-missing",
+    "sweep-storage-unknown-kind",
+}
 BAD_INPUTS = [
-    pytest.param("run.py", args, message, id=name) for name, args, message in RUN_BAD_INPUTS
-] + [pytest.param(TUNE, args, message, id=name) for name, args, message in SWEEP_BAD_INPUTS]
+    pytest.param(
+        script,
+        args,
+        message,
+        id=name,
+        marks=[pytest.mark.slow] if name in SLOW_BAD_INPUTS else [],
+    )
+    for script, inputs in (("run.py", RUN_BAD_INPUTS), (TUNE, SWEEP_BAD_INPUTS))
+    for name, args, message in inputs
+]
 
 
 @pytest.mark.parametrize(("script", "args", "message"), BAD_INPUTS)
@@ -702,6 +720,7 @@ def runs_history(uri: str, run_id: str, name: str) -> list[int]:
 # --- determinism --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_same_seed_and_config_give_identical_metrics_in_two_processes(tmp_path, empty_store):
     """On CPU, bit for bit: every logged value at every step, and the final parameters."""
     uri = copy_store(empty_store, tmp_path)

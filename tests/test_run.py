@@ -20,7 +20,9 @@ def tiny(tmp_path: Path, flow: str = "glow", *extra: str) -> list[str]:
     return [f"flow={flow}", *TINY, *TINY_FLOW[flow], f"tracking.uri={store_uri(tmp_path)}", *extra]
 
 
-@pytest.mark.parametrize("flow", ["glow", "maf"])
+# The default suite's end-to-end smoke test of run.py (glow); every other test here that starts
+# run.py is marked slow: `make test` and CI run them.
+@pytest.mark.parametrize("flow", ["glow", pytest.param("maf", marks=pytest.mark.slow)])
 def test_run_logs_params_metrics_artifacts_and_finishes(tmp_path, flow):
     result = run_cli(tiny(tmp_path, flow, "dataset=checkerboard"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -66,6 +68,7 @@ def test_run_logs_params_metrics_artifacts_and_finishes(tmp_path, flow):
     assert f"{page}?workflowType=machine_learning (this run)" in said
 
 
+@pytest.mark.slow
 def test_a_run_logs_only_the_settings_it_uses(tmp_path):
     """NCE against a fitted Gaussian trains no flow: its flow's sizes, learning rate and the
     threshold that alternates two players are not its params (each group's name stays)."""
@@ -80,6 +83,7 @@ def test_a_run_logs_only_the_settings_it_uses(tmp_path):
     assert params["optimizer.lr_ebm"] == "0.001" and params["ebm.hidden"] == "[32, 32]"
 
 
+@pytest.mark.slow
 def test_every_dataset_logs_the_metrics_against_its_density(tmp_path):
     # Every dataset of the registry, as one multirun: one process, a short run each.
     short = {"train.max_steps": "20", "train.plot_every": "0", "train.checkpoint_every": "0"}
@@ -116,6 +120,7 @@ def _wait_for(path_glob, root: Path, proc, timeout: float = HANG_GUARD_S) -> Pat
     raise AssertionError(f"{path_glob} never appeared")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_marks_killed_writes_a_checkpoint_and_exits_128_plus_signal(tmp_path, sig, code):
     args = [*tiny(tmp_path), "train.max_steps=100000", "train.epochs=100000"]
@@ -136,6 +141,7 @@ def test_interrupt_marks_killed_writes_a_checkpoint_and_exits_128_plus_signal(tm
     assert list((_run_dir(tmp_path) / "checkpoints").glob("step_*.pt"))
 
 
+@pytest.mark.slow
 def test_resume_rejects_a_checkpoint_of_another_run(tmp_path):
     assert run_cli(tiny(tmp_path), cwd=tmp_path).returncode == 0
     run_dir = _run_dir(tmp_path)
@@ -158,6 +164,7 @@ def test_tracking_none_needs_no_store_and_leaves_the_outcome_in_the_run_dir(tmp_
     assert outcome["nll_ebm"] > 0 and "not tracked" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_mlflow_tracking_uri_from_the_environment_is_honoured_and_the_setting_wins(tmp_path):
     import os
     import subprocess
@@ -182,6 +189,7 @@ def test_mlflow_tracking_uri_from_the_environment_is_honoured_and_the_setting_wi
     assert len(runs(store_uri(tmp_path))[1]) == 1  # tracking.uri set: it wins
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_learning_rate_in_one_line(tmp_path):
     assert run_cli(tiny(tmp_path), cwd=tmp_path).returncode == 0
     run_dir = _run_dir(tmp_path)
@@ -199,6 +207,7 @@ def test_resume_refuses_a_changed_learning_rate_in_one_line(tmp_path):
     assert steps == list(range(1, 81))
 
 
+@pytest.mark.slow
 def test_resume_from_a_bare_checkpoint_file_writes_into_its_own_directory(tmp_path):
     import shutil
 
@@ -216,6 +225,7 @@ def test_resume_from_a_bare_checkpoint_file_writes_into_its_own_directory(tmp_pa
     assert not (tmp_path / "checkpoints").exists()  # nor in its grandparent
 
 
+@pytest.mark.slow
 def test_a_second_process_on_a_live_run_is_refused(tmp_path):
     args = [*tiny(tmp_path), "train.max_steps=100000", "train.epochs=100000"]
     proc = start_cli([*args, "train.checkpoint_every=20"], tmp_path)
@@ -241,6 +251,7 @@ def test_bad_input_found_after_torch_loads_leaves_no_folder(tmp_path):
     assert not list((tmp_path / "outputs").glob("*/*"))
 
 
+@pytest.mark.slow
 def test_ctrl_c_then_resume_logs_every_step_exactly_once(tmp_path):
     args = [*tiny(tmp_path), "train.max_steps=100000", "train.epochs=100000"]
     proc = start_cli([*args, "train.checkpoint_every=20", "train.eval_every=7"], tmp_path)
@@ -261,6 +272,7 @@ def test_ctrl_c_then_resume_logs_every_step_exactly_once(tmp_path):
         assert sorted(steps) == list(range(1, total + 1)), name
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_does_not_fit_is_refused_and_the_run_stays_finished(tmp_path):
     import torch
 
@@ -291,6 +303,7 @@ def test_a_checkpoint_that_does_not_fit_is_refused_and_the_run_stays_finished(tm
     assert run.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_runs_started_at_once_each_get_their_own_directory(tmp_path):
     import torch
 
@@ -310,6 +323,7 @@ def test_runs_started_at_once_each_get_their_own_directory(tmp_path):
         assert str(state["config"]["seed"]) == run.data.params["seed"]
 
 
+@pytest.mark.slow
 def test_a_new_run_never_writes_into_another_runs_directory(tmp_path):
     fixed = [*tiny(tmp_path), f"hydra.run.dir={tmp_path / 'same'}"]
     assert run_cli(fixed, cwd=tmp_path).returncode == 0
@@ -320,6 +334,7 @@ def test_a_new_run_never_writes_into_another_runs_directory(tmp_path):
     assert len(found) == 1
 
 
+@pytest.mark.slow
 def test_killed_in_the_first_seconds_then_resumed_in_place(tmp_path):
     proc = start_cli(tiny(tmp_path), tmp_path)
     _wait_for("outputs/*/*/.hydra/config.yaml", tmp_path, proc)
@@ -337,6 +352,7 @@ def test_killed_in_the_first_seconds_then_resumed_in_place(tmp_path):
     assert [r.info.status for r in found if r.info.status != "KILLED"] == ["FINISHED"]
 
 
+@pytest.mark.slow
 def test_a_run_refused_for_a_malformed_store_leaves_nothing_behind(tmp_path):
     """Its directory is gone, so the same command against a good store is not refused as
     "already holds a run"."""

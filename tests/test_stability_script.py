@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.helpers import run_cli
 
 TINY_JOB = [
@@ -18,6 +20,7 @@ TINY_JOB = [
 ]
 
 
+@pytest.mark.slow  # the benchmark's runs, end to end
 def test_stability_sweep_records_resumes_and_reports(tmp_path):
     out = tmp_path / "stability.json"
     first = ["--flows", "maf", "--datasets", "8gaussians", "--seeds", "0", "--jobs", "1"]

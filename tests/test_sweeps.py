@@ -154,6 +154,7 @@ def test_poor_trials_are_pruned_and_marked_in_mlflow(tmp_path):
         assert run.data.tags["stopped_early"] == "true"
 
 
+@pytest.mark.slow
 def test_divergent_trials_fail_and_the_study_goes_on(tmp_path):
     # A learning rate of 1e4 blows the EBM up within steps: a divergence, not bad input.
     space = write_space(
@@ -227,6 +228,7 @@ def test_help_prints_usage_with_the_spaces_and_settings():
         assert f"  {key}:" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_config_error_in_a_trial_fails_that_trial_and_trials_are_named_apart(tmp_path):
     """Each value is valid alone, so the space passes the check; two of them together are
     not (a batch larger than the data): those trials FAIL, the study goes on."""
@@ -331,6 +333,7 @@ def test_a_signal_taken_by_a_runs_own_handler_still_reaches_the_driver(restore_s
     assert stop() == signal.SIGINT
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_study_at_a_step_and_leaves_nothing_running(tmp_path):
     long = ["train.max_steps=1000000", "train.epochs=1000000"]
     driver = start_cli(
