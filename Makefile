@@ -48,9 +48,9 @@ lock:
 run: setup
 	$(PY) run.py $(ARGS)
 
-# Every test, the slow ones too (about 20 minutes on 2 cores: 541 tests used 19.4 minutes of
-# CPU), but not the cluster's (they need its servers: `make test-cluster`, about 4 more).
-# `.venv/bin/pytest` alone runs the fast default suite (about 6 minutes).
+# Every test, the slow ones too (the end-to-end runs of run.py, tune.py and the scripts), but
+# not the cluster's (they need its servers: `make test-cluster`). `.venv/bin/pytest` alone runs
+# the fast default suite. What each takes: docs/performance.md, "The test suite".
 test: setup
 	$(PY) -m pytest -m "not cluster" $(ARGS)
 
