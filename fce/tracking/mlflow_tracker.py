@@ -288,8 +288,8 @@ class MLflowTracker:
     def ui_link(self, base: str = "http://127.0.0.1:5000", run: bool = False) -> str:
         """The UI's page of this run's experiment (the runs table), or with ``run`` of the run
         itself, in model-training mode: MLflow 3's UI opens a page without ``workflowType``
-        in its GenAI view (docs/reliability.md), unless the browser kept a click on "Model training" (the parameter
-        is not kept: the pages a link leads to drop it)."""
+        in its GenAI view (docs/reliability.md), unless the browser kept a click on "Model
+        training" (the parameter is not kept: the pages a link leads to drop it)."""
         if self.uri.startswith(("http://", "https://")):
             base = self.uri.rstrip("/")
         page = f"{self.experiment_id}/runs/{self.run_id}" if run else self.experiment_id
