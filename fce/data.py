@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-
 Sampler = Callable[[int, torch.Generator, torch.dtype], Tensor]
 LogProb = Callable[[Tensor], Tensor]
 

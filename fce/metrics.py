@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fce.names import EVAL_METRICS
 from fce.data import Dataset, make_generator
 from fce.ebm import EBM
 from fce.flows import Flow
+from fce.names import EVAL_METRICS
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from fce.preflight import group_options
 from fce.compose import compose
 from fce.config import (
     DATASET_NAMES,
@@ -20,6 +19,7 @@ from fce.config import (
     validate,
 )
 from fce.factory import build_trainer
+from fce.preflight import group_options
 from tests.helpers import ROOT, TINY, TINY_FLOW
 
 CONF = ROOT / "conf"

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from fce.preflight import preflight
 from fce.config import register_configs
+from fce.preflight import preflight
 from tests.helpers import ROOT
 
 README = (ROOT / "README.md").read_text()

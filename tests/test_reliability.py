@@ -454,7 +454,9 @@ def test_bad_input_is_one_line_and_leaves_every_store_as_it_was(
     assert lines, output
     assert lines[-1].startswith("error: ") and message in lines[-1], output
     assert all(LOG_RECORD.match(line) for line in lines[:-1]), output  # only log records before
-    assert elapsed < 30, f"{elapsed:.1f}s to report bad input"  # no minutes of retries
+    # Generous for a loaded machine (torch loads in seconds when idle); a store retried with
+    # backoff would take minutes.
+    assert elapsed < 120, f"{elapsed:.1f}s to report bad input"
     assert recorded_runs(store) == []  # none left RUNNING: none was even created
     assert recorded_runs(tmp_path / "other_mlflow.db") == []
     with sqlite3.connect(tmp_path / "notes.db") as connection:  # no MLflow table added
