@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch.distributions import MultivariateNormal
 
 from fce.compose import compose
@@ -284,3 +285,19 @@ def test_the_controller_speeds_the_flow_when_the_ebm_wins_and_resumes():
 def test_bad_fce_options_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose(override.split()))
+
+
+@pytest.mark.parametrize(
+    "dataset", ["8gaussians", "spiral", "2spirals", "checkerboard", "rings", "pinwheel"]
+)
+def test_truth_both_is_experiment_truth_with_the_covering_options(dataset):
+    """experiment=truth_both changes the estimator's options alone: every other key, the
+    dataset's own recipe included, is experiment=truth's."""
+    both = OmegaConf.to_container(compose(["experiment=truth_both", f"dataset={dataset}"]))
+    truth = OmegaConf.to_container(compose(["experiment=truth", f"dataset={dataset}"]))
+    validate(compose(["experiment=truth_both", f"dataset={dataset}"]))
+    changed = {"contrast": "mixture", "flow_objective": "nll", "updates": "simultaneous"}
+    assert {k: both["estimator"][k] for k in changed} == changed
+    assert both["estimator"]["mixture_weight"] == 0.5
+    both.pop("estimator"), truth.pop("estimator")
+    assert both == truth
