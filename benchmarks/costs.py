@@ -123,6 +123,21 @@ def rows() -> list[tuple[str, str, str]]:
                 _truth_command(runs, name),
             )
         )
+    pilot = _load("truth_pilot_issue28.json")["runs"]
+    time = {(r["label"], r["dataset"], r["seed"]): r["wall_time_s"] for r in pilot}
+    ratios = sorted(
+        seconds / time[("recipe", *key)]
+        for (label, *key), seconds in time.items()
+        if label == "covering"
+    )
+    out.append(
+        (
+            "`experiment=truth_both` (both models every step)",
+            f"{ratios[0]:.1f}-{ratios[-1]:.1f}x `experiment=truth`'s time, the same dataset "
+            f"and seed side by side ({len(ratios)} pairs, two runs at a time on a busy machine)",
+            "docs/truth.md's pilot (truth_pilot_issue28.json)",
+        )
+    )
     reference = _load("truth_reference.json")
     out.append(
         (

@@ -114,8 +114,10 @@ def upgrade(saved: DictConfig) -> DictConfig:
     """A config saved by an older fce, completed as today's (in place).
 
     Adds the ``_target_`` of each group node from its conf/ file, and the defaults of keys
-    added since: the estimator group (every run was FCE before it), Glow's ``scale_bound``
-    (its log-scale had no floor then), ``eval.flow_samples`` (as many as held-out points).
+    added since: the estimator group (every run was FCE before it) and its options (FCE's
+    contrast, flow objective and updates: the paper's game, as before them), Glow's
+    ``scale_bound`` (its log-scale had no floor then), ``eval.flow_samples`` (as many as
+    held-out points).
     """
     if "estimator" not in saved:
         saved.estimator = {"name": "fce"}
@@ -154,6 +156,10 @@ def upgrade(saved: DictConfig) -> DictConfig:
         for key in INTERNAL_KEYS:
             if key in current:
                 node[key] = current[key]
+        if group == "estimator":  # an estimator's options default to what it did before them
+            for key, value in current.items():
+                if key != "defaults" and key not in node:
+                    node[key] = value
     return saved
 
 
