@@ -31,6 +31,7 @@ from urllib.parse import unquote, urlparse
 import pandas as pd
 
 from fce.config import EBM_METRICS, ESTIMATOR_NAMES, EVAL_METRICS, FLOW_METRICS
+from fce.tracking.housekeeping import MLFLOW_TABLES, sqlite_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 NOT_APPLICABLE = "—"
@@ -232,6 +233,13 @@ def check_store(
             raise StoreError(
                 f"{uri}: no {kind} there (no such file); give an existing one ({hint})"
             )
+        if path and kind == "MLflow store":
+            # Read without writing: MLflow would add its tables to another program's database
+            # (an Optuna storage beside it, say) before failing on it.
+            tables = sqlite_tables(Path(path))
+            if tables is None or not tables >= MLFLOW_TABLES:
+                what = "not a SQLite database" if tables is None else "not an MLflow store"
+                raise StoreError(f"{uri}: {path} is {what}; give an MLflow store ({hint})")
     elif parsed.scheme in ("", "file"):
         path = unquote(parsed.path) if parsed.scheme == "file" else uri
         if not Path(path).is_dir():

@@ -116,7 +116,9 @@ def every_value_of_each_sweep(args: Sequence[str]) -> list[list[str]]:
 
 def resume_in_place(argv: Sequence[str]) -> list[str]:
     """``hydra.run.dir=<the run's directory>`` for ``train.resume=<run dir or its checkpoint>``
-    (unless a directory is given): Hydra then writes its files there, not in a new folder."""
+    (unless a directory is given): the run goes on in its folder, not in a new one. Hydra's
+    record of the run (``.hydra/``) is left as the run wrote it: rewritten by a resume, it
+    would keep the settings of one that was refused, and the next resume would read them."""
     if any(a in ("-m", "--multirun") for a in argv) or any(
         a.lstrip("+").startswith("hydra.run.dir=") for a in argv
     ):
@@ -133,7 +135,7 @@ def resume_in_place(argv: Sequence[str]) -> list[str]:
         (target / "config.yaml").is_file() or (target / ".hydra").is_dir()
     ):
         return []  # not a run directory: the resumed run gets one of its own
-    return [f"hydra.run.dir={target.resolve()}"]
+    return [f"hydra.run.dir={target.resolve()}", "hydra.output_subdir=null"]
 
 
 def _key(arg: str) -> str:

@@ -294,6 +294,24 @@ def test_reading_a_missing_store_creates_nothing(tmp_path):
     assert not (tmp_path / "mlruns").exists()
 
 
+def test_reading_another_programs_database_changes_nothing(tmp_path):
+    """An Optuna storage (or any SQLite file, or a file that is no database) given as the
+    MLflow store is refused in one line and left byte for byte as it was."""
+    import sqlite3
+
+    from analysis.loader import StoreError
+
+    optuna_db, text = tmp_path / "optuna.db", tmp_path / "notes.txt"
+    with sqlite3.connect(optuna_db) as connection:
+        connection.execute("CREATE TABLE studies (study_id INTEGER PRIMARY KEY)")
+    text.write_text("not a database\n")
+    for path, what in ((optuna_db, "not an MLflow store"), (text, "not a SQLite database")):
+        before = path.read_bytes()
+        with pytest.raises(StoreError, match=f"{path.name} is {what}"):
+            load_runs(f"sqlite:///{path}", [EXPERIMENT])
+        assert path.read_bytes() == before
+
+
 def test_a_missing_experiment_or_no_finished_run_is_one_line(tmp_path):
     from mlflow.tracking import MlflowClient
 

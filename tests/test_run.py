@@ -415,6 +415,7 @@ def test_resume_with_the_run_directory_alone_continues_the_saved_run(tmp_path):
 
     assert run_cli(tiny(tmp_path, "glow", "dataset=pinwheel"), cwd=tmp_path).returncode == 0
     run_dir = _run_dir(tmp_path)
+    record = {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
     result = run_cli([f"train.resume={run_dir}", "train.max_steps=80"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     client, (run,) = runs(store_uri(tmp_path))  # the same MLflow run, in the run's own store
@@ -429,6 +430,12 @@ def test_resume_with_the_run_directory_alone_continues_the_saved_run(tmp_path):
     assert refused.returncode == 2
     (line,) = refused.stderr.strip().splitlines()
     assert "the checkpoint has dataset=" in line and "they must match" in line
+    assert run_cli([*more, "estimator=nce"], cwd=tmp_path).returncode == 2
+    # Neither a resume nor a refused one rewrites Hydra's record of the run, so a refused
+    # setting never becomes the run's: the directory alone still continues it.
+    assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == record
+    result = run_cli([f"train.resume={run_dir}", "train.max_steps=90"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
     # Without Hydra's record of the run's overrides, from the checkpoint's config alone.
     shutil.rmtree(run_dir / ".hydra")
     result = run_cli(more, cwd=tmp_path)
