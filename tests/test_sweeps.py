@@ -396,8 +396,12 @@ def test_a_killed_joblib_grid_takes_its_workers_with_it(tmp_path):
     assert workers
     launcher.kill()
     launcher.wait()
-    deadline = time.monotonic() + 90
-    while any(Path(f"/proc/{pid}").exists() for pid in workers):
+    # Each job writes its outcome as it stops; the processes listed above need not be the
+    # jobs' own (loky starts helpers too), so wait for both: every outcome, every process gone.
+    deadline = time.monotonic() + HANG_GUARD_S
+    while len(list(tmp_path.glob("multirun/*/*/*/metrics.json"))) < 2 or any(
+        Path(f"/proc/{pid}").exists() for pid in workers
+    ):
         assert time.monotonic() < deadline, "workers outlived their launcher"
         time.sleep(0.5)
     outcomes = [json.loads(p.read_text()) for p in tmp_path.glob("multirun/*/*/*/metrics.json")]
