@@ -31,6 +31,7 @@ from urllib.parse import unquote, urlparse
 import pandas as pd
 
 from fce.config import EBM_METRICS, ESTIMATOR_NAMES, EVAL_METRICS, FLOW_METRICS
+from fce.tracking import TrackingError, check_reachable
 from fce.tracking.housekeeping import MLFLOW_TABLES, sqlite_tables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,6 +241,12 @@ def check_store(
             if tables is None or not tables >= MLFLOW_TABLES:
                 what = "not a SQLite database" if tables is None else "not an MLflow store"
                 raise StoreError(f"{uri}: {path} is {what}; give an MLflow store ({hint})")
+    elif parsed.scheme in ("http", "https") and kind == "MLflow store":
+        # MLflow's client retries a server that does not answer for minutes.
+        try:
+            check_reachable(uri)
+        except TrackingError as error:
+            raise StoreError(str(error).removeprefix("tracking.uri=")) from None
     elif parsed.scheme in ("", "file"):
         path = unquote(parsed.path) if parsed.scheme == "file" else uri
         if not Path(path).is_dir():

@@ -312,6 +312,18 @@ def test_reading_another_programs_database_changes_nothing(tmp_path):
         assert path.read_bytes() == before
 
 
+def test_a_server_that_does_not_answer_is_one_line_in_seconds():
+    import socket
+
+    from analysis.loader import StoreError
+
+    with socket.socket() as sock:  # a port nothing listens on once the socket is closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(StoreError, match=f"http://127.0.0.1:{port}: no MLflow server answers"):
+        load_runs(f"http://127.0.0.1:{port}", [EXPERIMENT])
+
+
 def test_a_missing_experiment_or_no_finished_run_is_one_line(tmp_path):
     from mlflow.tracking import MlflowClient
 
