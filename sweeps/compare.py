@@ -108,6 +108,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     bad = [o for o in overrides if o.startswith("-") or "=" not in o]
     if bad:
         fail(f"{bad[0]}: not an option of compare.py nor a key=value override of run.py")
+    # The grid's own axes: an override of one would silently replace that axis of the grid.
+    axes = {"seed": "--seeds", "dataset": "--datasets", "estimator": "--estimators"}
+    axes["flow"] = "--flow"
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in axes:
+            fail(f"{override}: compare.py sweeps {key} itself; use {axes[key]}")
     return args, overrides
 
 

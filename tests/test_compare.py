@@ -123,6 +123,11 @@ def test_the_docstrings_example_with_an_override_parses():
             ["--flow", "glow", "max_steps"],
             "error: max_steps: not an option of compare.py nor a key=value override of run.py",
         ),
+        (
+            ["--seeds", "0", "1", "seed=3"],
+            "error: seed=3: compare.py sweeps seed itself; use --seeds",
+        ),
+        (["flow=maf"], "error: flow=maf: compare.py sweeps flow itself; use --flow"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(tmp_path, argv, message):
