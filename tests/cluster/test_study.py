@@ -120,9 +120,9 @@ def test_a_worker_killed_mid_trial_is_failed_by_the_heartbeat_and_the_study_goes
     # in its place (a killed trial does not count).
     assert len(done) in (8, 9)
     assert done[killed].state.name in ("FAIL", "RUNNING")
-    rerun = finish(
-        start(study_args(cluster, name, "sweep.n_trials=10"), tmp_path / "b", cluster.env())
-    )
+    # The study's own run settings (a continuation with others is refused).
+    more = study_args(cluster, name, "sweep.n_trials=10", "train.max_steps=300")
+    rerun = finish(start(more, tmp_path / "b", cluster.env()))
     assert "stopped beating; marked FAIL" in output_a + rerun
 
     done = trials(cluster, name)
