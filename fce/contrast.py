@@ -106,21 +106,6 @@ class Mixture:
         return torch.cat([parts[0][0], parts[1][0]]), torch.cat([parts[0][1], parts[1][1]])
 
 
-class NoGrad:
-    """A contrast's passes under ``torch.no_grad``: the fixed contrast of an EBM step."""
-
-    def __init__(self, passes: FlowPasses) -> None:
-        self.passes = passes
-
-    @torch.no_grad()
-    def log_prob(self, x: Tensor) -> Tensor:
-        return self.passes.log_prob(x)
-
-    @torch.no_grad()
-    def transform_noise(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        return self.passes.transform_noise(z)
-
-
 def make_contrast(
     kind: str,
     flow: FlowPasses,

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fce.contrast import CONTRASTS, NoGrad, make_contrast
+from fce.contrast import CONTRASTS, make_contrast
 from fce.estimators.base import Estimator, Players, StepOutput
 from fce.flows import Gaussian
+from fce.flows.base import NoGradPasses
 from fce.objective import fce_accuracy, fce_value
 
 FLOW_OBJECTIVES = ("value", "nll")
@@ -183,7 +184,7 @@ class FCE(Estimator):
                 self.gaussian,
                 self.mixture_weight,
             )
-            self._frozen_contrast = (frozen, NoGrad(contrast))
+            self._frozen_contrast = (frozen, NoGradPasses(contrast))
         return self._frozen_contrast[1]
 
     def ebm_step(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:

@@ -36,7 +36,22 @@ class FlowPasses(Protocol):
     def transform_noise(self, z: Tensor) -> tuple[Tensor, Tensor]: ...
 
 
-class FrozenFlow:
+class NoGradPasses:
+    """Passes run under ``torch.no_grad``: a fixed contrast, scored and sampled."""
+
+    def __init__(self, passes: FlowPasses) -> None:
+        self.passes = passes
+
+    @torch.no_grad()
+    def log_prob(self, x: Tensor) -> Tensor:
+        return self.passes.log_prob(x)
+
+    @torch.no_grad()
+    def transform_noise(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return self.passes.transform_noise(z)
+
+
+class FrozenFlow(NoGradPasses):
     """A flow's gradient-free passes while its parameters stay fixed.
 
     The EBM's steps and NCE's noise score data and draw samples through a flow that is not
@@ -46,15 +61,7 @@ class FrozenFlow:
 
     def __init__(self, flow: Flow) -> None:
         with torch.no_grad():
-            self.passes = flow.folded()
-
-    @torch.no_grad()
-    def log_prob(self, x: Tensor) -> Tensor:
-        return self.passes.log_prob(x)
-
-    @torch.no_grad()
-    def transform_noise(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        return self.passes.transform_noise(z)
+            super().__init__(flow.folded())
 
 
 def check_name(flow: Flow, name: str) -> None:
