@@ -263,9 +263,10 @@ class Evaluator:
         the held-out points (``log_q_data``, log q at them); each term is at most log 2.
         """
         z = self.flow_noise.to(next(flow.parameters()).dtype)
-        # The folded passes (Glow's normalisations in its weights, made once) sample at about
-        # half the cost of the training form and agree with it to float rounding; a flow whose
-        # data-dependent initialisation is still to come has none yet.
+        # The folded passes (Glow's normalisations in its weights, made once) sample for less
+        # than the training form and agree with it to float rounding (docs/method.md has the
+        # measured cost of this evaluation); a flow whose data-dependent initialisation is
+        # still to come has none yet.
         pending = any(getattr(m, "init_pending", False) for m in flow.modules())
         folded = flow if pending else flow.folded()
         # One output tensor per chunk: the sample's two coordinates, then its log q.
