@@ -13,7 +13,8 @@ Reading never creates a store: a store or experiment that is not there is a ``St
 whose message is one line. What a run did not train is not applicable (``NOT_APPLICABLE``):
 NCE against a fitted Gaussian and the EBM by exact MLE train no flow, flow-MLE no EBM, so
 those runs' settings and metrics of that model read ``—`` and NaN, and an NCE run is never
-counted as a Glow run.
+counted as a Glow run. A metric logged as +-inf (a reverse KL where the model has mass and
+the data none) reads back as +-inf, not as the largest float MLflow's SQLite store keeps.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ BOOKKEEPING = (
     "train.checkpoint_every",
 )
 HYDRA_KEYS = ("._target_", "._partial_")
+# MLflow's SQLite store keeps +-inf as +-1.797e308 (the largest float); no metric here is
+# ever that large otherwise.
+STORED_INF = 1e308
 
 
 def is_bookkeeping(param: str) -> bool:
@@ -197,6 +201,11 @@ def tracking_uri(uri: str | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlflow.db'}"
 
 
+def logged(value: float) -> float:
+    """A metric's value as it was logged: +-inf where the store kept +-1.797e308."""
+    return math.copysign(math.inf, value) if abs(value) >= STORED_INF else value
+
+
 def cast(value: str | None) -> object:
     """A logged param back to its type: int, float, bool, None or the string itself."""
     if value is None or value in ("null", "None"):
@@ -316,7 +325,7 @@ def load_runs(
                 else math.nan,
             }
             row.update({k: cast(v) for k, v in data.params.items()})
-            row.update(data.metrics)
+            row.update({k: logged(v) for k, v in data.metrics.items()})
             row.update({k: data.tags.get(k) for k in TAGS})
             row["parent_run_id"] = data.tags.get("mlflow.parentRunId")
             # What makes runs comparable, kept apart from the columns above, which a
@@ -374,7 +383,7 @@ def load_history(
     """Long format: one row per (run_id, metric, step) with its value."""
     client = _client(uri)
     rows = [
-        {"run_id": run_id, "metric": name, "step": m.step, "value": m.value}
+        {"run_id": run_id, "metric": name, "step": m.step, "value": logged(m.value)}
         for run_id in run_ids
         for name in metrics
         for m in client.get_metric_history(run_id, name)

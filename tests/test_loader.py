@@ -15,7 +15,15 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from analysis.loader import aggregate, cast, format_table, load_runs, newest_group, repeats
+from analysis.loader import (
+    aggregate,
+    cast,
+    format_table,
+    load_history,
+    load_runs,
+    newest_group,
+    repeats,
+)
 from fce.config import register_configs
 from tests.helpers import ROOT, store_uri
 
@@ -360,3 +368,74 @@ def test_a_notebook_on_a_missing_store_says_one_line(tmp_path, monkeypatch):
     stderr = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
     assert f"error: sqlite:///{missing}: no MLflow store there" in stderr
     assert not missing.parent.exists()
+
+
+def log_metrics(uri: str, runs: list[tuple[dict[str, str], dict[str, list[float]]]]) -> list[str]:
+    """Runs with these params and metric histories (a value per step 10, 20, ...)."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment(EXPERIMENT)
+    ids = []
+    for given, histories in runs:
+        run = client.create_run(experiment)
+        metrics = [
+            Metric(name, value, 0, 10 * (k + 1))
+            for name, values in histories.items()
+            for k, value in enumerate(values)
+        ]
+        client.log_batch(
+            run.info.run_id,
+            params=[Param(k, v) for k, v in given.items()],
+            metrics=metrics,
+        )
+        client.set_terminated(run.info.run_id, "FINISHED")
+        ids.append(run.info.run_id)
+    return ids
+
+
+def checkerboard(estimator: str) -> dict[str, str]:
+    return {
+        "estimator.name": estimator,
+        "dataset.name": "checkerboard",
+        "flow.name": "spline",
+        "threshold.name": "fixed",
+        "seed": "0",
+    }
+
+
+def test_an_inf_reads_back_as_inf_and_each_model_keeps_only_its_own_divergences(tmp_path):
+    """A reverse KL logged as inf (the flow has mass on an empty square) is inf again, not
+    MLflow's stored 1.8e308; flow_mle's EBM divergences and mle's flow ones are NaN."""
+    uri = store_uri(tmp_path)
+    every = {
+        "kl_data_ebm": [0.1],
+        "kl_ebm_data": [0.2],
+        "js_ebm_data": [0.03],
+        "kl_data_flow": [0.3],
+        "kl_flow_data": [2.0, math.inf],
+        "js_flow_data": [0.04],
+    }
+    fce, flow_mle, mle = log_metrics(
+        uri, [(checkerboard(e), every) for e in ("fce", "flow_mle", "mle")]
+    )
+    runs = load_runs(uri, [EXPERIMENT]).set_index("run_id")
+    assert runs.loc[fce, "kl_flow_data"] == math.inf
+    assert runs.loc[fce, ["kl_ebm_data", "js_ebm_data", "js_flow_data"]].tolist() == [
+        0.2,
+        0.03,
+        0.04,
+    ]
+    assert runs.loc[flow_mle, "kl_flow_data"] == math.inf
+    assert runs.loc[flow_mle, ["kl_data_ebm", "kl_ebm_data", "js_ebm_data"]].isna().all()
+    assert runs.loc[mle, ["kl_data_flow", "kl_flow_data", "js_flow_data"]].isna().all()
+    assert runs.loc[mle, "kl_ebm_data"] == 0.2
+    history = load_history([fce], ["kl_flow_data"], uri)
+    assert history["value"].tolist() == [2.0, math.inf]
+    text = format_table(aggregate(runs.reset_index(), metrics=["kl_flow_data"]), ["kl_flow_data"])
+    assert text.set_index("estimator.name")["kl_flow_data"].to_dict() == {
+        "fce": "inf",
+        "flow_mle": "inf",
+        "mle": "—",
+    }
