@@ -41,11 +41,16 @@ def label(estimator: str, model: str) -> str:
 
 # (metric, estimator) columns of the table: the EBMs of the estimators that train one (FCE,
 # NCE, and the same EBM by maximum likelihood, mle: their ceiling), then the flows (FCE's and
-# the flow by maximum likelihood).
+# the flow by maximum likelihood). Each forward KL(data || model) has the reverse
+# KL(model || data) beside it.
 EBM_ESTIMATORS = [e for e in ESTIMATOR_NAMES if "ebm" in trains(e)]
 FLOW_ESTIMATORS = [e for e in ESTIMATOR_NAMES if "flow" in trains(e)]
-EBM_COLUMNS = [(m, e) for m in ("nll_ebm", "kl_data_ebm", "mse_logp") for e in EBM_ESTIMATORS]
-FLOW_COLUMNS = [(m, e) for m in ("nll_flow", "kl_data_flow") for e in FLOW_ESTIMATORS]
+EBM_COLUMNS = [
+    (m, e) for m in ("nll_ebm", "kl_data_ebm", "kl_ebm_data", "mse_logp") for e in EBM_ESTIMATORS
+]
+FLOW_COLUMNS = [
+    (m, e) for m in ("nll_flow", "kl_data_flow", "kl_flow_data") for e in FLOW_ESTIMATORS
+]
 LABELS = {
     e: label(e, "flow" if e in FLOW_ESTIMATORS and e not in EBM_ESTIMATORS else "ebm")
     for e in ESTIMATOR_NAMES
@@ -70,9 +75,19 @@ def load_comparison(
 
 
 def _stats(runs: pd.DataFrame, dataset: str, estimator: str, metric: str) -> pd.Series:
+    """Mean, std and number of the finite values; ``inf``: how many more are infinite (a
+    reverse KL where the model has mass and the data none)."""
     part = runs[(runs["dataset.name"] == dataset) & (runs["estimator.name"] == estimator)]
     values = part[metric].dropna() if metric in part else pd.Series(dtype=float)
-    return pd.Series({"mean": values.mean(), "std": values.std(), "n": len(values)})
+    finite = values[values.abs() != math.inf]
+    return pd.Series(
+        {
+            "mean": finite.mean(),
+            "std": finite.std(),
+            "n": len(finite),
+            "inf": len(values) - len(finite),
+        }
+    )
 
 
 def verdict(a: pd.Series, b: pd.Series, names: tuple[str, str]) -> str:
@@ -100,7 +115,12 @@ def seeds_won(runs: pd.DataFrame, dataset: str, other: str, metric: str) -> str:
 
 
 def mean_std(s: pd.Series, digits: int) -> str:
-    """``mean ± std``; one run: its value and ``(n=1)``, never "± nan"; none: "-"."""
+    """``mean ± std``; one run: its value and ``(n=1)``, never "± nan"; none: "-". Where k of
+    the runs are inf: "inf on k/n", then the others' spread (an inf is never averaged)."""
+    if s.get("inf", 0):
+        total = int(s["n"] + s["inf"])
+        others = mean_std(s.drop("inf"), digits)
+        return f"inf on {int(s['inf'])}/{total}" + ("" if others == "-" else f"; others {others}")
     if s["n"] == 0:
         return "-"
     if s["n"] == 1:

@@ -52,11 +52,14 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 PANEL_DATASETS = ("8gaussians", "pinwheel", "2spirals")
 # A figure's cell: one estimator and flow (the flow "—" where the estimator uses none).
 MODEL = ("estimator.name", "flow.name")
-# The README's columns (nll_data is the oracle table's; mse_logp_centered tracks mse_logp).
+# The README's columns (nll_data is the oracle table's; mse_logp_centered tracks mse_logp);
+# each forward KL(data || model) with the reverse KL(model || data) beside it.
 TABLE_METRICS = (
     "nll_ebm",
     "kl_data_ebm",
+    "kl_ebm_data",
     "kl_data_flow",
+    "kl_flow_data",
     "tv_ebm",
     "mse_logp",
     "logz_gap",

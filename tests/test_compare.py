@@ -4,6 +4,7 @@ and the command end to end on a tiny grid."""
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 import shlex
@@ -206,3 +207,23 @@ def test_ctrl_c_ends_in_one_line_that_says_how_to_continue(tmp_path):
         "continue with: python sweeps/compare.py --datasets 8gaussians"
     )
     assert "Traceback" not in stderr
+
+
+def test_the_reverse_kl_stands_beside_the_forward_one_and_an_inf_is_counted():
+    runs = fake_runs()
+    flows = runs["estimator.name"].isin(["fce", "flow_mle"])
+    runs.loc[flows, "kl_data_flow"] = 0.2
+    # Rows by seed, fce then flow_mle: fce 0.4, inf, 0.6; flow_mle 0.5, 0.3, 0.7.
+    runs.loc[flows, "kl_flow_data"] = [0.4, 0.5, math.inf, 0.3, 0.6, 0.7]
+    ebms = runs["estimator.name"].isin(["fce", "nce", "mle"])
+    runs.loc[ebms, "kl_ebm_data"] = 0.1
+    (row,) = comparison_table(runs).to_dict("records")
+    columns = list(row)
+    for forward, reverse in (("kl_data_ebm", "kl_ebm_data"), ("kl_data_flow", "kl_flow_data")):
+        labels = ("FCE", "NCE", "MLE") if forward == "kl_data_ebm" else ("FCE", "MLE")
+        start = columns.index(f"{forward} FCE")
+        expected = [f"{m} {label}" for m in (forward, reverse) for label in labels]
+        assert columns[start : start + len(expected)] == expected
+    assert row["kl_flow_data FCE"] == "inf on 1/3; others 0.500 ± 0.141"
+    assert row["kl_flow_data MLE"] == "0.500 ± 0.200"
+    assert row["kl_ebm_data NCE"] == "0.100 ± 0.000"

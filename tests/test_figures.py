@@ -3,6 +3,7 @@ artifacts), run as `python analysis/figures.py` against a temp store."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -134,3 +135,34 @@ def test_figures_on_a_missing_store_or_experiment_is_one_line(tmp_path):
     done = figures(["--uri", uri, "--experiment", "empty"], cwd=tmp_path)
     assert done.returncode == 1
     assert done.stderr.strip() == "error: no FINISHED run in experiment 'empty'; it holds no run"
+
+
+def test_the_results_table_has_each_reverse_kl_beside_the_forward_one(tmp_path):
+    """A reverse KL logged as inf (mass on an empty square) is "inf" in the table."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    from analysis.figures import results_table
+    from analysis.loader import load_runs
+
+    uri = store_uri(tmp_path)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("fce")
+    for seed, reverse in ((0, 0.3), (1, math.inf)):
+        run = client.create_run(experiment)
+        params = {"estimator.name": "fce", "dataset.name": "checkerboard", "seed": str(seed)}
+        params |= {"flow.name": "spline", "threshold.name": "fixed"}
+        metrics = {"kl_data_ebm": 0.1, "kl_ebm_data": 0.2, "kl_data_flow": 0.4}
+        metrics |= {"kl_flow_data": reverse}
+        client.log_batch(
+            run.info.run_id,
+            params=[Param(k, v) for k, v in params.items()],
+            metrics=[Metric(k, v, 0, 100) for k, v in metrics.items()],
+        )
+        client.set_terminated(run.info.run_id, "FINISHED")
+    header, _, row = results_table(load_runs(uri, ["fce"])).splitlines()
+    names = [c.strip() for c in header.strip("|").split("|")]
+    values = dict(zip(names, (c.strip() for c in row.strip("|").split("|"))))
+    assert names.index("kl_ebm_data") == names.index("kl_data_ebm") + 1
+    assert names.index("kl_flow_data") == names.index("kl_data_flow") + 1
+    assert values["kl_ebm_data"] == "0.200 ± 0.000" and values["kl_flow_data"] == "inf"
