@@ -138,10 +138,12 @@ def reevaluate(runs: pd.DataFrame, uri: str | None) -> pd.DataFrame:
 def panel_titles(estimator: str, flow: str) -> tuple[str, str]:
     """The Flow and EBM columns' titles: the model and the estimator that trained it, or what
     the estimator's own run panels call a model it does not train ("Noise (fixed)")."""
-    from fce.estimators import ESTIMATORS
+    from fce.config import ESTIMATOR_NAMES
+    from fce.factory import option_class
 
     est, trained = title_of(estimator), trains(estimator)
-    default = ESTIMATORS[estimator].panel_titles if estimator in ESTIMATORS else ("Flow", "EBM")
+    known = estimator in ESTIMATOR_NAMES
+    default = option_class("estimator", estimator).panel_titles if known else ("Flow", "EBM")
     flow_title = f"{title_of(flow)} ({est})" if "flow" in trained else f"{default[0]} ({est})"
     ebm_title = f"EBM ({est})" if "ebm" in trained else f"{default[1]} ({est})"
     return flow_title, ebm_title

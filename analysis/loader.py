@@ -103,9 +103,9 @@ def trains(estimator: str) -> frozenset[str]:
     """
     if estimator not in ESTIMATOR_NAMES:
         return frozenset({"ebm", "flow"})
-    from fce.estimators import ESTIMATORS
+    from fce.factory import option_class
 
-    cls = ESTIMATORS[estimator]
+    cls = option_class("estimator", estimator)
     flow = cls.evaluates_flow and estimator not in FIXED_NOISE
     return frozenset({"ebm"} if cls.evaluates_ebm else set()) | ({"flow"} if flow else set())
 

@@ -245,7 +245,7 @@ spec = importlib.util.spec_from_file_location("fce_baseline_spline", sys.argv[1]
 module = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = module
 spec.loader.exec_module(module)
-fce.flows.Spline = fce.flows.FLOWS["spline"] = module.Spline
+fce.flows.Spline = module.Spline
 sys.argv = sys.argv[2:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -266,11 +266,11 @@ def spline_class(cls):
     import fce.flows
 
     saved = fce.flows.Spline
-    fce.flows.Spline = fce.flows.FLOWS["spline"] = cls
+    fce.flows.Spline = cls
     try:
         yield
     finally:
-        fce.flows.Spline = fce.flows.FLOWS["spline"] = saved
+        fce.flows.Spline = saved
 
 
 def measure_truth(

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fce.config import validate
+from fce.config import name_options, validate
 from fce.errors import EXIT_FAILED, ConfigError, fail
 from fce.preflight import exit_quietly_on_signals, preflight, resume_in_place, with_saved_run
 
@@ -66,6 +66,11 @@ def run_job(cfg: DictConfig, project_root: Path) -> float:
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
+    try:
+        name_options(cfg, hydra_cfg.runtime.choices)
+    except ConfigError as error:
+        remove_if_unused(Path(hydra_cfg.runtime.output_dir))
+        fail(str(error))
     if list(hydra_cfg.overrides.task) != _checked:  # else launch validated this very config
         try:
             validate(cfg)

@@ -10,9 +10,9 @@ import re
 import threading
 from collections.abc import Sequence
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
-from fce.config import CONF_DIR, no_such_setting, register_configs
+from fce.config import CONF_DIR, name_options, no_such_setting, register_configs
 from fce.errors import first_line
 
 _lock = threading.Lock()
@@ -22,7 +22,8 @@ _initialised = False
 def compose(
     overrides: Sequence[str] = (), config_name: str = "config", return_hydra_config: bool = False
 ) -> DictConfig:
-    """The config ``python run.py *overrides`` would run (with Hydra's own node if asked)."""
+    """The config ``python run.py *overrides`` would run (with Hydra's own node if asked),
+    each group's node named by the option chosen."""
     global _initialised
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -34,9 +35,12 @@ def compose(
             GlobalHydra.instance().clear()
             initialize_config_dir(str(CONF_DIR), version_base="1.3").__enter__()
             _initialised = True
-        return hydra_compose(
-            config_name, overrides=list(overrides), return_hydra_config=return_hydra_config
-        )
+        cfg = hydra_compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    name_options(cfg, cfg.hydra.runtime.choices)
+    if not return_hydra_config:
+        with open_dict(cfg):
+            del cfg["hydra"]
+    return cfg
 
 
 # Lines of Hydra's messages that name neither the key nor the value.

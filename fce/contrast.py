@@ -4,9 +4,9 @@ The classifier of FCE's value is between the data and a contrast q; the paper's 
 the flow itself. The others here keep an exact log-density so that the value's logit
 h = log p_theta - log q stays exact:
 
-- ``WidenedFlow``: the flow with its base widened, x = g(T z), z ~ N(0, I), so
-  log q_T(x) = log N(f(x); 0, T^2 I) + log|det df/dx| (change of variables). T > 1 spreads
-  the flow's samples beyond the data.
+- ``WidenedFlow`` (``fce.flows.widened``): the flow with its base widened, x = g(T z),
+  z ~ N(0, I), so log q_T(x) = log N(f(x); 0, T^2 I) + log|det df/dx|. T > 1 spreads the
+  flow's samples beyond the data.
 - ``Mixture``: w q_1 + (1 - w) q_2, its log-density the logsumexp of the weighted
   components; its samples are stratified (below), which draws no random numbers of its own.
 
@@ -25,34 +25,10 @@ import math
 import torch
 from torch import Tensor
 
-from fce.flows.base import Flow, FlowPasses, standard_normal_log_prob
+from fce.flows.base import Flow, FlowPasses
+from fce.flows.widened import WidenedFlow
 
 CONTRASTS = ("flow", "mixture", "gaussian")
-
-
-class WidenedFlow:
-    """The flow's transforms on a wider base: x = g(T z), z ~ N(0, I), i.e. base N(0, T^2 I).
-
-    log q_T(x) = log N(u / T; 0, I) - d log T + log|det du/dx| with u = f(x); at a sample,
-    log q_T(g(T z)) = log N(z; 0, I) - d log T - log|det dg/dw| at w = T z. Differentiable in
-    the flow's parameters (through the samples and the density) when grad is enabled. Uses the
-    flow's own ``forward``/``inverse`` (a folded form need not expose the base point).
-    """
-
-    def __init__(self, flow: Flow, scale: float) -> None:
-        if not scale > 0:
-            raise ValueError(f"WidenedFlow: scale={scale}: must be positive")
-        self.flow = flow
-        self.scale = float(scale)
-        self.log_scale_total = flow.dim * math.log(self.scale)
-
-    def log_prob(self, x: Tensor) -> Tensor:
-        u, log_det = self.flow.forward(x)
-        return standard_normal_log_prob(u / self.scale) - self.log_scale_total + log_det
-
-    def transform_noise(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        x, log_det = self.flow.inverse(z * self.scale)
-        return x, standard_normal_log_prob(z) - self.log_scale_total - log_det
 
 
 class Mixture:

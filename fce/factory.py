@@ -1,25 +1,26 @@
 """Build a run's objects from its config: data, models, optimizers, rule, estimator, trainer.
 
-Every group node is built by ``hydra.utils.instantiate`` from its ``_target_``; this module
-only decides the order (which fixes the random initialisation) and wires the parts together.
+Every group node is built from its ``_target_`` (``instantiate_node``); this module only
+decides the order (which fixes the random initialisation) and wires the parts together.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from hydra.utils import get_class, get_method, instantiate
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from fce import checkpoint
-from fce.config import RunConfig, upgrade, user_settings
+from fce.config import INTERNAL_KEYS, RunConfig, upgrade, user_settings
 from fce.data import make_generator
 from fce.errors import ConfigError
-from fce.estimators import ESTIMATORS, Estimator, Players
+from fce.estimators import Estimator, Players
 from fce.flows import Flow
 from fce.metrics import Evaluator, Grid
 from fce.recording import Tracker
@@ -34,6 +35,38 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda': no CUDA GPU is available here; use device=cpu or auto")
     return torch.device(name)
+
+
+def target_of(node: DictConfig) -> Any:
+    """The class (or function) a group node's ``_target_`` names."""
+    try:
+        return get_class(node._target_)
+    except ValueError:
+        return get_method(node._target_)
+
+
+def option_class(group: str, option: str) -> Any:
+    """The class an option of a group builds (``estimator``, ``nce``): its YAML's ``_target_``."""
+    from fce.config import CONF_DIR
+
+    return target_of(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
+
+
+def instantiate_node(node: DictConfig, group: str) -> Any:
+    """Build a group node by ``hydra.utils.instantiate``. Its ``name`` (the option chosen) is
+    passed only to a class that takes one (a dataset's, an optimizer's algorithm); a key the
+    class does not take, in a node no schema types, is one line naming it."""
+    target = target_of(node)
+    parameters = inspect.signature(target).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    settings = {k: v for k, v in node.items() if k != "name" or "name" in parameters}
+    for key in settings:
+        if key not in INTERNAL_KEYS and key not in parameters and not takes_any:
+            raise ConfigError(
+                f"{group}.{key}: no such setting of {node._target_}; it takes: "
+                f"{', '.join(p for p in parameters if p != 'players')}"
+            )
+    return instantiate(OmegaConf.create(settings, flags={"allow_objects": True}))
 
 
 @dataclass
@@ -62,7 +95,7 @@ class RunParts:
 
 def build(cfg: RunConfig, device: torch.device) -> RunParts:
     """The data, models, optimizers, rule and estimator of ``cfg``, on ``device``."""
-    source = instantiate(cfg.dataset)
+    source = instantiate_node(cfg.dataset, "dataset")
     train_data = source.training_set(cfg.seed)
     eval_points = source.dataset.sample(cfg.eval.n_points, make_generator(cfg.eval.seed, "eval"))
     grid = Grid.make(cfg.eval.grid_limit, cfg.eval.grid_cells, device=device)
@@ -77,19 +110,19 @@ def build(cfg: RunConfig, device: torch.device) -> RunParts:
     # Parameter initialisation only (data and noise have their own streams): the EBM first,
     # then the flow, whatever the estimator, so one seed starts every estimator alike.
     torch.manual_seed(cfg.seed)
-    ebm = instantiate(cfg.ebm).to(device)
-    flow = instantiate(cfg.flow).to(device)
+    ebm = instantiate_node(cfg.ebm, "ebm").to(device)
+    flow = instantiate_node(cfg.flow, "flow").to(device)
     if cfg.estimator.get("noise_checkpoint"):  # NCE against a flow trained by another run
         load_noise_flow(flow, str(cfg.estimator.noise_checkpoint), user_settings(cfg.flow))
     players = Players(
         ebm=ebm,
         flow=flow,
-        optimizers=instantiate(cfg.optimizer),
-        rule=instantiate(cfg.threshold),
+        optimizers=instantiate_node(cfg.optimizer, "optimizer"),
+        rule=instantiate_node(cfg.threshold, "threshold"),
         train_data=train_data,
         seed=cfg.seed,
     )
-    estimator = instantiate(cfg.estimator)(players)
+    estimator = instantiate_node(cfg.estimator, "estimator")(players)
     settings = LoopSettings(
         batch_size=cfg.train.batch_size,
         epochs=cfg.train.epochs,
@@ -98,7 +131,7 @@ def build(cfg: RunConfig, device: torch.device) -> RunParts:
         seed=cfg.seed,
         ema_decay=cfg.train.ema_decay,
     )
-    schedule = instantiate(cfg.schedule)
+    schedule = instantiate_node(cfg.schedule, "schedule")
     return RunParts(estimator, train_data.to(device), evaluator, settings, schedule)
 
 
@@ -128,5 +161,5 @@ def build_trainer(cfg: RunConfig, device: torch.device) -> Trainer:
 def run_name(cfg: RunConfig) -> str:
     """``<dataset>-<model>-s<seed>``, the model as the estimator names it (``glow`` for FCE
     with Glow, ``nce-gaussian``, ``mle-maf``...)."""
-    model = ESTIMATORS[cfg.estimator.name].model_label(cfg.estimator, cfg.flow.name)
+    model = target_of(cfg.estimator).model_label(cfg.estimator, cfg.flow.name)
     return f"{cfg.dataset.name}-{model}-s{cfg.seed}"

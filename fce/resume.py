@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from fce import checkpoint
@@ -92,7 +93,7 @@ def check_same_run(cfg: RunConfig, saved: DictConfig, source: str) -> dict[str, 
         for key in CHANGEABLE_KEYS
         if _select(theirs, key) != _select(mine, key)
     }
-    if cfg.schedule.name != "constant" and total_steps(theirs) != total_steps(mine):
+    if not get_class(cfg.schedule._target_).constant and total_steps(theirs) != total_steps(mine):
         raise ConfigError(
             f"train.resume={cfg.train.resume}: this run would take {total_steps(mine)} steps, "
             f"the saved run {total_steps(theirs)}, and schedule={cfg.schedule.name} spreads "

@@ -20,10 +20,6 @@ class Schedule:
     name = "schedule"
     constant = False
 
-    def __init__(self, name: str) -> None:
-        if name != self.name:
-            raise ValueError(f"schedule.name={name!r} does not name {type(self).__name__}")
-
     def factor(self, step: int, total: int) -> float:
         raise NotImplementedError
 
@@ -55,8 +51,7 @@ class Cosine(Schedule):
 
     name = "cosine"
 
-    def __init__(self, name: str, min_factor: float, warmup: int) -> None:
-        super().__init__(name)
+    def __init__(self, min_factor: float, warmup: int) -> None:
         self.min_factor = min_factor
         self.warmup = warmup
 
@@ -73,8 +68,7 @@ class StepDecay(Schedule):
 
     name = "step"
 
-    def __init__(self, name: str, milestones: list[float], gamma: float) -> None:
-        super().__init__(name)
+    def __init__(self, milestones: list[float], gamma: float) -> None:
         self.milestones = sorted(milestones)
         self.gamma = gamma
 

@@ -146,10 +146,11 @@ def check_space_against_run(
     cfg = compose(base)
     validate(cfg)
     # Estimators that train one model report that model's metrics alone.
-    reported = {"flow_mle": ("EBM", FLOW_METRICS), "mle": ("flow", EBM_METRICS)}
-    if cfg.estimator.name in reported:
-        untrained, metrics = reported[cfg.estimator.name]
+    trains = getattr(OmegaConf.get_type(cfg.estimator), "trains", ("EBM", "flow"))
+    if len(trains) == 1:
+        metrics = EBM_METRICS if trains == ("EBM",) else FLOW_METRICS
         if settings.objective not in metrics:
+            untrained = "flow" if trains == ("EBM",) else "EBM"
             raise ConfigError(
                 f"sweep.objective={settings.objective}: estimator={cfg.estimator.name} trains "
                 f"no {untrained}; choose one of: {', '.join(metrics)}"

@@ -15,14 +15,11 @@ class FixedThreshold:
 
     Args:
         value: the threshold, in (0, 1).
-        name: the config's name of the rule (``threshold.name``); must be this rule's.
     """
 
     name = "fixed"
 
-    def __init__(self, *, value: float, name: str = "fixed") -> None:
-        if name != self.name:
-            raise ValueError(f"threshold.name={name!r} does not name {type(self).__name__}")
+    def __init__(self, *, value: float) -> None:
         self.value = value
 
     def train_flow_next(self, accuracy: float) -> bool:
@@ -46,8 +43,8 @@ class EMAThreshold(FixedThreshold):
 
     name = "ema"
 
-    def __init__(self, *, value: float, decay: float, name: str = "ema") -> None:
-        super().__init__(value=value, name=name)
+    def __init__(self, *, value: float, decay: float) -> None:
+        super().__init__(value=value)
         self.decay = decay
         self.average: float | None = None
 

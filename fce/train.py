@@ -102,16 +102,14 @@ def used_settings(cfg: RunConfig) -> dict[str, str]:
     """The run's settings as MLflow params, without those of a model it never uses: a compare
     view of FCE and NCE runs would show NCE's flow settings (its noise is a fitted Gaussian)
     as if they mattered. The ``name`` of every group stays, for grouping runs."""
-    from fce.estimators import ESTIMATORS
+    from fce.factory import target_of
 
-    estimator = ESTIMATORS[cfg.estimator.name]
+    estimator = target_of(cfg.estimator)
     fitted_noise = cfg.estimator.get("noise") == "gaussian"
     uses_flow = estimator.evaluates_flow and not fitted_noise
-    trains_both = estimator.evaluates_ebm and estimator.evaluates_flow and not fitted_noise
-    trains_both = trains_both and cfg.estimator.name != "nce"  # its flow is fixed noise
     unused = [] if uses_flow else ["flow.", "optimizer.lr_flow"]
     unused += [] if estimator.evaluates_ebm else ["ebm.", "optimizer.lr_ebm", "train.ema_decay"]
-    unused += [] if trains_both else ["threshold."]  # the rule alternates the two players
+    unused += [] if estimator.uses_rule else ["threshold."]  # it alternates the two players
     return {
         key: value
         for key, value in flatten(user_settings(cfg)).items()

@@ -111,7 +111,7 @@ class Trainer:
         self.settings = settings
         self.tracker = tracker if tracker is not None else NullTracker()
         self.callbacks = list(callbacks or [])
-        self.schedule = schedule if schedule is not None else Constant("constant")
+        self.schedule = schedule if schedule is not None else Constant()
         self.average = (
             WeightAverage(estimator.ebm, settings.ema_decay) if settings.ema_decay > 0 else None
         )

@@ -45,8 +45,9 @@ def make_trainer(
     callbacks=None,
     **options,
 ):
-    """A trainer built in code, as a library user would: the estimator from the registry."""
-    from fce.estimators import ESTIMATORS, Players
+    """A trainer built in code, as a library user would: the estimator by its option's class."""
+    from fce.estimators import Players
+    from fce.factory import option_class
     from fce.optim import Optimizers
     from fce.threshold import FixedThreshold
     from fce.trainer import Trainer
@@ -67,8 +68,16 @@ def make_trainer(
         train_data=data,
         seed=settings.seed,
     )
-    model = ESTIMATORS[estimator](players, name=estimator, **options)
+    model = option_class("estimator", estimator)(players, **options)
     return Trainer(model, data, evaluator, settings, tracker=tracker, callbacks=callbacks)
+
+
+def flow_classes() -> dict[str, type]:
+    """Every flow option's class, by name."""
+    from fce.config import FLOW_NAMES
+    from fce.factory import option_class
+
+    return {name: option_class("flow", name) for name in FLOW_NAMES}
 
 
 def store_uri(tmp_path: Path) -> str:

@@ -118,7 +118,7 @@ def test_the_docstrings_example_with_an_override_parses():
         ),
         (
             ["--estimators", "fce", "mcmc"],
-            "error: --estimators mcmc: unknown; choose from fce, nce, flow_mle, mle",
+            "error: --estimators mcmc: unknown; choose from fce, flow_mle, mle, nce",
         ),
         (
             ["--flow", "glow", "max_steps"],

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from fce.compose import compose
@@ -12,14 +13,16 @@ from fce.config import (
     DATASET_NAMES,
     ESTIMATOR_NAMES,
     FLOW_NAMES,
-    FLOW_SIZES,
+    INTERNAL_KEYS,
     ConfigError,
     upgrade,
     user_settings,
     validate,
 )
-from fce.factory import build_trainer
+from fce.factory import build_trainer, instantiate_node, target_of
+from fce.flows import Flow, Transform
 from fce.preflight import group_options
+from fce.schema import SCHEMAS
 from tests.helpers import ROOT, TINY, TINY_FLOW
 
 CONF = ROOT / "conf"
@@ -106,11 +109,14 @@ def test_every_option_composes_validates_and_builds(group, option):
 def test_every_group_node_is_instantiable_as_it_stands(group, option):
     # lightning-hydra style: the node alone, with its _target_, builds its object.
     node = compose_cfg([f"{group}={option}"])[group]
-    built = instantiate(node)
+    built = instantiate_node(node, group)
     if node.get("_partial_"):
         assert built.func.__module__.startswith("fce.")
     else:
         assert type(built).__module__.startswith("fce.")
+    assert OmegaConf.to_container(node) == OmegaConf.to_container(
+        compose_cfg([f"{group}={option}"])[group]
+    )  # building it changed nothing
     assert user_settings(node) == {
         k: v for k, v in OmegaConf.to_container(node).items() if not k.startswith("_")
     }
@@ -153,7 +159,8 @@ def test_an_old_config_draws_one_flow_sample_per_held_out_point():
         ("optimizer.lr_ebm=-1", r"optimizer.lr_ebm=-1.0: must be a positive number"),
         ("train.batch_size=0", r"train.batch_size=0: must be a positive integer"),
         ("dataset.n_samples=10", r"train.batch_size=1000: larger than dataset.n_samples=10"),
-        ("dataset.name=moons", r"dataset.name='moons': unknown; choose one of"),
+        ("dataset.name=moons", r"dataset.name='moons': the name is the option chosen; choose"),
+        ("flow=maf flow.name=glow", r"flow.name='glow': the name is the option chosen"),
         ("device=tpu", r"device='tpu': unknown; choose one of: auto, cpu, cuda"),
         ("threads=0", r"threads=0: must be a positive integer"),
         ("eval.flow_samples=0", r"eval.flow_samples=0: must be a positive integer"),
@@ -174,9 +181,103 @@ def test_validation_names_the_key(override, message):
         validate(compose_cfg(override.split()))
 
 
-def test_every_flow_has_its_sizes_checked():
-    assert set(FLOW_SIZES) == set(FLOW_NAMES)
+def schema_options():
+    for group, schemas in SCHEMAS.items():
+        for option, schema in schemas.items():
+            if option in group_options(CONF, group):
+                yield group, option, schema
+
+
+@pytest.mark.parametrize(("group", "option", "schema"), list(schema_options()))
+def test_a_schema_is_its_class_signature(group, option, schema):
+    # One description per variant: the schema's fields are the constructor's parameters, and
+    # a default the class keeps for library use is the value conf/ gives it.
+    import dataclasses
+    import inspect
+
+    node = compose_cfg([f"{group}={option}"])[group]
+    parameters = {
+        key: parameter
+        for key, parameter in inspect.signature(target_of(node)).parameters.items()
+        if parameter.kind is not inspect.Parameter.VAR_KEYWORD  # takes and ignores the rest
+    }
+    fields = {f.name for f in dataclasses.fields(schema)} - set(INTERNAL_KEYS)
+    if "name" not in parameters:  # the option's name, for classes that take one
+        fields.discard("name")
+    # A partial node's class also takes the run's objects when it is built (an estimator its
+    # players, a tracker its run's id and tags); "dim" is the data's, 2.
+    given_later = {"players", "run_id", "tags", "project_root"} if node.get("_partial_") else set()
+    assert fields == set(parameters) - given_later - {"dim"}
+    for key, parameter in parameters.items():
+        if key in node and parameter.default is not inspect.Parameter.empty:
+            default = parameter.default
+            value = OmegaConf.to_container(node)[key]
+            assert (list(default) if isinstance(default, tuple) else default) == value, key
+
+
+def test_every_schema_field_has_a_range_or_is_free_text():
+    # validate() walks the schemas: a typed number or list without a range would go unchecked.
+    import dataclasses
+
+    from fce.schema import EvalConfig, RunConfig, TrainConfig
+
+    free = {"name", "_target_", "_partial_", "uri", "run_name", "resume", "noise_checkpoint"}
+    schemas = [s for group in SCHEMAS.values() for s in group.values()]
+    for schema in [*schemas, RunConfig, TrainConfig, EvalConfig]:
+        for spec in dataclasses.fields(schema):
+            if spec.name in free or dataclasses.is_dataclass(spec.default_factory):
+                continue
+            if spec.name in {"dataset", "ebm", "flow", "optimizer", "threshold"} | {
+                "schedule",
+                "estimator",
+                "tracking",
+                "train",
+                "eval",
+            }:
+                continue
+            assert "check" in spec.metadata, f"{schema.__name__}.{spec.name}"
 
 
 def test_glow_without_a_log_scale_floor_is_allowed():
     validate(compose_cfg(["flow.scale_bound=inf"]))
+
+
+class ToyAffine(Transform):
+    """x -> (x - b) / s elementwise, s = exp(log_s) learned."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.log_s = torch.nn.Parameter(torch.full((2,), math.log(scale)))
+        self.shift = torch.nn.Parameter(torch.zeros(2))
+
+    def forward(self, x):
+        return (x - self.shift) * torch.exp(-self.log_s), (-self.log_s.sum()).expand(len(x))
+
+    def inverse(self, z):
+        return z * torch.exp(self.log_s) + self.shift, self.log_s.sum().expand(len(z))
+
+
+class ToyFlow(Flow):
+    """A flow added in a test, as a user would add one: this class and a YAML file."""
+
+    name = "toy"
+
+    def __init__(self, scale: float) -> None:
+        super().__init__([ToyAffine(scale)])
+
+
+def test_a_new_flow_is_its_class_and_its_yaml(tmp_path):
+    # Nothing else: no schema, no registry, no name list. Hydra finds the YAML on its search
+    # path (run.py takes the same override); the option names it; the loop trains it.
+    (tmp_path / "flow").mkdir()
+    (tmp_path / "flow" / "toy.yaml").write_text(f"_target_: {__name__}.ToyFlow\nscale: 2.0\n")
+    where = f"hydra.searchpath=[file://{tmp_path}]"
+    cfg = compose_cfg(["flow=toy", where, *TINY, "device=cpu"])
+    validate(cfg)
+    assert cfg.flow.name == "toy"
+    trainer = build_trainer(cfg, torch.device("cpu"))
+    assert isinstance(trainer.flow, ToyFlow)
+    metrics = trainer.run()
+    assert trainer.step == cfg.train.max_steps and math.isfinite(metrics["nll_flow"])
+    with pytest.raises(ConfigError, match=r"^flow.scael: no such setting of .*ToyFlow; it takes"):
+        build_trainer(compose_cfg(["flow=toy", where, "+flow.scael=1"]), torch.device("cpu"))

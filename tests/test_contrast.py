@@ -302,3 +302,25 @@ def test_truth_both_is_experiment_truth_with_the_covering_options(dataset):
     assert both["estimator"]["mixture_weight"] == 0.5
     both.pop("estimator"), truth.pop("estimator")
     assert both == truth
+
+
+def test_nce_can_contrast_with_a_fixed_flow_on_a_widened_base():
+    # estimator=nce estimator.noise=flow estimator.base_scale=T: the trained flow, frozen,
+    # on the base N(0, T^2 I) -- the same density as FCE's widened contrast, and the model
+    # NCE's flow metrics then score.
+    from types import SimpleNamespace
+
+    from fce.estimators.nce import noise_model
+
+    flow = bent_spline()
+    players = SimpleNamespace(flow=flow, train_data=torch.randn(100, 2, dtype=torch.float64))
+    noise = noise_model(players, "flow", 2.5)
+    assert isinstance(noise, WidenedFlow) and noise.flow is flow
+    assert not any(p.requires_grad for p in flow.parameters())
+    x = torch.randn(500, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    u, log_det = flow.forward(x)
+    expected = MultivariateNormal(torch.zeros(2, dtype=torch.float64), 2.5**2 * torch.eye(2))
+    torch.testing.assert_close(noise.log_prob(x), expected.log_prob(u.double()) + log_det)
+    assert noise_model(players, "flow", 1.0) is flow  # T = 1: the flow as trained
+    with pytest.raises(ConfigError, match=r"estimator.base_scale=2.0: widens a flow's base"):
+        validate(compose([*SMALL, "estimator=nce", "estimator.base_scale=2"]))

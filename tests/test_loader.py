@@ -11,8 +11,6 @@ from collections.abc import Mapping
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from analysis.loader import (
@@ -24,7 +22,7 @@ from analysis.loader import (
     newest_group,
     repeats,
 )
-from fce.config import register_configs
+from fce.compose import compose
 from tests.helpers import ROOT, store_uri
 
 EXPERIMENT = "fce"
@@ -42,10 +40,7 @@ def flat(tree: Mapping, prefix: str = "") -> dict[str, str]:
 
 def params(*overrides: str) -> dict[str, str]:
     """The params run.py logs for these overrides: the composed config, flattened."""
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides))
+    cfg = compose(list(overrides))
     return flat(OmegaConf.to_container(cfg, resolve=True))
 
 

@@ -104,7 +104,7 @@ def test_bad_recipe_values_are_one_line_errors(override, message):
 
 
 def test_cosine_goes_from_one_to_its_floor_after_its_warmup():
-    cosine = Cosine("cosine", min_factor=0.1, warmup=10)
+    cosine = Cosine(min_factor=0.1, warmup=10)
     assert cosine.factor(0, 110) == pytest.approx(0.1)  # warm-up: (0 + 1) / 10
     assert cosine.factor(9, 110) == pytest.approx(1.0)
     assert cosine.factor(10, 110) == pytest.approx(1.0)
@@ -115,7 +115,7 @@ def test_cosine_goes_from_one_to_its_floor_after_its_warmup():
 
 
 def test_step_decay_multiplies_by_gamma_at_each_milestone():
-    decay = StepDecay("step", milestones=[0.75, 0.5], gamma=0.1)
+    decay = StepDecay(milestones=[0.75, 0.5], gamma=0.1)
     assert [decay.factor(t, 100) for t in (0, 49, 50, 74, 75, 99)] == pytest.approx(
         [1, 1, 0.1, 0.1, 0.01, 0.01]
     )
@@ -134,7 +134,7 @@ def test_a_schedule_sets_every_players_rate_from_its_base():
 
     trainer.callbacks.append(Watch(lambda t: None, every=0))
     trainer.run()
-    cosine = Cosine("cosine", 0.0, 0)
+    cosine = Cosine(0.0, 0)
     for step, rates in enumerate(seen):
         for name, rate in rates.items():
             assert rate == pytest.approx(base[name] * cosine.factor(step, 20))
@@ -143,7 +143,7 @@ def test_a_schedule_sets_every_players_rate_from_its_base():
 
 def test_constant_schedule_leaves_the_optimizers_alone():
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    Constant("constant").apply([opt], 5, 10)
+    Constant().apply([opt], 5, 10)
     assert "base_lr" not in opt.param_groups[0] and opt.param_groups[0]["lr"] == 0.1
 
 

@@ -42,8 +42,3 @@ def test_ema_state_round_trip():
 def test_ema_decay_is_checked():
     with pytest.raises(ConfigError, match=r"threshold.decay=1.0: must be in \[0, 1\)"):
         validate(compose(["threshold=ema", "threshold.decay=1.0"]))
-
-
-def test_a_rule_built_under_another_name_is_refused():
-    with pytest.raises(ValueError, match=r"threshold.name=.fixed. does not name EMAThreshold"):
-        EMAThreshold(value=0.6, decay=0.9, name="fixed")

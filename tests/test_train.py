@@ -9,13 +9,14 @@ import torch
 from fce.callbacks import Figures
 from fce.data import get_dataset, make_generator
 from fce.ebm import EBM
-from fce.flows import FLOWS
 from fce.metrics import Evaluator, Grid
 from fce.objective import fce_value
 from fce.threshold import EMAThreshold, FixedThreshold
 from fce.tracking import MemoryTracker
 from fce.trainer import DivergenceError, LoopSettings, Trainer
 from tests import helpers
+
+FLOWS = helpers.flow_classes()
 
 SMALL = {
     "glow": dict(n_steps=2, width=16),

@@ -1,7 +1,7 @@
 """Estimators of an EBM (and its flow) behind one interface, chosen by ``estimator=<name>``.
 
-The registry below is the one place that maps names to classes; the config's ``_target_``
-builds them, and the loop only ever sees an ``Estimator``.
+The option's ``_target_`` (conf/estimator/<name>.yaml) names the class; the loop only ever
+sees an ``Estimator``.
 """
 
 from fce.estimators.base import Estimator, Players, StepOutput
@@ -10,10 +10,7 @@ from fce.estimators.flow_mle import FlowMLE
 from fce.estimators.mle import MLE
 from fce.estimators.nce import NCE
 
-ESTIMATORS: dict[str, type[Estimator]] = {e.name: e for e in (FCE, NCE, FlowMLE, MLE)}
-
 __all__ = [
-    "ESTIMATORS",
     "FCE",
     "MLE",
     "NCE",

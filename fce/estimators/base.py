@@ -67,6 +67,7 @@ class Estimator(ABC):
         objective: the signal that must stay finite; ``objective_label`` names it in errors.
         signals: the per-step signals ``step`` returns, as logged.
         uses_noise: whether ``step`` needs a draw of base noise z.
+        uses_rule: whether the threshold group's rule picks its moves.
         evaluates_ebm: whether the EBM's metrics mean anything (is it trained?).
         evaluates_flow: whether the flow's metrics mean anything (is it trained, or a chosen
             noise?).
@@ -83,6 +84,7 @@ class Estimator(ABC):
     objective_label: ClassVar[str] = "value"
     signals: ClassVar[tuple[str, ...]]
     uses_noise: ClassVar[bool] = True
+    uses_rule: ClassVar[bool] = False
     evaluates_ebm: ClassVar[bool] = True
     evaluates_flow: ClassVar[bool] = True
     bounded_metrics: ClassVar[tuple[str, ...]] = ("nll_ebm", "logz_gap")
@@ -97,9 +99,7 @@ class Estimator(ABC):
         "logz_gap",
     )
 
-    def __init__(self, players: Players, name: str) -> None:
-        if name != self.name:
-            raise ValueError(f"estimator.name={name!r} does not name {type(self).__name__}")
+    def __init__(self, players: Players) -> None:
         self.ebm = players.ebm
         self.flow = players.flow
         self.optimizers: dict[str, torch.optim.Optimizer] = {}

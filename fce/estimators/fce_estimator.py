@@ -61,13 +61,13 @@ class FCE(Estimator):
     """
 
     name = "fce"
+    uses_rule = True
     objective = "value"
     signals = ("value", "acc", "trained_ebm")
 
     def __init__(
         self,
         players: Players,
-        name: str,
         contrast: str = "flow",
         base_scale: float = 1.0,
         mixture_weight: float = 0.5,
@@ -77,7 +77,7 @@ class FCE(Estimator):
         accuracy_target: float = 0.6,
         controller_gain: float = 0.01,
     ) -> None:
-        super().__init__(players, name)
+        super().__init__(players)
         for key, value, allowed in (
             ("contrast", contrast, CONTRASTS),
             ("flow_objective", flow_objective, FLOW_OBJECTIVES),

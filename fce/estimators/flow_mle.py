@@ -27,8 +27,8 @@ class FlowMLE(Estimator):
     def model_label(cls, settings: Any, flow: str) -> str:
         return f"mle-{flow}"
 
-    def __init__(self, players: Players, name: str) -> None:
-        super().__init__(players, name)
+    def __init__(self, players: Players) -> None:
+        super().__init__(players)
         self.opt_flow = players.optimizers.for_flow(self.flow)
         self.optimizers = {"opt_flow": self.opt_flow}
 

@@ -56,10 +56,8 @@ class MLE(Estimator):
     def model_label(cls, settings: Any, flow: str) -> str:
         return "ebm-mle"  # not "mle-<flow>": that is flow_mle's
 
-    def __init__(
-        self, players: Players, name: str, grid_cells: int, grid_limit: float, jitter: bool
-    ) -> None:
-        super().__init__(players, name)
+    def __init__(self, players: Players, grid_cells: int, grid_limit: float, jitter: bool) -> None:
+        super().__init__(players)
         # c is set, not learned: the optimizer holds the energy's weights alone.
         self.opt_ebm = players.optimizers.for_ebm(self.ebm.energy_net)
         self.optimizers = {"opt_ebm": self.opt_ebm}

@@ -14,6 +14,7 @@ from torch import Tensor
 from fce.estimators.base import Estimator, Players, StepOutput
 from fce.estimators.fce_estimator import ebm_ascent
 from fce.flows import Flow, Gaussian
+from fce.flows.widened import WidenedFlow
 
 
 class NCE(Estimator):
@@ -25,6 +26,8 @@ class NCE(Estimator):
         noise_checkpoint: where that flow was trained (a run's checkpoint or directory);
             the factory loads it into the players' flow before NCE is built
             (``fce.factory.load_noise_flow``). None: the flow as given (built in code).
+        base_scale: T, the base of that flow widened to N(0, T^2 I) (``WidenedFlow``): a
+            noise that covers more of the plane than the flow trained on the data.
     """
 
     name = "nce"
@@ -33,16 +36,23 @@ class NCE(Estimator):
     panel_titles = ("Noise (fixed)", "EBM")
 
     def __init__(
-        self, players: Players, name: str, noise: str, noise_checkpoint: str | None = None
+        self,
+        players: Players,
+        noise: str,
+        noise_checkpoint: str | None = None,
+        base_scale: float = 1.0,
     ) -> None:
-        super().__init__(players, name)
-        self.flow = noise_model(players, noise)
+        super().__init__(players)
+        self.flow = noise_model(players, noise, base_scale)
         self.opt_ebm = players.optimizers.for_ebm(self.ebm)
         self.optimizers = {"opt_ebm": self.opt_ebm}
 
     @classmethod
     def model_label(cls, settings: Any, flow: str) -> str:
-        return f"nce-{'gaussian' if settings.noise == 'gaussian' else flow}"
+        if settings.noise == "gaussian":
+            return "nce-gaussian"
+        widened = settings.get("base_scale", 1.0) != 1
+        return f"nce-{flow}" + (f"-T{settings.base_scale:g}" if widened else "")
 
     def start(self, first_batch: Tensor) -> None:
         pass  # the noise is fixed: fitted or loaded as it is
@@ -53,10 +63,11 @@ class NCE(Estimator):
         return StepOutput({"value": value, "acc": accuracy}, self.ebm, trained_ebm=True)
 
 
-def noise_model(players: Players, noise: str) -> Flow:
+def noise_model(players: Players, noise: str, base_scale: float = 1.0) -> Flow:
     """NCE's fixed noise: a Gaussian fitted to the training set, or the players' flow frozen
-    (trained already when the factory loaded it from ``noise_checkpoint``)."""
+    (trained already when the factory loaded it from ``noise_checkpoint``), on its base
+    widened by ``base_scale`` when that is not 1."""
     if noise == "gaussian":
         return Gaussian.fit(players.train_data)
     players.flow.requires_grad_(False)
-    return players.flow
+    return players.flow if base_scale == 1 else WidenedFlow(players.flow, base_scale)

@@ -6,10 +6,7 @@ from fce.flows.glow import Glow
 from fce.flows.maf import MAF
 from fce.flows.spline import Spline
 
-FLOWS: dict[str, type[Flow]] = {"glow": Glow, "maf": MAF, "spline": Spline}
-
 __all__ = [
-    "FLOWS",
     "MAF",
     "Flow",
     "FrozenFlow",

@@ -64,12 +64,6 @@ class FrozenFlow(NoGradPasses):
             super().__init__(flow.folded())
 
 
-def check_name(flow: Flow, name: str) -> None:
-    """A flow built from config is told its name (``flow.name``): it must be its own."""
-    if name != flow.name:
-        raise ValueError(f"flow.name={name!r} does not name {type(flow).__name__}")
-
-
 class Flow(nn.Module):
     """q_alpha(x): a standard normal base pushed through a stack of transforms.
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fce.flows.base import Flow, Transform, check_name, standard_normal_log_prob
+from fce.flows.base import Flow, Transform, standard_normal_log_prob
 
 
 class ActNorm(Transform):
@@ -166,9 +166,7 @@ class Glow(Flow):
         width: int = 64,
         hidden_layers: int = 2,
         scale_bound: float = 10.0,
-        name: str = "glow",
     ) -> None:
-        check_name(self, name)
         if n_steps < 1 or width < 1 or hidden_layers < 1 or not scale_bound > 0:
             raise ValueError(
                 f"Glow needs n_steps, width, hidden_layers >= 1 and scale_bound > 0, got "

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fce.flows.base import Flow, Transform, check_name
+from fce.flows.base import Flow, Transform
 
 
 class MaskedLinear(nn.Linear):
@@ -94,9 +94,7 @@ class MAF(Flow):
         hidden_layers: int = 2,
         scale_bound: float = 3.0,
         dim: int = 2,
-        name: str = "maf",
     ) -> None:
-        check_name(self, name)
         if n_blocks < 1 or hidden < 1 or hidden_layers < 1:
             raise ValueError(
                 f"MAF needs n_blocks, hidden, hidden_layers >= 1, got {n_blocks}, {hidden}, "

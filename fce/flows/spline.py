@@ -37,7 +37,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from fce.flows.base import Flow, Transform, check_name, standard_normal_log_prob
+from fce.flows.base import Flow, Transform, standard_normal_log_prob
 from fce.flows.rational_quadratic import SplineConstants, rational_quadratic
 
 MIN_BIN = 1e-3  # the least width and height of a bin, as a share of 2B
@@ -174,9 +174,7 @@ class Spline(Flow):
         hidden_layers: int = 2,
         tail_bound: float = 5.0,
         dim: int = 2,
-        name: str = "spline",
     ) -> None:
-        check_name(self, name)
         if n_layers < 1 or bins < 1 or hidden < 1 or hidden_layers < 1 or dim < 2:
             raise ValueError(
                 f"Spline needs n_layers, bins, hidden, hidden_layers >= 1 and dim >= 2, got "
