@@ -11,7 +11,7 @@ h = log p_theta - log q stays exact:
   components; its samples are stratified (below), which draws no random numbers of its own.
 
 Each meets the passes protocol of ``fce.flows.base.FlowPasses`` (``log_prob`` and
-``transform_noise``), so ``fce.estimators.fce_estimator.ebm_ascent`` takes any of them.
+``transform_noise``), so ``fce.objective.ebm_ascent`` takes any of them.
 
 References:
     Gao et al., "Flow Contrastive Estimation of Energy-Based Models", arXiv:1912.00589

@@ -8,6 +8,9 @@ References:
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -34,3 +37,19 @@ def fce_accuracy(
     """The classifier's accuracy on the batch: (#{h(x) >= 0} + #{h(x~) < 0}) / (n + m)."""
     correct = (log_p_data >= log_q_data).sum() + (log_p_noise < log_q_noise).sum()
     return correct / (log_p_data.numel() + log_p_noise.numel())
+
+
+def ebm_ascent(
+    ebm: torch.nn.Module, optimizer: torch.optim.Optimizer, noise_model: Any, x: Tensor, z: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One step of gradient ascent on V over the EBM against a fixed noise model (FCE's EBM
+    step, and NCE's only step); returns (V, accuracy) of the batch before the step."""
+    log_q_data = noise_model.log_prob(x)
+    x_noise, log_q_noise = noise_model.transform_noise(z)
+    # Data and noise in one batch: one pass through the EBM instead of two.
+    log_p_data, log_p_noise = ebm(torch.cat([x, x_noise])).split([x.shape[0], z.shape[0]])
+    value = fce_value(log_p_data, log_q_data, log_p_noise, log_q_noise)
+    optimizer.zero_grad(set_to_none=True)
+    (-value).backward()
+    optimizer.step()
+    return value.detach(), fce_accuracy(log_p_data, log_q_data, log_p_noise, log_q_noise)

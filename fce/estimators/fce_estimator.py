@@ -22,7 +22,7 @@ from fce.contrast import CONTRASTS, make_contrast
 from fce.estimators.base import Estimator, Players, StepOutput
 from fce.flows import Gaussian
 from fce.flows.base import NoGradPasses
-from fce.objective import fce_accuracy, fce_value
+from fce.objective import ebm_ascent, fce_accuracy, fce_value
 
 FLOW_OBJECTIVES = ("value", "nll")
 UPDATES = ("alternate", "simultaneous", "controlled")
@@ -252,19 +252,3 @@ class FCE(Estimator):
         self.train_ebm_next = state["train_ebm_next"]
         if self.updates == "controlled":
             self.log_lr_factor = state["log_lr_factor"]
-
-
-def ebm_ascent(
-    ebm: torch.nn.Module, optimizer: torch.optim.Optimizer, noise_model: Any, x: Tensor, z: Tensor
-) -> tuple[Tensor, Tensor]:
-    """One step of gradient ascent on V over the EBM against a fixed noise model (FCE's EBM
-    step, and NCE's only step); returns (V, accuracy) of the batch before the step."""
-    log_q_data = noise_model.log_prob(x)
-    x_noise, log_q_noise = noise_model.transform_noise(z)
-    # Data and noise in one batch: one pass through the EBM instead of two.
-    log_p_data, log_p_noise = ebm(torch.cat([x, x_noise])).split([x.shape[0], z.shape[0]])
-    value = fce_value(log_p_data, log_q_data, log_p_noise, log_q_noise)
-    optimizer.zero_grad(set_to_none=True)
-    (-value).backward()
-    optimizer.step()
-    return value.detach(), fce_accuracy(log_p_data, log_q_data, log_p_noise, log_q_noise)

@@ -12,9 +12,9 @@ from typing import Any
 from torch import Tensor
 
 from fce.estimators.base import Estimator, Players, StepOutput
-from fce.estimators.fce_estimator import ebm_ascent
 from fce.flows import Flow, Gaussian
 from fce.flows.widened import WidenedFlow
+from fce.objective import ebm_ascent
 
 
 class NCE(Estimator):
