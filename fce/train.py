@@ -164,7 +164,7 @@ def run(cfg: RunConfig, context: RunContext) -> dict[str, float]:
                 if continued:
                     check_fits(parts, resume)
                 stop.check()
-                run_id = resume.state.get("mlflow_run_id") if continued else None
+                run_id = tracked_run(resume.state) if continued else None
                 tracker = open_tracker(cfg, context, run_id, output_dir, str(device))
             except ConfigError:
                 if resume is None:
@@ -194,7 +194,7 @@ def _train(cfg, context, parts, tracker, stop, output_dir, resume, started) -> d
         state = {
             "trainer": trainer.state_dict(),
             "config": resolved,
-            "mlflow_run_id": tracker.run_id,
+            "tracker_run_id": tracker.run_id,
         }
         try:
             return checkpoint.save(state, checkpoint_dir, trainer.step)
@@ -348,6 +348,12 @@ def _end(
                 f"{failed}; the run finished but its status was not recorded "
                 f"(resume with train.resume={output_dir} to record it)"
             ) from None
+
+
+def tracked_run(state: dict) -> str | None:
+    """The id of the tracker's run a checkpoint belongs to (None: not tracked); older
+    checkpoints keep it under ``mlflow_run_id``."""
+    return state.get("tracker_run_id", state.get("mlflow_run_id"))
 
 
 def where_things_went(tracker: Tracker, output_dir: Path) -> str:

@@ -53,3 +53,13 @@ def test_every_checkpoint_unreadable_is_an_error(tmp_path):
     (tmp_path / "step_0000005.pt").write_bytes(b"")
     with pytest.raises(checkpoint.CheckpointError, match="every checkpoint"):
         checkpoint.resolve(tmp_path)
+
+
+def test_a_checkpoint_names_its_trackers_run_under_either_key():
+    # The key names no tracking backend; checkpoints written before the rename still resume
+    # into their own run.
+    from fce.train import tracked_run
+
+    assert tracked_run({"tracker_run_id": "a"}) == "a"
+    assert tracked_run({"mlflow_run_id": "b"}) == "b"
+    assert tracked_run({"tracker_run_id": None}) is None

@@ -318,7 +318,7 @@ def test_runs_started_at_once_each_get_their_own_directory(tmp_path):
     for run_dir in run_dirs:
         newest = sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1]
         state = torch.load(newest, weights_only=True)
-        run = by_id[state["mlflow_run_id"]]  # each checkpoint names its own run ...
+        run = by_id[state["tracker_run_id"]]  # each checkpoint names its own run ...
         assert run.data.tags["output_dir"] == str(run_dir)  # ... and that run its directory
         assert str(state["config"]["seed"]) == run.data.params["seed"]
 
