@@ -24,15 +24,6 @@ from fce.preflight import exit_quietly_on_signals, preflight, resume_in_place, w
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-# What sweeps/tune.py imports from here until it is moved onto the library.
-from fce.compose import composition_error as one_line  # noqa: F401
-from fce.preflight import (  # noqa: F401
-    check_group_choices,
-    check_store,
-    check_study_storage,
-    check_writable_dir,
-)
-
 __all__ = ["fail", "launch", "run_job"]
 
 # The overrides of a single run that ``launch`` composed and validated: its job (composed

@@ -1,8 +1,9 @@
-"""SIGINT and SIGTERM during a run: noted at once, acted on at the next step boundary.
+"""SIGINT and SIGTERM: noted at once, acted on at a safe point; and processes whose parent died.
 
-Raising from the signal handler itself could land inside an MLflow/SQLite write and leave the
-store locked for the KILLED status that follows; so the handler only records the signal, and
-the ``StopOnSignal`` callback raises ``RunInterrupted`` after the step.
+Raising from the signal handler itself could land inside an MLflow/SQLite/Optuna write and
+leave a store locked, a trial RUNNING or a run without its status; so the handler only records
+the signal (``SignalRecorder``): a run's ``StopOnSignal`` callback raises ``RunInterrupted``
+after the step, a study's driver and workers look between trials and at every evaluation.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fce.callbacks import Callback
+from fce.signals import SignalRecorder
 
 if TYPE_CHECKING:
     from fce.trainer import Trainer
@@ -33,14 +35,11 @@ class RunInterrupted(KeyboardInterrupt):
         self.exit_code = exit_code
 
 
-class StopOnSignal(Callback):
-    """Holds the signal a handler noted; raises ``RunInterrupted`` at the step boundary."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
+class StopOnSignal(SignalRecorder, Callback):
+    """A run's recorder: raises ``RunInterrupted`` at the step boundary after a signal."""
 
     def check(self) -> None:
-        if self.signum is not None:
+        if self() is not None:
             raise RunInterrupted(128 + self.signum)
 
     def on_step(self, trainer: Trainer, signals: dict[str, float]) -> None:
@@ -56,10 +55,7 @@ def deferred_interrupts() -> Iterator[StopOnSignal]:
         yield stop
         return
 
-    def handler(signum: int, _frame: Any) -> None:
-        stop.signum = signum
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, stop.record) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:

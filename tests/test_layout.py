@@ -111,9 +111,14 @@ def test_torch_free_modules_stay_torch_free():
         "fce/preflight.py",
         "fce/cli.py",
         "fce/sweep_space.py",
+        "fce/signals.py",
+        "fce/tune.py",
     ):
         source = (ROOT / name).read_text()
         assert not re.search(r"^(import torch|from torch)", source, re.M), name
+    # ... nor through what they import: the two entries load without torch.
+    check = "import sys, fce.cli, fce.tune; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", check], cwd=ROOT).returncode == 0
 
 
 def test_no_test_waits_on_a_command_for_less_than_the_hang_guard():

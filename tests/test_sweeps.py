@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import signal
@@ -14,6 +13,7 @@ import pytest
 import yaml
 
 from fce.compose import compose
+from fce.signals import SignalRecorder
 from tests.helpers import GRID_TINY, HANG_GUARD_S, ROOT, TINY, run_cli, runs, start_cli, store_uri
 
 # Lines a command prints as log records (its own, Optuna's, MLflow's), not as messages.
@@ -287,13 +287,6 @@ def test_two_drivers_on_one_study_run_n_trials_under_one_parent_run(tmp_path):
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
 
 
-def load_tune():
-    spec = importlib.util.spec_from_file_location("tune_under_test", ROOT / "sweeps" / "tune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
 def restore_signals():
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -311,8 +304,7 @@ def deliver(sig: int) -> None:
 def test_the_driver_handler_records_a_signal_and_raises_nothing(restore_signals):
     """Raising from the handler could land inside a store write (a trial left RUNNING, a
     SQLite store left locked); the driver acts on the signal at its next safe point."""
-    stop = load_tune().Stop()
-    stop.install()
+    stop = SignalRecorder().install()
     assert stop() is None
     deliver(signal.SIGTERM)
     assert stop() == signal.SIGTERM
@@ -325,8 +317,7 @@ def test_a_signal_taken_by_a_runs_own_handler_still_reaches_the_driver(restore_s
     last look (as the run ends) must still stop the study rather than start the next trial."""
     from fce.interrupts import deferred_interrupts
 
-    stop = load_tune().Stop()
-    stop.install()
+    stop = SignalRecorder().install()
     with deferred_interrupts() as request:
         deliver(signal.SIGINT)
     assert request.signum == signal.SIGINT
@@ -382,12 +373,19 @@ def test_a_killed_joblib_grid_takes_its_workers_with_it(tmp_path):
     args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", *GRID_TINY]
     args = [a for a in args if not a.startswith(("train.max_steps", "tracking."))]
     launcher = start_cli([*args, *long], tmp_path)
-    deadline = time.monotonic() + 180
-    while len(list(tmp_path.glob("multirun/*/*/*/config.yaml"))) < 2:
+    # Both jobs training (past their set-up: a signal there ends a job before its run
+    # exists, with nothing to mark KILLED), however slowly a loaded machine builds them.
+    deadline = time.monotonic() + HANG_GUARD_S
+
+    def training() -> int:
+        logs = tmp_path.glob("multirun/*/*/*/run.log")
+        return sum("ready in" in p.read_text() for p in logs)
+
+    while training() < 2:
         assert launcher.poll() is None, launcher.communicate()
         assert time.monotonic() < deadline, "the grid's jobs never started"
         time.sleep(0.2)
-    time.sleep(2.0)
+    time.sleep(1.0)
     workers = [
         int(p)
         for p in Path(f"/proc/{launcher.pid}/task").glob("*/children")
