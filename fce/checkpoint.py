@@ -8,6 +8,7 @@ a writer killed mid-save is removed by the next save.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import tempfile
@@ -70,10 +71,26 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+# The last checkpoint read, by (path, inode, size, mtime): a resume reads its file once, though the
+# command line's check (its saved settings) and the run (its state) both ask for it.
+_last: tuple[tuple[str, int, int, int], dict[str, Any]] | None = None
+
+
 def load(path: Path) -> dict[str, Any]:
-    """Read one checkpoint file; ``CheckpointError`` if it is unreadable or foreign."""
+    """Read one checkpoint file; ``CheckpointError`` if it is unreadable or foreign. Each
+    caller gets its own copy (an optimizer's loaded state may alias the tensors it is given,
+    and then moves them)."""
+    global _last
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if _last is None or _last[0] != key:
+        _last = (key, _read(path))
+    return copy.deepcopy(_last[1])
+
+
+def _read(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, not a torch file, unpickling refused...

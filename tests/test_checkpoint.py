@@ -63,3 +63,23 @@ def test_a_checkpoint_names_its_trackers_run_under_either_key():
     assert tracked_run({"tracker_run_id": "a"}) == "a"
     assert tracked_run({"mlflow_run_id": "b"}) == "b"
     assert tracked_run({"tracker_run_id": None}) is None
+
+
+def test_a_checkpoint_read_twice_is_read_from_disk_once_and_each_gets_its_own_copy(
+    tmp_path, monkeypatch
+):
+    # A resume asks for its checkpoint twice (the command line's saved settings, the run's
+    # state): one read of the file; a caller that moves its tensors does not move the other's.
+    from fce import checkpoint
+
+    path = checkpoint.save({"trainer": {"w": torch.zeros(3)}}, tmp_path, 7)
+    reads = []
+    real = checkpoint._read
+    monkeypatch.setattr(checkpoint, "_read", lambda p: reads.append(p) or real(p))
+    first = checkpoint.load(path)
+    first["trainer"]["w"].add_(1.0)
+    second = checkpoint.load(path)
+    assert len(reads) == 1 and second["trainer"]["w"].tolist() == [0.0, 0.0, 0.0]
+    checkpoint.save({"trainer": {"w": torch.ones(3)}}, tmp_path, 7)  # the file changed
+    assert checkpoint.load(path)["trainer"]["w"].tolist() == [1.0, 1.0, 1.0]
+    assert len(reads) == 2
