@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -127,6 +128,20 @@ def no_such_setting(key: str, cfg: DictConfig) -> str:
     if nearest:
         return f"{key}: no such setting{where}; did you mean {nearest[0]}? ({HELP} lists them)"
     return f"{key}: no such setting{where}; {HELP} lists them"
+
+
+def load_run_config(path: Path) -> DictConfig:
+    """A run's saved config.yaml: fce's own, or Hydra's copy (``<run>/.hydra/config.yaml``,
+    written before the job named its options: they are named here from the ``hydra.yaml``
+    beside it, as the job named them)."""
+    saved = OmegaConf.load(path)
+    hydra_yaml = path.parent / "hydra.yaml"
+    if path.parent.name == ".hydra" and hydra_yaml.is_file():
+        choices = OmegaConf.load(hydra_yaml).hydra.runtime.choices
+        for group in NAMED_GROUPS:
+            if group in saved and OmegaConf.is_missing(saved[group], "name"):
+                saved[group].name = choices.get(group)
+    return saved
 
 
 # Keys of the ebm node added with its variants, and the values every earlier run had.

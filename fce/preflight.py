@@ -187,9 +187,11 @@ def _saved_config(target: Path) -> tuple[Path | None, dict | None]:
             return run_dir, None  # reported in one line once the run starts
     from omegaconf import OmegaConf
 
+    from fce.config import load_run_config
+
     for path in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml") if run_dir else ():
         if path.is_file():
-            return run_dir, OmegaConf.to_container(OmegaConf.load(path))
+            return run_dir, OmegaConf.to_container(load_run_config(path))
     return run_dir, None
 
 

@@ -17,7 +17,14 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from fce import checkpoint
-from fce.config import ConfigError, RunConfig, total_steps, upgrade, user_settings
+from fce.config import (
+    ConfigError,
+    RunConfig,
+    load_run_config,
+    total_steps,
+    upgrade,
+    user_settings,
+)
 
 if TYPE_CHECKING:
     from fce.factory import RunParts
@@ -119,7 +126,7 @@ def load_resume(cfg: RunConfig) -> Resume | None:
         and not checkpoint.list_checkpoints(target)
     )
     if never_checkpointed:
-        saved = upgrade(OmegaConf.load(configs[0]))
+        saved = upgrade(load_run_config(configs[0]))
         check_same_run(cfg, saved, str(configs[0]))
         log.warning("%s has no checkpoint yet: starting again from step 0 there", target)
         return Resume(target)
