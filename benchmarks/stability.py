@@ -37,7 +37,7 @@ def sweep(flow: str, seed: int, datasets: list[str], jobs: int, overrides: list[
             "hydra/launcher=joblib",
             f"hydra.launcher.n_jobs={jobs}",
             f"hydra.sweep.dir={tmp}",
-            "hydra.sweep.subdir=${dataset.name}",
+            "hydra.sweep.subdir=${hydra:runtime.choices.dataset}",
             "tracking=none",
             "progress=none",
             "train.plot_every=0",
@@ -46,7 +46,10 @@ def sweep(flow: str, seed: int, datasets: list[str], jobs: int, overrides: list[
             f"dataset={','.join(datasets)}",
             *overrides,
         ]
-        subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        if done.returncode not in (0, 1):  # 1: a job diverged, which the records say
+            lines = done.stderr.strip().splitlines() or [f"exit {done.returncode}"]
+            raise SystemExit(f"the grid of {flow}, seed {seed} failed: {lines[-1]}")
         records = [collect(Path(tmp) / d, flow, d, seed) for d in datasets]
     for r in records:
         print(

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from omegaconf import OmegaConf
+
 from fce.config import name_options, validate
 from fce.errors import EXIT_FAILED, ConfigError, fail
 from fce.preflight import exit_quietly_on_signals, preflight, resume_in_place, with_saved_run
@@ -62,7 +64,10 @@ def run_job(cfg: DictConfig, project_root: Path) -> float:
     except ConfigError as error:
         remove_if_unused(Path(hydra_cfg.runtime.output_dir))
         fail(str(error))
-    if list(hydra_cfg.overrides.task) != _checked:  # else launch validated this very config
+    # As typed: a value may interpolate a node's name (``tracking.run_name=x-${flow.name}``),
+    # which Hydra's own copy of the config never gets.
+    overrides = list(OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False))
+    if overrides != _checked:  # else launch validated this very config
         try:
             validate(cfg)
         except ConfigError as error:
@@ -82,7 +87,6 @@ def run_job(cfg: DictConfig, project_root: Path) -> float:
     output_dir = Path(hydra_cfg.runtime.output_dir)
     # A grid's runs share its sweep_id, so MLflow and pandas can group them.
     tags = {"sweep_id": hydra_cfg.sweep.dir, "job_num": str(hydra_cfg.job.num)} if multirun else {}
-    overrides = list(hydra_cfg.overrides.task)
     context = RunContext(
         output_dir=output_dir,
         project_root=project_root,

@@ -88,7 +88,8 @@ def name_options(cfg: DictConfig, choices: Any) -> DictConfig:
             continue
         node = cfg[group]
         given = node._get_node("name") if "name" in node else None
-        if given is not None and not given._is_missing() and given._value() != chosen:
+        unset = given is None or given._is_missing() or given._is_interpolation()
+        if not unset and given._value() != chosen:
             raise ConfigError(
                 f"{group}.name={given._value()!r}: the name is the option chosen; choose it "
                 f"with {group}=<one of: {', '.join(options(group))}>"
@@ -119,7 +120,9 @@ def no_such_setting(key: str, cfg: DictConfig) -> str:
     group = key.split(".", 1)[0]
     node = tree.get(group) if "." in key and group in OPTION_SCHEMAS else None
     chosen = node.get("name", "???") if isinstance(node, dict) else "???"
-    if chosen == "???" and isinstance(node, dict):  # mid-composition: not named yet
+    if chosen == "???" or "${" in str(chosen):  # mid-composition: not named yet
+        chosen = "???"
+    if chosen == "???" and isinstance(node, dict):
         schema = OmegaConf.get_type(cfg[group])
         chosen = next((k for k, v in SCHEMAS.get(group, {}).items() if v is schema), "???")
     where = f" with {group}={chosen}" if chosen != "???" else ""
@@ -139,7 +142,10 @@ def load_run_config(path: Path) -> DictConfig:
     if path.parent.name == ".hydra" and hydra_yaml.is_file():
         choices = OmegaConf.load(hydra_yaml).hydra.runtime.choices
         for group in NAMED_GROUPS:
-            if group in saved and OmegaConf.is_missing(saved[group], "name"):
+            node = saved.get(group)
+            if node is not None and (
+                OmegaConf.is_missing(node, "name") or OmegaConf.is_interpolation(node, "name")
+            ):
                 saved[group].name = choices.get(group)
     return saved
 

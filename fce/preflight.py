@@ -19,6 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob, Override
 
 from fce.errors import ConfigError, fail
+from fce.schema import options
 
 USER_GROUPS = (
     "dataset",
@@ -50,7 +51,23 @@ def exit_quietly_on_signals() -> None:
 
 
 def group_options(conf_dir: Path, group: str) -> list[str]:
-    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+    return list(options(group, conf_dir))
+
+
+def options_in(directories: list[Path], group: str) -> list[str]:
+    return [option for directory in directories for option in options(group, directory)]
+
+
+def search_path(overrides: list[Override]) -> list[Path]:
+    """The directories ``hydra.searchpath=[file://...]`` adds to conf/: options of a user's
+    own (a flow class of theirs and its YAML file) are options like the project's."""
+    return [
+        Path(str(entry).removeprefix("file://"))
+        for override in overrides
+        if override.key_or_group == "hydra.searchpath"
+        for entry in (override.value() or [])
+        if str(entry).startswith("file://")
+    ]
 
 
 def parse(args: Sequence[str]) -> list[Override] | None:
@@ -77,13 +94,15 @@ def check_group_choices(args: Sequence[str], conf_dir: Path) -> None:
     """Reject ``group=option`` for an option that does not exist, naming the choices, and
     ``~group`` for a group every run needs (before composing: the defaults list names a
     recipe by ``${experiment}_${dataset}``, which Hydra cannot resolve without the group)."""
-    for override in parse(args) or []:
+    parsed = parse(args) or []
+    extra = search_path(parsed)
+    for override in parsed:
         group = override.key_or_group
         if group not in USER_GROUPS:
             continue
         if override.is_delete() and group != "experiment":
             fail(f"{group}: has no value (removed with ~{group}?); every run needs it")
-        allowed = group_options(conf_dir, group)
+        allowed = sorted({*group_options(conf_dir, group), *options_in(extra, group)})
         for option in values(override) or []:
             if option not in ("", "null") and option not in allowed:
                 fail(f"{group}={option}: unknown {group}; choose one of: {', '.join(allowed)}")
@@ -103,11 +122,11 @@ def every_value_of_each_sweep(args: Sequence[str]) -> list[list[str]]:
         if v is not None
     ]
     jobs = [base]
-    for override, options in swept:
-        if not override.is_sweep_override() or options is None:
+    for override, swept_values in swept:
+        if not override.is_sweep_override() or swept_values is None:
             continue
-        first = f"{override.get_key_element()}={options[0]}"
-        for option in options[1:]:
+        first = f"{override.get_key_element()}={swept_values[0]}"
+        for option in swept_values[1:]:
             jobs.append(
                 [f"{override.get_key_element()}={option}" if a == first else a for a in base]
             )
@@ -279,7 +298,9 @@ def preflight(
     if any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c") for a in argv):
         return None
     check_group_choices([a for a in argv if not a.startswith("-")], conf_dir)  # with ~group
-    # Launcher and other hydra.* settings are Hydra's own; the job config is checked here.
+    # Launcher and other hydra.* settings are Hydra's own; the job config is checked here,
+    # composed from the search path the command line gives (a user's own conf directory).
+    where = [a for a in overrides if a.lstrip("+").startswith("hydra.searchpath=")]
     overrides = [a for a in overrides if not a.lstrip("+").startswith("hydra")]
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf, open_dict
@@ -292,7 +313,7 @@ def preflight(
     try:
         # Every value of a multirun's lists, not only the first job's: a bad later value
         # must not fail after the first jobs have run.
-        composed = [compose(job, config_name, return_hydra_config=True) for job in jobs]
+        composed = [compose([*job, *where], config_name, return_hydra_config=True) for job in jobs]
     except Exception as error:  # composition: unknown key, wrong type, bad syntax
         fail(composition_error(error))
     finally:

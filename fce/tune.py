@@ -35,7 +35,6 @@ from fce.tracking import TrackingError, tracking_uri
 
 ROOT = CONF_DIR.parent
 
-CONF = ROOT / "conf"
 SPACES = ROOT / "sweeps" / "spaces"
 DEFAULTS = ROOT / "sweeps" / "defaults.yaml"
 
@@ -106,7 +105,7 @@ def main(argv: list[str]) -> None:
     if len(names) != 1:
         spaces = ", ".join(sorted(p.stem for p in SPACES.glob("*.yaml")))
         fail(f"sweep=<space> is required once; choose one of: {spaces} (--help for more)")
-    check_group_choices(run_overrides, CONF)
+    check_group_choices(run_overrides, CONF_DIR)
     setup_logging()
     try:
         from fce.sweep_space import check_space_against_run, load_sweep
@@ -117,7 +116,7 @@ def main(argv: list[str]) -> None:
             compose(run_overrides)
         except Exception as error:  # composition: unknown key, wrong type
             raise ConfigError(composition_error(error)) from None
-        check_space_against_run(settings, compose, run_overrides, CONF)
+        check_space_against_run(settings, compose, run_overrides, CONF_DIR)
         uri = compose(run_overrides).tracking.get("uri")
         check_store(uri)
         check_study_storage(

@@ -23,7 +23,7 @@ from fce.factory import build_trainer, instantiate_node, target_of
 from fce.flows import Flow, Transform
 from fce.preflight import group_options
 from fce.schema import SCHEMAS
-from tests.helpers import ROOT, TINY, TINY_FLOW
+from tests.helpers import ROOT, TINY, TINY_FLOW, run_cli
 
 CONF = ROOT / "conf"
 
@@ -281,3 +281,33 @@ def test_a_new_flow_is_its_class_and_its_yaml(tmp_path):
     assert trainer.step == cfg.train.max_steps and math.isfinite(metrics["nll_flow"])
     with pytest.raises(ConfigError, match=r"^flow.scael: no such setting of .*ToyFlow; it takes"):
         build_trainer(compose_cfg(["flow=toy", where, "+flow.scael=1"]), torch.device("cpu"))
+    # And from the command line, as a user adds one.
+    done = run_cli(["flow=toy", where, *TINY, "device=cpu", "tracking=none"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "toy on 8gaussians" in done.stderr + done.stdout
+
+
+def test_hydras_copy_of_a_run_config_gets_its_names_from_the_choices_beside_it(tmp_path):
+    # A run killed before fce wrote its config.yaml has only Hydra's copy, written before the
+    # job named its options; resuming it reads the names from .hydra/hydra.yaml.
+    from fce.config import load_run_config
+
+    cfg = compose_cfg(["flow=maf", "threshold=ema"])
+    hydra_dir = tmp_path / ".hydra"
+    hydra_dir.mkdir()
+    saved = OmegaConf.to_container(cfg)
+    for group in ("dataset", "flow", "optimizer", "threshold", "schedule", "estimator"):
+        saved[group]["name"] = f"${{hydra:runtime.choices.{group}}}"
+    (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    choices = {"flow": "maf", "threshold": "ema", "dataset": "8gaussians", "optimizer": "adam"}
+    choices |= {"schedule": "constant", "estimator": "fce"}
+    (hydra_dir / "hydra.yaml").write_text(
+        OmegaConf.to_yaml({"hydra": {"runtime": {"choices": choices}}})
+    )
+    loaded = load_run_config(hydra_dir / "config.yaml")
+    assert (loaded.flow.name, loaded.threshold.name, loaded.estimator.name) == (
+        "maf",
+        "ema",
+        "fce",
+    )
+    assert user_settings(upgrade(loaded)) == user_settings(cfg)

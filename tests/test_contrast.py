@@ -322,5 +322,11 @@ def test_nce_can_contrast_with_a_fixed_flow_on_a_widened_base():
     expected = MultivariateNormal(torch.zeros(2, dtype=torch.float64), 2.5**2 * torch.eye(2))
     torch.testing.assert_close(noise.log_prob(x), expected.log_prob(u.double()) + log_det)
     assert noise_model(players, "flow", 1.0) is flow  # T = 1: the flow as trained
+    # Its checkpoint holds the flow as trained, under the flow's own keys: another run can
+    # load it as its noise_checkpoint, and widen it (or not) by its own base_scale.
+    assert noise.state_dict().keys() == flow.state_dict().keys()
+    other = bent_spline(seed=1)
+    WidenedFlow(other, 3.0).load_state_dict(noise.state_dict())
+    torch.testing.assert_close(other.log_prob(x), flow.log_prob(x))
     with pytest.raises(ConfigError, match=r"estimator.base_scale=2.0: widens a flow's base"):
         validate(compose([*SMALL, "estimator=nce", "estimator.base_scale=2"]))

@@ -63,7 +63,7 @@ class Estimator(ABC):
     """An objective, the models it moves, and the order it moves them in.
 
     Class attributes:
-        name: the ``estimator.name`` that selects it.
+        name: its option's name (``estimator=<name>``), in run names and figures.
         objective: the signal that must stay finite; ``objective_label`` names it in errors.
         signals: the per-step signals ``step`` returns, as logged.
         uses_noise: whether ``step`` needs a draw of base noise z.

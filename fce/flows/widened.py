@@ -9,6 +9,8 @@ w = T z. T > 1 spreads the flow's samples beyond the data: a contrast for FCE's 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 from torch import Tensor
 
@@ -36,3 +38,11 @@ class WidenedFlow(Flow):
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
         x, log_det = self.flow.inverse(z * self.scale)
         return x, log_det + self.log_scale_total
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The flow's own: a run whose model is a widened flow (NCE's noise) saves the flow as
+        trained, which any run can then load as its ``estimator.noise_checkpoint``."""
+        return self.flow.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+        return self.flow.load_state_dict(state_dict, *args, **kwargs)
