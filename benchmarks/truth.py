@@ -48,6 +48,8 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -324,6 +326,9 @@ def main() -> None:
     jobs = [job(d, s) for d, s in pending]
     runs = []
     context = multiprocessing.get_context("spawn")
+    # A kill (SIGTERM) of this process ends its runs too: raised here as SystemExit, it leaves
+    # the pool's ``with``, which terminates the workers (else they would train on, orphaned).
+    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
     with context.Pool(args.jobs, maxtasksperchild=1) as pool:
         for run in pool.imap_unordered(one_run, jobs):
             run["label"] = args.label
