@@ -6,6 +6,7 @@
     python benchmarks/speed.py --run-only      # only the default `python run.py`
     python benchmarks/speed.py --truth --json > benchmarks/results/speed_truth.json
     python benchmarks/speed.py --truth --baseline-spline /tmp/spline_before.py --json > ...
+    python benchmarks/speed.py --truth --compiled   # and the passes under torch.compile
     python benchmarks/speed.py --report benchmarks/results/speed_truth.json   # its table
     python benchmarks/speed.py --report benchmarks/results/speed_truth.json --write  # in docs
 
@@ -274,7 +275,12 @@ def spline_class(cls):
 
 
 def measure_truth(
-    threads: int, rounds: int, per_round: int, baseline: Path | None, overrides: list[str]
+    threads: int,
+    rounds: int,
+    per_round: int,
+    baseline: Path | None,
+    overrides: list[str],
+    compiled: bool = False,
 ) -> dict:
     """The truth recipe's steps and frozen passes, per-thread CPU ms (medians of single
     calls over ``rounds`` rounds of ``per_round`` calls of each), for the current spline and
@@ -312,6 +318,9 @@ def measure_truth(
 
     calls = {name: cases(trainer) for name, trainer in trainers.items()}
     ops = {name: aten_calls(calls[name]["frozen_passes"]) for name in calls}
+    if compiled:  # on a copy: its flow step leaves the timed trainers as they were
+        fused, compile_cost = compiled_passes(copy.deepcopy(probe), x, z)
+        calls["compiled"] = {"frozen_passes": lambda: fused(x, z)}
     cpu = {name: {case: [] for case in calls[name]} for name in calls}
     wall = copy.deepcopy(cpu)
     matmul = []
@@ -345,12 +354,46 @@ def measure_truth(
             entry[f"{case}_ms"] = ms
             entry[f"{case}_wall_ms"] = statistics.median(wall[name][case]) * 1e3
             entry[f"{case}_efficiency"] = flops[case] / (ms / 1e3) / rate
+        if name == "compiled":
+            entry.update(compile_cost)
+            result["compiled"] = entry
+            continue
         entry["frozen_passes_aten_calls"] = ops[name]
         result["splines"][name] = entry
     if baseline is not None:
         old, new = result["splines"]["baseline"], result["splines"]["current"]
         result["speedup"] = {case: old[f"{case}_ms"] / new[f"{case}_ms"] for case in flops}
     return result
+
+
+def compiled_passes(trainer, x, z) -> tuple:
+    """The frozen passes of ``trainer``'s flow under ``torch.compile`` (one graph, static
+    shapes), and what compiling cost: the first call's wall and CPU seconds (inductor's cache,
+    $TORCHINDUCTOR_CACHE_DIR, makes a second process's compile cheaper), whether it compiled
+    again after a flow step, and its largest difference from the eager passes."""
+    import torch
+
+    flow = trainer.flow
+
+    def passes(x, z):
+        with torch.no_grad():
+            return flow.log_prob(x), flow.transform_noise(z)
+
+    fused = torch.compile(passes, dynamic=False, fullgraph=True)
+    started, started_cpu = time.perf_counter(), time.process_time()
+    out = fused(x, z)
+    cost = {
+        "compile_wall_s": time.perf_counter() - started,
+        "compile_cpu_s": time.process_time() - started_cpu,
+    }
+    eager = passes(x, z)
+    pairs = [(out[0], eager[0]), (out[1][0], eager[1][0]), (out[1][1], eager[1][1])]
+    cost["max_abs_diff"] = max((a - b).abs().max().item() for a, b in pairs)
+    trainer.estimator.flow_step(x, z)  # the parameters move in place: no new graph
+    started = time.perf_counter()
+    fused(x, z)
+    cost["first_call_after_flow_step_s"] = time.perf_counter() - started
+    return fused, cost
 
 
 def aten_calls(fn) -> int:
@@ -451,6 +494,16 @@ def truth_table(report: dict) -> str:
         if name in truth["splines"]
     ]
     lines.append(f"ATen operators dispatched by the two frozen passes: {', '.join(counts)}.")
+    if "compiled" in truth:
+        fused = truth["compiled"]
+        eager = truth["splines"]["current"]["frozen_passes_ms"]
+        lines.append(
+            f"Under `torch.compile` (`--compiled`) the frozen passes took "
+            f"{fused['frozen_passes_ms']:.2f} ms ({eager / fused['frozen_passes_ms']:.2f}x, "
+            f"efficiency {fused['frozen_passes_efficiency']:.2f}); compiling took "
+            f"{fused['compile_wall_s']:.1f} s wall, {fused['compile_cpu_s']:.1f} s CPU in the "
+            f"process; largest difference from eager {fused['max_abs_diff']:.1e}."
+        )
     if "runs" in report:
         runs = report["runs"]
         parts = []
@@ -491,6 +544,11 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=20, help="with --truth: rounds")
     parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="with --truth: also time the frozen passes under torch.compile, and its cost",
+    )
+    parser.add_argument(
         "--per-round", type=int, default=5, help="with --truth: calls of each per round"
     )
     parser.add_argument(
@@ -520,6 +578,8 @@ def main() -> None:
         raise SystemExit(write(REGIONS, "speed.py"))
     if args.run_only and args.skip_run:
         parser.error("--run-only and --skip-run exclude each other")
+    if args.compiled and not args.truth:
+        parser.error("--compiled needs --truth")
     if args.baseline_spline and not args.truth:
         parser.error("--baseline-spline needs --truth")
     if args.baseline_spline and not args.baseline_spline.is_file():
@@ -537,7 +597,12 @@ def main() -> None:
     if args.truth:
         report = {
             "truth": measure_truth(
-                args.threads, args.rounds, args.per_round, args.baseline_spline, args.overrides
+                args.threads,
+                args.rounds,
+                args.per_round,
+                args.baseline_spline,
+                args.overrides,
+                compiled=args.compiled,
             )
         }
         if args.run_steps:
