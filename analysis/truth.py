@@ -242,3 +242,45 @@ def paired_table(runs: list[dict], a: str, b: str, metric: str | None = None) ->
         "'inf', not averaged; a pair without a value (a run that logged none) in neither."
     )
     return "\n".join(lines) + "\n\n" + note
+
+
+def both_models_table(
+    runs: list[dict], label: str, flow_label: str, ebm_bar: float = 0.05, flow_bar: float = 0.02
+) -> str:
+    """Issue 28's bar for one run giving both models, per dataset over the seeds ``label``
+    and ``flow_label`` (the flow trained alone by maximum likelihood) both ran: the EBM's
+    ``kl_data_ebm`` at most ``ebm_bar`` on each seed, and the run's own flow's
+    ``kl_data_flow`` at most ``flow_bar`` above flow-MLE's of the same seed."""
+    by_key = {(r["label"], r["dataset"], r["seed"]): r for r in runs}
+    lines = [
+        f"| dataset | seeds | EBM kl_data_ebm, per seed | EBM <= {ebm_bar} | flow "
+        f"kl_data_flow | flow-MLE's | worst flow - flow-MLE | flow within {flow_bar} | "
+        "longest run |",
+        "|" + "---|" * 9,
+    ]
+    for dataset in DATASET_NAMES:
+        seeds = sorted(
+            s
+            for (name, d, s) in by_key
+            if (name, d) == (label, dataset) and (flow_label, d, s) in by_key
+        )
+        if not seeds:
+            continue
+        mine = [by_key[label, dataset, s] for s in seeds]
+        alone = [by_key[flow_label, dataset, s] for s in seeds]
+        ebm = finals(mine, "kl_data_ebm")
+        flow, flow_mle = finals(mine, "kl_data_flow"), finals(alone, "kl_data_flow")
+        gaps = [f - m for f, m in zip(flow, flow_mle, strict=True)]
+        cells = [
+            dataset,
+            str(len(seeds)),
+            " ".join(f"s{s}:{v:.3f}" for s, v in zip(seeds, ebm, strict=True)),
+            f"{sum(v <= ebm_bar for v in ebm)}/{len(ebm)}",
+            spread(flow),
+            spread(flow_mle),
+            f"{max(gaps):+.4f}",
+            f"{sum(g <= flow_bar for g in gaps)}/{len(gaps)}",
+            f"{max(r['seconds'] for r in mine):.0f} s",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -12,7 +12,6 @@ A rerun benchmark changes its results; this command then remakes the tables, nev
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import statistics
@@ -20,7 +19,17 @@ import sys
 from pathlib import Path
 
 from analysis.regions import Region, write
-from analysis.truth import equal_time_table, finals, first_reach, spread, table
+from analysis.truth import (
+    both_models_table,
+    divergences_table,
+    equal_time_table,
+    finals,
+    first_reach,
+    paired_table,
+    spread,
+    spread_or_inf,
+    table,
+)
 from fce.config import DATASET_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,35 +117,6 @@ def reference_timeline() -> str:
     return "\n".join(lines) + "\n"
 
 
-def comparison_rows() -> dict[str, dict[str, str]]:
-    with open(FIGURES / "compare.csv", newline="") as handle:
-        return {row["dataset"]: row for row in csv.DictReader(handle)}
-
-
-def whole_nats(cell: str) -> str:
-    """``mean ± std`` with whole nats where the mean is 100 or more (a collapsed flow)."""
-    mean, _, std = cell.partition(" ± ")
-    if not std or abs(float(mean)) < 100:
-        return cell
-    return f"{float(mean):.0f} ± {float(std):.0f}"
-
-
-def reference_settings() -> str:
-    """README's: the KL of each model at the reference's settings, from the comparison."""
-    columns = {
-        "EBM by FCE": "kl_data_ebm FCE",
-        "EBM by NCE": "kl_data_ebm NCE",
-        "flow by FCE": "kl_data_flow FCE",
-        "flow by MLE": "kl_data_flow MLE",
-    }
-    found = comparison_rows()
-    lines = ["| dataset | " + " | ".join(columns) + " |", "|" + "---|" * (1 + len(columns))]
-    for dataset in [d for d in DATASET_NAMES if d in found]:
-        cells = [whole_nats(found[dataset][key]) for key in columns.values()]
-        lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def figure_table(name: str):
     """A table sweeps/compare.py or analysis/figures.py wrote into docs/figures/, as it is."""
     return lambda: (FIGURES / name).read_text()
@@ -146,9 +126,63 @@ def truth_table(*names: str):
     return lambda: table(runs(*names)) + "\n"
 
 
+# Issue 28's study: seeds 0-4, every estimator on the truth recipe (docs/truth.md).
+STUDY = (
+    "truth28_fce",
+    "truth28_flow_mle",
+    "truth28_both",
+    "truth28_nce",
+    "truth28_nce_flow",
+    "truth28_nce_flow_wide",
+    "truth28_nce_time",
+    "truth28_mle",
+    "truth28_both_timed",
+)
+
+
+def study_runs() -> list[dict]:
+    return runs(*(name for name in STUDY if (RESULTS / f"{name}.json").exists()))
+
+
+def paired(*comparisons: tuple[str, str, str]):
+    """Paired tables of the study, one per (label A, label B, metric), one after another."""
+    return lambda: "\n\n".join(paired_table(study_runs(), *c) for c in comparisons) + "\n"
+
+
+def study_summary() -> str:
+    """README's: both models of FCE, of the covering recipe and of the baselines, in both
+    directions, over the study's seeds."""
+    found = study_runs()
+    columns = [
+        ("fce", "kl_data_ebm", "FCE's EBM"),
+        ("nce", "kl_data_ebm", "NCE's EBM"),
+        ("truth_both", "kl_data_ebm", "truth_both's EBM"),
+        ("fce", "kl_data_flow", "FCE's flow"),
+        ("flow_mle", "kl_data_flow", "flow-MLE"),
+        ("fce", "kl_flow_data", "FCE's flow, KL(q‖p)"),
+        ("flow_mle", "kl_flow_data", "flow-MLE, KL(q‖p)"),
+    ]
+    lines = [
+        "| dataset | " + " | ".join(title for *_, title in columns) + " |",
+        "|" + "---|" * (1 + len(columns)),
+    ]
+    for dataset in DATASET_NAMES:
+        cells = [dataset]
+        for label, metric, _ in columns:
+            cells.append(spread_or_inf(finals(by_dataset(found, label, dataset), metric)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def study_cost() -> str:
+    """Each estimator's run time and time to 0.05 nats, per dataset (``table`` of the runs
+    whose times were measured side by side: two jobs on the two cores)."""
+    timed = {"fce", "nce", "nce-time", "truth_both-timed"}
+    return table([r for r in study_runs() if r["label"] in timed]) + "\n"
+
+
 REGIONS = [
     Region(README, "truth summary", COMMAND, truth_summary),
-    Region(README, "reference settings", COMMAND, reference_settings),
     Region(DOCS / "truth.md", "truth", COMMAND, truth_table("truth_fce")),
     Region(
         DOCS / "truth.md",
@@ -165,6 +199,55 @@ REGIONS = [
     Region(DOCS / "truth.md", "truth flows", COMMAND, flows, indent="  "),
     Region(DOCS / "truth.md", "truth reference", COMMAND, truth_table("truth_reference")),
     Region(DOCS / "truth.md", "truth reference timeline", COMMAND, reference_timeline),
+    Region(README, "truth28 summary", COMMAND, study_summary),
+    Region(
+        DOCS / "truth.md",
+        "truth28 divergences",
+        COMMAND,
+        lambda: divergences_table(study_runs()) + "\n",
+    ),
+    Region(
+        DOCS / "truth.md",
+        "truth28 both",
+        COMMAND,
+        lambda: both_models_table(study_runs(), "truth_both", "flow_mle") + "\n",
+    ),
+    Region(
+        DOCS / "truth.md",
+        "truth28 paper",
+        COMMAND,
+        paired(
+            ("fce", "flow_mle", "kl_flow_data"),
+            ("fce", "flow_mle", "js_flow_data"),
+            ("fce", "flow_mle", "kl_data_flow"),
+        ),
+    ),
+    Region(
+        DOCS / "truth.md",
+        "truth28 baselines",
+        COMMAND,
+        paired(
+            ("fce", "nce", "kl_data_ebm"),
+            ("nce-flow", "nce", "kl_data_ebm"),
+            ("nce-flow-wide", "nce", "kl_data_ebm"),
+            ("fce", "mle-64", "kl_data_ebm"),
+            ("truth_both", "nce", "kl_data_ebm"),
+        ),
+    ),
+    Region(
+        DOCS / "truth.md",
+        "truth28 equal time",
+        COMMAND,
+        lambda: (
+            paired_table(study_runs(), "fce", "nce-time", "kl_data_ebm")
+            + "\n\n"
+            + equal_time_table(
+                [r for r in study_runs() if r["label"] in ("fce", "nce-time")], "fce"
+            )
+            + "\n"
+        ),
+    ),
+    Region(DOCS / "truth.md", "truth28 cost", COMMAND, study_cost),
     Region(DOCS / "comparison.md", "comparison", COMMAND, figure_table("compare.md")),
     Region(DOCS / "results.md", "results", COMMAND, figure_table("results.md")),
 ]
