@@ -135,7 +135,6 @@ STUDY = (
     "truth28_nce_flow",
     "truth28_nce_flow_wide",
     "truth28_nce_time",
-    "truth28_mle",
     "truth28_both_timed",
 )
 
@@ -230,7 +229,6 @@ REGIONS = [
             ("fce", "nce", "kl_data_ebm"),
             ("nce-flow", "nce", "kl_data_ebm"),
             ("nce-flow-wide", "nce", "kl_data_ebm"),
-            ("fce", "mle-64", "kl_data_ebm"),
             ("truth_both", "nce", "kl_data_ebm"),
         ),
     ),
