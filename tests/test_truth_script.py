@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.helpers import ROOT
+from tests.helpers import HANG_GUARD_S, ROOT
 
 SCRIPT = ROOT / "benchmarks" / "truth.py"
 TINY = [
@@ -322,7 +322,7 @@ def test_a_killed_batch_takes_its_runs_with_it(tmp_path):
         assert workers, "the batch started no worker within 2 minutes"
         time.sleep(3)  # the worker is training now, not starting up
         batch.send_signal(signal.SIGTERM)
-        assert batch.wait(timeout=60) == 128 + signal.SIGTERM
+        assert batch.wait(timeout=HANG_GUARD_S) == 128 + signal.SIGTERM
         deadline = time.monotonic() + 30
         while any(alive(p) for p in workers) and time.monotonic() < deadline:
             time.sleep(0.2)
