@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig, open_dict
 
-from fce.config import CONF_DIR, name_options, no_such_setting, register_configs
+from fce.config import CONF_DIR, HELP, name_options, no_such_setting, register_configs
 from fce.errors import first_line
 
 _lock = threading.Lock()
@@ -54,6 +54,17 @@ def composition_error(error: BaseException) -> str:
     An override of a key the config lacks is "no such setting" with the nearest known key, as
     for ``+key=value``: Hydra's advice to append it with ``+`` only leads to that error.
     """
+    # ~key: every setting is typed and every run needs it (groups: fce.preflight)
+    removed = re.match(r"Could not delete from config\. '([^']+)' does not exist", str(error))
+    deleting = re.match(r"Error merging override ~(\S+)$", str(error))
+    if not removed and deleting and "does not support deletion" in str(error.__cause__):
+        removed = deleting
+    if removed:
+        key = removed.group(1)
+        return (
+            f"~{key}: a setting cannot be removed, only set ({key}=<value>; null where it "
+            f"may be unset); {HELP} lists the settings"
+        )
     unknown = re.match(r"Could not override '([^']+)'", str(error))
     cause = error.__cause__
     root = getattr(cause, "parent_node", None)

@@ -294,7 +294,7 @@ def preflight(
     fraction of a second, before any job starts. Returns the overrides of the one job a
     single run composes from them (validated here), None for a grid or an informational flag.
     """
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    overrides = [a for a in argv if ("=" in a or a.startswith("~")) and not a.startswith("-")]
     if any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c") for a in argv):
         return None
     check_group_choices([a for a in argv if not a.startswith("-")], conf_dir)  # with ~group

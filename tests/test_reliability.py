@@ -126,6 +126,11 @@ RUN_BAD_INPUTS = [
     ("removed-seed", ["~seed"], "seed: has no value (removed with ~seed?)"),
     ("removed-dataset", ["~dataset"], "(removed with ~dataset?)"),
     ("removed-train", ["~train"], "train: has no value (removed with ~train?)"),
+    # A setting removed with ~ (one set, one null, one unknown): Hydra's errors differ and
+    # span lines; one line says settings are set, never removed.
+    ("removed-setting", ["~train.batch_size"], "~train.batch_size: a setting cannot be removed"),
+    ("removed-null-setting", ["~train.max_steps"], "~train.max_steps: a setting cannot be"),
+    ("removed-unknown", ["~train.nosuch"], "~train.nosuch: a setting cannot be removed, only"),
     # Values that passed validation and then crashed inside torch.
     ("seed-too-big", ["seed=1180591620717411303424"], "seed=1180591620717411303424: must be"),
     ("seed-negative", ["seed=-1"], "seed=-1: must be an integer in [0, 2**63 - 1]"),
