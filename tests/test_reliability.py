@@ -18,7 +18,19 @@ import pytest
 import torch
 
 from fce import checkpoint
-from tests.helpers import HANG_GUARD_S, TINY, TINY_FLOW, run_cli, runs, start_cli, store_uri
+from tests.helpers import (
+    HANG_GUARD_S,
+    TINY,
+    TINY_FLOW,
+    children,
+    proc_cmdline,
+    proc_stat,
+    run_cli,
+    runs,
+    start_cli,
+    store_uri,
+    wait_gone,
+)
 
 TUNE = "sweeps/tune.py"
 A_SPACE = "sweep=threshold_lr"
@@ -610,11 +622,6 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_metrics(uninterrupted, 
     assert histories(uri, resumed.info.run_id) == expected
 
 
-def proc_stat(pid: int) -> list[str]:
-    """Fields 3 onwards of /proc/<pid>/stat: state first, start time at index 19."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
 def test_runs_whose_process_is_gone_are_marked_killed_by_the_next_start(tmp_path, empty_store):
     """Host and pid are run tags; a new run against the store ends the dead ones, in every
     experiment of the store."""
@@ -759,25 +766,6 @@ def test_same_seed_and_config_give_identical_metrics_in_two_processes(tmp_path, 
 # --- a study's driver stopped or killed ----------------------------------------------------------
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return proc_stat(pid)[0] != "Z"
-    except OSError:
-        return False
-
-
 def start_two_worker_study(
     tmp_path: Path, n_trials: int = 2, steps: int = 1000000, new_session: bool = False
 ) -> tuple[subprocess.Popen, list[int]]:
@@ -816,20 +804,6 @@ def trials_with_runs(db: Path) -> int:
             return connection.execute(query).fetchone()[0]
     except sqlite3.OperationalError:  # its tables not made yet
         return 0
-
-
-def proc_cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def wait_gone(pids: list[int], seconds: float) -> list[int]:
-    deadline = time.monotonic() + seconds
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return [p for p in pids if alive(p)]
 
 
 @pytest.mark.slow

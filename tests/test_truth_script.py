@@ -8,9 +8,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from tests.helpers import HANG_GUARD_S, ROOT
+from tests.helpers import HANG_GUARD_S, ROOT, children, proc_cmdline, wait_gone
 
 SCRIPT = ROOT / "benchmarks" / "truth.py"
 TINY = [
@@ -318,45 +317,13 @@ def test_a_killed_batch_takes_its_runs_with_it(tmp_path):
         deadline = time.monotonic() + 120
         while not workers and time.monotonic() < deadline:
             time.sleep(0.5)
-            workers = [p for p in children(batch.pid) if "spawn_main" in command(p)]
+            workers = [p for p in children(batch.pid) if "spawn_main" in proc_cmdline(p)]
         assert workers, "the batch started no worker within 2 minutes"
         time.sleep(3)  # the worker is training now, not starting up
         batch.send_signal(signal.SIGTERM)
         assert batch.wait(timeout=HANG_GUARD_S) == 128 + signal.SIGTERM
-        deadline = time.monotonic() + 30
-        while any(alive(p) for p in workers) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not any(alive(p) for p in workers), "a worker outlived its killed batch"
+        assert wait_gone(workers, 30) == [], "a worker outlived its killed batch"
         assert not (tmp_path / "truth.json").exists()  # no run finished: nothing recorded
     finally:
         if batch.poll() is None:
             batch.kill()
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def command(pid: int) -> str:
-    try:
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def alive(pid: int) -> bool:
-    """Running, not a zombie waiting for its parent to reap it."""
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
