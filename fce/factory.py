@@ -7,6 +7,7 @@ decides the order (which fixes the random initialisation) and wires the parts to
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,13 @@ from fce.data import make_generator
 from fce.errors import ConfigError
 from fce.estimators import Estimator, Players
 from fce.flows import Flow
+from fce.flows.fused import should_compile
 from fce.metrics import Evaluator, Grid
 from fce.recording import Tracker
 from fce.schedule import Schedule
 from fce.trainer import Callback, LoopSettings, Trainer
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -131,6 +135,11 @@ def build(cfg: RunConfig, device: torch.device) -> RunParts:
         seed=cfg.seed,
         ema_decay=cfg.train.ema_decay,
     )
+    steps = settings.total_steps(train_data.shape[0])
+    mode = cfg.train.compile
+    if should_compile(mode, estimator.flow, steps, estimator.makes_passes):
+        estimator.fuse_passes()
+        log.info("train.compile=%s: the %s flow's no-grad passes compiled", mode, flow.name)
     schedule = instantiate_node(cfg.schedule, "schedule")
     return RunParts(estimator, train_data.to(device), evaluator, settings, schedule)
 

@@ -151,6 +151,15 @@ class Flag:
 
 
 @dataclass(frozen=True)
+class Switch:
+    """true, false or auto (what the run decides where it pays)."""
+
+    def __call__(self, key: str, value: Any) -> None:
+        if not (isinstance(value, bool) or value == "auto"):
+            raise ConfigError(f"{key}={value!r}: unknown; choose one of: true, false, auto")
+
+
+@dataclass(frozen=True)
 class Name:
     """A non-empty string."""
 
@@ -419,6 +428,8 @@ class TrainConfig:
     # EMA of the EBM's weights, evaluated instead of them
     ema_decay: float = checked(Interval(0.0, 1.0, "[)", note="0 turns it off"))
     resume: str | None = MISSING
+    # the flow's no-grad passes under torch.compile (fce.flows.fused): true, false or auto
+    compile: Any = checked(Switch())
 
 
 @dataclass

@@ -85,6 +85,11 @@ class LoopSettings:
     seed: int
     ema_decay: float = 0.0
 
+    def total_steps(self, n_data: int) -> int:
+        """The steps of a run on ``n_data`` training points."""
+        total = self.epochs * (n_data // self.batch_size)
+        return total if self.max_steps is None else min(total, self.max_steps)
+
 
 class Trainer:
     """Plays the estimator's game from ``step`` to ``total_steps`` and keeps its state.
@@ -117,8 +122,7 @@ class Trainer:
         )
         self.device = train_data.device
         self.batches_per_epoch = train_data.shape[0] // settings.batch_size
-        total = settings.epochs * self.batches_per_epoch
-        self.total_steps = total if settings.max_steps is None else min(total, settings.max_steps)
+        self.total_steps = settings.total_steps(train_data.shape[0])
         # Progress state (all of it goes into checkpoints, with the estimator's).
         self.step = 0
         self.flow_steps = 0

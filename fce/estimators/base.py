@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from fce.ebm import EBM
 from fce.flows import Flow, FrozenFlow
+from fce.flows.fused import FusedPasses
 from fce.optim import Optimizers
 from fce.threshold import FixedThreshold
 
@@ -71,6 +72,8 @@ class Estimator(ABC):
         evaluates_ebm: whether the EBM's metrics mean anything (is it trained?).
         evaluates_flow: whether the flow's metrics mean anything (is it trained, or a chosen
             noise?).
+        makes_passes: whether ``step`` runs the flow as a fixed contrast (``frozen_flow``),
+            the passes ``train.compile`` fuses.
         bounded_metrics: evaluation metrics of the trained model that mark a divergence when
             beyond ``fce.trainer.DIVERGENCE_BOUND`` (finite, but absurd).
         panel_titles: (flow, EBM) titles of the density panels.
@@ -87,6 +90,7 @@ class Estimator(ABC):
     uses_rule: ClassVar[bool] = False
     evaluates_ebm: ClassVar[bool] = True
     evaluates_flow: ClassVar[bool] = True
+    makes_passes: ClassVar[bool] = False
     bounded_metrics: ClassVar[tuple[str, ...]] = ("nll_ebm", "logz_gap")
     score_metric: ClassVar[str] = "nll_ebm"
     panel_titles: ClassVar[tuple[str, str]] = ("Flow", "EBM")
@@ -103,7 +107,8 @@ class Estimator(ABC):
         self.ebm = players.ebm
         self.flow = players.flow
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        self._frozen: FrozenFlow | None = None
+        self._frozen: FrozenFlow | FusedPasses | None = None
+        self._fused: FusedPasses | None = None
 
     @classmethod
     def model_label(cls, settings: Any, flow: str) -> str:
@@ -136,9 +141,19 @@ class Estimator(ABC):
         """Restore ``state_dict`` from a checkpoint, whose models are loaded already."""
         self._frozen = None
 
-    def frozen_flow(self) -> FrozenFlow:
+    def fuse_passes(self, backend: str | Any = "inductor") -> None:
+        """From now on, run ``frozen_flow``'s passes compiled (``train.compile``): one graph of
+        the live flow, never stale, so never remade."""
+        if self._fused is None or self._fused.flow is not self.flow:
+            self._fused = FusedPasses(self.flow, backend)
+        self._frozen = None
+
+    def frozen_flow(self) -> FrozenFlow | FusedPasses:
         """The flow as a fixed contrast: folded once and reused until the flow moves again
-        (most of an FCE game's steps are EBM steps, many in a row)."""
+        (most of an FCE game's steps are EBM steps, many in a row); or, fused, the live
+        flow's compiled passes."""
+        if self._fused is not None:
+            return self._fused
         if self._frozen is None:
             self._frozen = self.flow.frozen()
         return self._frozen

@@ -62,6 +62,7 @@ class FCE(Estimator):
 
     name = "fce"
     uses_rule = True
+    makes_passes = True
     objective = "value"
     signals = ("value", "acc", "trained_ebm")
 

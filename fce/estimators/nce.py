@@ -31,6 +31,7 @@ class NCE(Estimator):
     """
 
     name = "nce"
+    makes_passes = True
     objective = "value"
     signals = ("value", "acc", "trained_ebm")
     panel_titles = ("Noise (fixed)", "EBM")

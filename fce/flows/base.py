@@ -73,6 +73,9 @@ class Flow(nn.Module):
     """
 
     name = "flow"
+    # Whether compiling its no-grad passes pays (``train.compile=auto``, ``fce.flows.fused``):
+    # measured for the spline only.
+    compile_pays = False
 
     def __init__(self, transforms: list[Transform], dim: int = 2) -> None:
         super().__init__()

@@ -165,6 +165,7 @@ class Spline(Flow):
     """
 
     name = "spline"
+    compile_pays = True  # its passes are dozens of small elementwise operations
 
     def __init__(
         self,

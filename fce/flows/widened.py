@@ -30,6 +30,7 @@ class WidenedFlow(Flow):
         self.scale = float(scale)
         self.log_scale_total = flow.dim * math.log(self.scale)
         self.name = flow.name
+        self.compile_pays = flow.compile_pays
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         u, log_det = self.flow.forward(x)
