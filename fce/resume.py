@@ -27,7 +27,7 @@ from fce.config import (
 )
 
 if TYPE_CHECKING:
-    from fce.factory import RunParts
+    from fce.trainer import Trainer
 
 log = logging.getLogger("fce")
 
@@ -142,22 +142,22 @@ def load_resume(cfg: RunConfig) -> Resume | None:
     return Resume(output_dir, path, state, changed)
 
 
-def check_fits(parts: RunParts, resume: Resume) -> None:
-    """Raise ``ConfigError`` unless the checkpoint loads into this run's models and its step
-    is within this run's length: found before the tracked run is reopened, so a bad
-    checkpoint never turns a FINISHED run FAILED."""
+def load_into(trainer: Trainer, resume: Resume) -> None:
+    """Load the checkpoint into ``trainer`` (this run's, at step 0), once; raise
+    ``ConfigError`` unless it fits this run's models and its step is within this run's
+    length: found before the tracked run is reopened, so a bad checkpoint never turns a
+    FINISHED run FAILED."""
     where = f"train.resume={resume.path}"
-    probe = parts.trainer()
     try:
-        probe.load_state_dict(resume.state["trainer"])
+        trainer.load_state_dict(resume.state["trainer"])
     except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise ConfigError(f"{where}: the checkpoint does not fit this run ({reason})") from None
-    step = probe.step
+    step = trainer.step
     if not isinstance(step, int) or step < 0:
         raise ConfigError(f"{where}: the checkpoint's step {step!r} is not a step count")
-    if step > probe.total_steps:
+    if step > trainer.total_steps:
         raise ConfigError(
-            f"{where}: the checkpoint is at step {step}, beyond this run's {probe.total_steps} "
+            f"{where}: the checkpoint is at step {step}, beyond this run's {trainer.total_steps} "
             "steps; raise train.max_steps or train.epochs to continue it"
         )

@@ -27,7 +27,7 @@ from fce.factory import build, resolve_device, run_name
 from fce.interrupts import RunInterrupted, deferred_interrupts
 from fce.progress import Progress
 from fce.provenance import git_commit
-from fce.resume import Resume, check_fits, load_resume
+from fce.resume import Resume, load_into, load_resume
 from fce.tracking import NullTracker, Tracker, TrackingError, TrackingFault, flatten
 from fce.trainer import DivergenceError, StopRun, Trainer
 
@@ -160,9 +160,9 @@ def run(cfg: RunConfig, context: RunContext) -> dict[str, float]:
                     raise ConfigError(message) from None
                 except checkpoint.CheckpointError as error:
                     raise ConfigError(str(error)) from None
-                parts = build(cfg, device)
+                trainer = build(cfg, device).trainer()
                 if continued:
-                    check_fits(parts, resume)
+                    load_into(trainer, resume)
                 stop.check()
                 run_id = tracked_run(resume.state) if continued else None
                 tracker = open_tracker(cfg, context, run_id, output_dir, str(device))
@@ -172,7 +172,7 @@ def run(cfg: RunConfig, context: RunContext) -> dict[str, float]:
                 raise
             if context.on_run_created is not None and tracker.run_id is not None:
                 context.on_run_created(tracker.run_id)
-            return _train(cfg, context, parts, tracker, stop, output_dir, resume, started)
+            return _train(cfg, context, trainer, tracker, stop, output_dir, resume, started)
 
 
 def unwrite(output_dir: Path) -> None:
@@ -183,7 +183,7 @@ def unwrite(output_dir: Path) -> None:
         (output_dir / "checkpoints").rmdir()
 
 
-def _train(cfg, context, parts, tracker, stop, output_dir, resume, started) -> dict[str, float]:
+def _train(cfg, context, trainer, tracker, stop, output_dir, resume, started) -> dict[str, float]:
     """The run from its first step to its status; a signal is acted on at a step boundary,
     never in the middle of a store write, so the run always ends with a status."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -223,7 +223,7 @@ def _train(cfg, context, parts, tracker, stop, output_dir, resume, started) -> d
     callbacks.append(Checkpoints(save_checkpoint, cfg.train.checkpoint_every))
     if context.on_eval is not None:
         callbacks.append(OnEval(context.on_eval))
-    trainer = parts.trainer(tracker, callbacks)
+    trainer.attach(tracker, callbacks)
     status, final, error = "FAILED", {}, None
     try:
         if continued:
@@ -312,9 +312,9 @@ def keep_run_files(cfg: RunConfig, output_dir: Path) -> None:
 
 
 def _continue(trainer: Trainer, tracker: Tracker, resume: Resume) -> None:
-    """Load the checkpoint, record what changed, and log the steps the store lacks (its
-    writes failed before the checkpoint was saved; the tracker skips those it holds)."""
-    trainer.load_state_dict(resume.state["trainer"])
+    """Record what changed since the checkpoint (loaded already, ``load_into``), and log the
+    steps the store lacks (its writes failed before the checkpoint was saved; the tracker
+    skips those it holds)."""
     log.info("resuming from %s at step %d", resume.path, trainer.step)
     if resume.changed:
         changes = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in resume.changed.items())

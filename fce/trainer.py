@@ -315,6 +315,12 @@ class Trainer:
         }
         return copy.deepcopy(state)
 
+    def attach(self, tracker: Tracker, callbacks: list[Callback]) -> None:
+        """Log to ``tracker`` and call ``callbacks`` from now on (a run's trainer is built,
+        and a resumed one loaded, before its tracked run is opened)."""
+        self.tracker = tracker
+        self.callbacks = list(callbacks)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         estimator = self.estimator
         self.ebm.load_state_dict(state["ebm"])

@@ -465,3 +465,32 @@ def test_a_run_whose_directory_is_deleted_mid_run_says_so_and_keeps_its_config(t
     saved = (run_dir / "config.yaml").read_text()  # written again, as the run had it
     assert "max_steps: 400" in saved
     assert list((run_dir / "checkpoints").glob("step_0000400.pt"))
+
+
+def test_a_resume_in_process_loads_its_checkpoint_once_and_ends_as_the_whole_run(
+    tmp_path, monkeypatch
+):
+    """The run's own trainer takes the checkpoint (no probe trainer loads it first), and the
+    run resumed from step 40 ends with the metrics of the run that was never stopped."""
+    from fce.compose import compose
+    from fce.config import validate
+    from fce.train import RunContext, run
+    from fce.trainer import Trainer
+
+    settings = [*TINY, "tracking=none", "train.checkpoint_every=20"]
+
+    def job(name: str, *extra: str) -> dict[str, float]:
+        cfg = compose([*settings, *extra])
+        validate(cfg)
+        return run(cfg, RunContext(output_dir=tmp_path / name, project_root=tmp_path))
+
+    whole = job("whole")
+    job("stopped", "train.max_steps=40")
+    loads = []
+    original = Trainer.load_state_dict
+    monkeypatch.setattr(
+        Trainer, "load_state_dict", lambda self, state: loads.append(1) or original(self, state)
+    )
+    resumed = job("stopped", f"train.resume={tmp_path / 'stopped'}")
+    assert len(loads) == 1
+    assert resumed == whole
