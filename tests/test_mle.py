@@ -235,3 +235,15 @@ def test_a_bad_grid_setting_is_one_line_from_run_py(tmp_path):
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("error: ") and "estimator.jitter" in line and "maybe" in line
+
+
+def test_a_step_flushes_subnormal_floats_and_then_leaves_them_be():
+    """Inside MLE's step subnormal float32 values (the grid's tiny softmax weights, slow on
+    x86) are zero; after it, the process computes with them again, as other estimators do."""
+    from fce.estimators.mle import denormals_flushed
+
+    tiny = torch.tensor([1e-39], dtype=torch.float32)  # below float32's smallest normal
+    assert (tiny * 3).item() > 0
+    with denormals_flushed():
+        assert (tiny * 3).item() == 0.0
+    assert (tiny * 3).item() > 0
