@@ -246,6 +246,20 @@ REGIONS = [
         ),
     ),
     Region(DOCS / "truth.md", "truth28 cost", COMMAND, study_cost),
+    Region(
+        DOCS / "performance.md",
+        "truth25 cost",
+        COMMAND,
+        truth_table(
+            "truth25_fce",
+            "truth25_fce_compiled",
+            "truth25_nce",
+            "truth25_nce_flow",
+            "truth25_nce_flow_wide",
+            "truth25_nce_flow_time",
+            "truth25_nce_flow_wide_time",
+        ),
+    ),
     Region(DOCS / "comparison.md", "comparison", COMMAND, figure_table("compare.md")),
     Region(DOCS / "results.md", "results", COMMAND, figure_table("results.md")),
 ]

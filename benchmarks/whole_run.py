@@ -3,6 +3,7 @@
     python benchmarks/whole_run.py --out benchmarks/results/whole_run_truth.json
     python benchmarks/whole_run.py --datasets rings --seeds 0 estimator=nce estimator.noise=flow
     python benchmarks/whole_run.py --report benchmarks/results/whole_run_truth.json
+    python benchmarks/whole_run.py --report benchmarks/results/whole_run_truth.json --write
 
 For each (dataset, seed), three runs of ``python run.py experiment=truth dataset=D seed=S
 tracking=none`` plus the overrides given, one after the other, each in its own process with
@@ -18,7 +19,8 @@ Each time is the process's wall time, from launch to exit: imports, start-up, th
 training, evaluations and figures. The final ``kl_data_ebm`` and ``kl_data_flow`` are read from
 the run's last log line, so the table shows what compiling changed in the result (training
 is chaotic: fused kernels round differently, and 8,000 steps carry that into the third
-decimal). Run it with nothing else on the machine, or say what ran beside it.
+decimal). Run it with nothing else on the machine, or say what ran beside it. ``--write``
+puts the table of ``benchmarks/results/whole_run_truth.json`` in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -34,11 +36,20 @@ import tempfile
 import time
 from pathlib import Path
 
+from analysis.regions import Region, write
+from fce.config import DATASET_NAMES
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from fce.config import DATASET_NAMES  # noqa: E402
-
+RESULT = ROOT / "benchmarks" / "results" / "whole_run_truth.json"
+REGIONS = [
+    Region(
+        ROOT / "docs" / "performance.md",
+        "whole run truth",
+        "python benchmarks/whole_run.py --report benchmarks/results/whole_run_truth.json --write",
+        lambda: report(json.loads(RESULT.read_text())["runs"]) + "\n",
+    )
+]
 MODES = ("eager", "cold", "warm")
 FINISHED = re.compile(r"finished (\d+) steps in [^:]*: (.*)$", re.MULTILINE)
 
@@ -110,12 +121,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--out", type=Path, help="write the runs as JSON here")
     parser.add_argument("--report", type=Path, help="print the table of an earlier --out")
+    parser.add_argument("--write", action="store_true", help="with --report: into the docs")
     parser.add_argument("overrides", nargs="*", help="run overrides, as for run.py")
     args = parser.parse_args(argv)
     overrides = args.overrides
+    if args.write and args.report is None:
+        parser.error("--write needs --report")
     if args.report is not None:
-        print(report(json.loads(args.report.read_text())["runs"]))
-        return
+        if not args.write:
+            print(report(json.loads(args.report.read_text())["runs"]))
+            return
+        if args.report.resolve() != RESULT:
+            parser.error(f"--write: the docs' table is made from {RESULT.relative_to(ROOT)}")
+        raise SystemExit(write(REGIONS, "whole_run.py"))
     unknown = sorted(set(args.datasets) - set(DATASET_NAMES))
     if unknown:
         parser.error(f"unknown dataset {unknown[0]!r}; choose from {', '.join(DATASET_NAMES)}")
