@@ -136,6 +136,7 @@ STUDY = (
     "truth28_nce_flow_wide",
     "truth28_nce_time",
     "truth28_both_timed",
+    "truth28_mle",
 )
 
 
@@ -155,6 +156,7 @@ def study_summary() -> str:
     columns = [
         ("fce", "kl_data_ebm", "FCE's EBM"),
         ("nce", "kl_data_ebm", "NCE's EBM"),
+        ("mle-64", "kl_data_ebm", "MLE's EBM"),
         ("truth_both", "kl_data_ebm", "truth_both's EBM"),
         ("fce", "kl_data_flow", "FCE's flow"),
         ("flow_mle", "kl_data_flow", "flow-MLE"),
@@ -227,6 +229,8 @@ REGIONS = [
         COMMAND,
         paired(
             ("fce", "nce", "kl_data_ebm"),
+            ("fce", "mle-64", "kl_data_ebm"),
+            ("nce", "mle-64", "kl_data_ebm"),
             ("nce-flow", "nce", "kl_data_ebm"),
             ("nce-flow-wide", "nce", "kl_data_ebm"),
             ("truth_both", "nce", "kl_data_ebm"),
