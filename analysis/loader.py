@@ -49,6 +49,7 @@ BOOKKEEPING = (
     "progress",
     "device",
     "threads",
+    "train.compile",  # how the flow's passes run: numbers equal to float rounding
     "train.resume",
     "train.eval_every",
     "train.plot_every",

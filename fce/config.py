@@ -161,7 +161,7 @@ def upgrade(saved: DictConfig) -> DictConfig:
     added since: the estimator group (every run was FCE before it) and its options (FCE's
     contrast, flow objective and updates: the paper's game, as before them), Glow's
     ``scale_bound`` (its log-scale had no floor then), ``eval.flow_samples`` (as many as
-    held-out points).
+    held-out points), ``train.compile`` (false: every run was eager before it).
     """
     if "estimator" not in saved:
         saved.estimator = {"name": "fce"}
@@ -169,6 +169,8 @@ def upgrade(saved: DictConfig) -> DictConfig:
         saved.schedule = {"name": "constant"}
     if "ema_decay" not in saved.train:
         saved.train.ema_decay = 0.0
+    if "compile" not in saved.train:
+        saved.train.compile = False
     if "flow_samples" not in saved.eval:  # the reverse KL drew one sample per held-out point
         saved.eval.flow_samples = saved.eval.n_points
     if "ebm" in saved:  # the energy's shape options came with the ebm group's variants

@@ -21,6 +21,7 @@ from fce.config import (
 )
 from fce.factory import build_trainer, instantiate_node, target_of
 from fce.flows import Flow, Transform
+from fce.flows.fused import FusedPasses
 from fce.preflight import group_options
 from fce.schema import SCHEMAS
 from tests.helpers import ROOT, TINY, TINY_FLOW, run_cli
@@ -150,6 +151,15 @@ def test_an_old_config_draws_one_flow_sample_per_held_out_point():
     old = OmegaConf.create(user_settings(compose_cfg(["eval.n_points=3000"])))
     del old.eval.flow_samples
     assert upgrade(old).eval.flow_samples == 3000
+
+
+def test_an_old_config_from_before_the_compile_switch_builds_eager():
+    # analysis/figures.py and benchmarks/stability.py build a trainer from a saved config.
+    old = OmegaConf.create(user_settings(compose_cfg(["flow=spline", "train.max_steps=20000"])))
+    del old.train.compile
+    trainer = build_trainer(upgrade(old), torch.device("cpu"))
+    assert not isinstance(trainer.estimator.frozen_flow(), FusedPasses)
+    assert old.train.compile is False
 
 
 @pytest.mark.parametrize(
