@@ -139,7 +139,8 @@ def build(cfg: RunConfig, device: torch.device) -> RunParts:
     mode = cfg.train.compile
     if should_compile(mode, estimator.flow, steps, estimator.makes_passes):
         estimator.fuse_passes()
-        log.info("train.compile=%s: the %s flow's no-grad passes compiled", mode, flow.name)
+        name = estimator.flow.name
+        log.info("train.compile=%s: the %s flow's no-grad passes run compiled", mode, name)
     schedule = instantiate_node(cfg.schedule, "schedule")
     return RunParts(estimator, train_data.to(device), evaluator, settings, schedule)
 

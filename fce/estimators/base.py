@@ -107,7 +107,7 @@ class Estimator(ABC):
         self.ebm = players.ebm
         self.flow = players.flow
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        self._frozen: FrozenFlow | FusedPasses | None = None
+        self._frozen: FrozenFlow | None = None
         self._fused: FusedPasses | None = None
 
     @classmethod
