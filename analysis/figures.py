@@ -129,7 +129,7 @@ def reevaluate(runs: pd.DataFrame, uri: str | None) -> pd.DataFrame:
     for run_id in runs["run_id"]:
         trainer = load_trainer(run_id, uri)
         metrics = trainer.metrics()
-        rows.append({"run_id": run_id, **metrics, "flow_step_share": trainer.flow_step_share})
+        rows.append({"run_id": run_id, **metrics, **trainer.estimator.play(trainer.step)})
     fresh = pd.DataFrame(rows)
     keep = [c for c in runs.columns if c not in fresh.columns or c == "run_id"]
     return mask_not_applicable(runs[keep].merge(fresh, on="run_id"))

@@ -135,7 +135,7 @@ def measure_flow(
     trainer.settings = type(trainer.settings)(**{**trainer.settings.__dict__, "eval_every": 10**9})
     trainer.total_steps = warmup
     trainer.run()
-    flow_steps_before = trainer.flow_steps
+    flow_steps_before = trainer.estimator.flow_steps
     # Consecutive windows of the same game, each followed by the matmul probe. The game's mix
     # moves: with Glow, 7% of the first 250 steps are flow steps and half of those around
     # step 1,100. So the default times a whole default-length run (5 x 1,000 steps) and
@@ -143,7 +143,7 @@ def measure_flow(
     window_rates, window_shares, matmul_rates, seconds = [], [], [], 0.0
     for _ in range(windows):
         trainer.total_steps += steps
-        flow_steps_window = trainer.flow_steps
+        flow_steps_window = trainer.estimator.flow_steps
         eval_before = trainer.seconds["eval"]
         started = time.perf_counter()
         trainer.run()
@@ -151,10 +151,10 @@ def measure_flow(
         wall -= trainer.seconds["eval"] - eval_before
         seconds += wall
         window_rates.append(steps / wall)
-        window_shares.append(1 - (trainer.flow_steps - flow_steps_window) / steps)
+        window_shares.append(1 - (trainer.estimator.flow_steps - flow_steps_window) / steps)
         matmul_rates.append(matmul_flops_per_s())
     steps_per_s = windows * steps / seconds
-    ebm_share = 1 - (trainer.flow_steps - flow_steps_before) / (windows * steps)
+    ebm_share = 1 - (trainer.estimator.flow_steps - flow_steps_before) / (windows * steps)
     matmul = statistics.median(matmul_rates)
     flops_per_step = ebm_share * ebm_flops + (1 - ebm_share) * flow_flops
 

@@ -125,7 +125,6 @@ class Trainer:
         self.total_steps = settings.total_steps(train_data.shape[0])
         # Progress state (all of it goes into checkpoints, with the estimator's).
         self.step = 0
-        self.flow_steps = 0
         self.started = False
         self.last_metrics: dict[str, float] = {}
         # Per-step signals, kept whole for the curves figure, flushed to the tracker in batches.
@@ -194,8 +193,7 @@ class Trainer:
                 self.schedule.apply(optimizers, self.step, self.total_steps)
             out = estimator.step(x, z)
             self.step += 1
-            if out.trained_flow:
-                self.flow_steps += 1
+            estimator.count(out)
             if out.trained_ebm and self.average is not None:
                 self.average.update()
             signals = self._synced(out.signals, out.stepped)
@@ -212,7 +210,7 @@ class Trainer:
             self.flush()
             for callback in self.callbacks:
                 callback.on_end(self)
-        return {**self.last_metrics, "flow_step_share": self.flow_step_share}
+        return {**self.last_metrics, **estimator.play(self.step)}
 
     def _synced(self, signals: dict[str, Tensor], stepped: torch.nn.Module) -> dict[str, float]:
         """The step's signals on the host, checked; one host sync per step.
@@ -244,10 +242,6 @@ class Trainer:
         self._pending_steps.append(self.step)
         for name, values in self._pending.items():
             values.append(signals[name])
-
-    @property
-    def flow_step_share(self) -> float:
-        return self.flow_steps / self.step if self.step else 0.0
 
     def flush(self) -> None:
         """Write the buffered per-step signals to the tracker (and the in-memory history)."""
@@ -281,7 +275,7 @@ class Trainer:
                 raise DivergenceError(
                     self.step, f"the evaluation metric {name}", _why(metrics[name])
                 )
-        metrics["flow_step_share"] = self.flow_step_share
+        metrics.update(self.estimator.play(self.step))
         # In the history first: if the store fails now, a checkpoint still holds them.
         self.history.log_metrics(metrics, step=self.step)
         self.flush()
@@ -305,7 +299,6 @@ class Trainer:
             **estimator.state_dict(),
             **({"ebm_average": self.average.state_dict()} if self.average is not None else {}),
             "step": self.step,
-            "flow_steps": self.flow_steps,
             "flow_initialised": self.started,
             "history": {k: (list(s), list(v)) for k, (s, v) in self.history.history.items()},
             "last_metrics": dict(self.last_metrics),
@@ -331,7 +324,6 @@ class Trainer:
         if self.average is not None:
             self.average.load_state_dict(state["ebm_average"])
         self.step = state["step"]
-        self.flow_steps = state["flow_steps"]
         self.started = state["flow_initialised"]
         self.history = MemoryTracker()
         for name, (steps, values) in state["history"].items():

@@ -214,7 +214,7 @@ def test_simultaneous_updates_move_both_models_every_step_and_average_the_ebm():
         torch.device("cpu"),
     )
     trainer.run()
-    assert trainer.flow_steps == trainer.step == 30
+    assert trainer.estimator.flow_steps == trainer.step == 30
     assert trainer.average.updates == 30
     assert set(trainer.history.history) >= {"value", "acc", "flow_loss", "trained_ebm"}
 

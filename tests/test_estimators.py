@@ -87,7 +87,7 @@ def test_nce_recovers_the_gaussian_log_density_and_its_normaliser():
     # c tracks log Z up to SGD noise of a few hundredths: average the last evaluations.
     gaps = trainer.history.history["logz_gap"][1][-5:]
     assert abs(sum(gaps) / len(gaps)) < 0.1
-    assert trainer.flow_steps == 0 and final["flow_step_share"] == 0.0
+    assert trainer.estimator.flow_steps == 0 and final["flow_step_share"] == 0.0
     assert all(torch.equal(a, b) for a, b in zip(noise_before, snapshot(noise)))
     assert not all(torch.equal(a, b) for a, b in zip(ebm_before, snapshot(trainer.ebm)))
 
@@ -241,3 +241,17 @@ def test_a_checkpoint_saved_before_the_estimator_group_still_resumes(tmp_path):
     ) as refused:
         load_resume(nce)
     assert "this run estimator={'name': 'nce'" in str(refused.value)
+
+
+def test_each_estimator_reports_its_own_flow_step_share_and_the_trainer_keeps_none():
+    """The share of steps that moved the flow is the estimator's (``play``), saved in its
+    state under the checkpoint key the trainer used to write, so old checkpoints load."""
+    from fce.trainer import Trainer
+
+    assert not hasattr(Trainer, "flow_step_share")
+    for estimator, share in (("nce", 0.0), ("flow_mle", 1.0)):
+        trainer = make_trainer(estimator, Glow(n_steps=2, width=16), steps=6)
+        final = trainer.run()
+        assert final["flow_step_share"] == share
+        assert trainer.estimator.play(trainer.step) == {"flow_step_share": share}
+        assert trainer.state_dict()["flow_steps"] == trainer.estimator.flow_steps

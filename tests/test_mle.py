@@ -194,7 +194,7 @@ def test_a_run_moves_the_energy_sets_c_and_leaves_the_flow_alone():
     assert abs(final["logz_gap"]) < 0.005  # 64 x 64 shifted cells against 32 x 32
     assert set(history["trained_ebm"][1]) == {1.0} and final["flow_step_share"] == 0.0
     assert "nll_flow" not in history and "nll_ebm" in history
-    assert estimator.state_dict() == {"mle_steps": 30}
+    assert estimator.state_dict() == {"flow_steps": 0, "mle_steps": 30}
 
 
 def test_resume_from_a_checkpoint_is_bit_identical():

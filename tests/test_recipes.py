@@ -170,7 +170,7 @@ def test_evaluation_scores_the_average_not_the_weights():
     trainer = trainer_of("train.ema_decay=0.9", "train.max_steps=30")
     trainer.run()
     assert trainer.evaluated_ebm is trainer.average.model
-    assert trainer.average.updates == 30 - trainer.flow_steps
+    assert trainer.average.updates == 30 - trainer.estimator.flow_steps
     ours = trainer.evaluator(trainer.average.model, trainer.flow)["kl_data_ebm"]
     live = trainer.evaluator(trainer.ebm, trainer.flow)["kl_data_ebm"]
     assert trainer.last_metrics["kl_data_ebm"] == ours != live

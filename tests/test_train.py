@@ -142,7 +142,8 @@ def test_game_starts_with_the_ebm_and_follows_the_threshold():
     for t in range(59):
         assert trained_ebm[t + 1] == float(acc[t] <= 0.5)
     assert 0 < sum(trained_ebm) < 60  # both players moved
-    assert trainer.flow_step_share == pytest.approx(1 - sum(trained_ebm) / 60)
+    share = trainer.estimator.play(trainer.step)["flow_step_share"]
+    assert share == pytest.approx(1 - sum(trained_ebm) / 60)
 
 
 def test_evaluations_are_logged_at_their_steps():
@@ -255,11 +256,12 @@ def test_state_dict_is_a_deep_snapshot():
     then = copy.deepcopy(state)
     assert state["step"] == 10
     assert set(state) >= {"ebm", "flow", "opt_ebm", "opt_flow", "rule", "train_ebm_next"}
-    flow_steps = trainer.flow_steps
+    flow_steps = trainer.estimator.flow_steps
     trainer.total_steps = 40
     trainer.run()
     now = trainer.state_dict()
-    assert trainer.flow_steps > flow_steps and now["flow_steps"] > flow_steps  # both moved
+    # Both models moved since step 10.
+    assert trainer.estimator.flow_steps > flow_steps and now["flow_steps"] > flow_steps
     for key in ("ebm", "flow", "opt_ebm", "opt_flow", "history"):
         assert not same(now[key], then[key]), key  # what training changed since step 10
     assert same(state, then)

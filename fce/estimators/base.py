@@ -109,6 +109,7 @@ class Estimator(ABC):
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self._frozen: FrozenFlow | None = None
         self._fused: FusedPasses | None = None
+        self.flow_steps = 0  # steps that moved the flow (``StepOutput.trained_flow``)
 
     @classmethod
     def model_label(cls, settings: Any, flow: str) -> str:
@@ -128,6 +129,17 @@ class Estimator(ABC):
         """After each step, its signals on the host: a rule may choose the next move."""
         return None
 
+    def count(self, out: StepOutput) -> None:
+        """After each step, what it moved: the flow's steps are counted for ``play``."""
+        if out.trained_flow:
+            self.flow_steps += 1
+
+    def play(self, step: int) -> dict[str, float]:
+        """What the estimator reports of its own play after ``step`` steps, beside each
+        evaluation's metrics: the share of the steps that moved the flow (FCE's alternation;
+        0 or 1 for an estimator that trains one model)."""
+        return {"flow_step_share": self.flow_steps / step if step else 0.0}
+
     def before_evaluation(self, ebm: EBM) -> None:
         """Before each evaluation of ``ebm`` (the EBM or its weight average): settle what the
         metrics read of it (mle sets its c)."""
@@ -135,11 +147,12 @@ class Estimator(ABC):
 
     def state_dict(self) -> dict[str, Any]:
         """The estimator's own state beyond the models and optimizers (for checkpoints)."""
-        return {}
+        return {"flow_steps": self.flow_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict`` from a checkpoint, whose models are loaded already."""
         self._frozen = None
+        self.flow_steps = state["flow_steps"]
 
     def fuse_passes(self, backend: str | Any = "inductor") -> None:
         """From now on, run ``frozen_flow``'s passes compiled (``train.compile``): one graph of

@@ -241,7 +241,11 @@ class FCE(Estimator):
             self.train_ebm_next = not self.rule.train_flow_next(signals["acc"])
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"rule": self.rule.state_dict(), "train_ebm_next": self.train_ebm_next}
+        state = {
+            **super().state_dict(),
+            "rule": self.rule.state_dict(),
+            "train_ebm_next": self.train_ebm_next,
+        }
         if self.updates == "controlled":
             state["log_lr_factor"] = self.log_lr_factor
         return state

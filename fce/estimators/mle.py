@@ -117,7 +117,7 @@ class MLE(Estimator):
         ebm.log_z.copy_(self.log_z_hat(self.steps, ebm))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mle_steps": self.steps}
+        return {**super().state_dict(), "mle_steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
