@@ -85,7 +85,7 @@ def run_job(cfg: DictConfig, project_root: Path) -> float:
     if multirun and multiprocessing.current_process().name != "MainProcess":
         stop_when_orphaned()  # a launcher's worker process (joblib): it dies with its launcher
     output_dir = Path(hydra_cfg.runtime.output_dir)
-    # A grid's runs share its sweep_id, so MLflow and pandas can group them.
+    # A grid's runs share its sweep_id, so the tracking store and pandas can group them.
     tags = {"sweep_id": hydra_cfg.sweep.dir, "job_num": str(hydra_cfg.job.num)} if multirun else {}
     context = RunContext(
         output_dir=output_dir,
@@ -108,12 +108,12 @@ def run_job(cfg: DictConfig, project_root: Path) -> float:
         if not multirun:
             fail(str(error), code=EXIT_FAILED)
         logging.getLogger("fce").error("job %s: %s", hydra_cfg.job.num, error)
-        return math.nan  # the grid goes on; the run is FAILED in MLflow
+        return math.nan  # the grid goes on; the run is FAILED in its store
     except RunFault as error:  # a full disk, a locked store, a dead server: the grid stops too
         fail(str(error), code=EXIT_FAILED)
     except RunInterrupted as interrupt:
         raise SystemExit(interrupt.exit_code) from None
-    except KeyboardInterrupt:  # before the MLflow run existed: nothing to end or save
+    except KeyboardInterrupt:  # before the tracked run existed: nothing to end or save
         remove_if_unused(output_dir)
         fail("interrupted before the run started", code=130)
     finally:

@@ -1,6 +1,6 @@
 """python sweeps/tune.py sweep=<space> [run overrides ...] [sweep.<key>=<value> ...]
 
-An Optuna study whose trials are FCE runs, each logged to MLflow under one parent run:
+An Optuna study whose trials are FCE runs, each tracked under one parent run:
 
     python sweeps/tune.py sweep=threshold_lr dataset=spiral flow=maf train.max_steps=2000
     python sweeps/tune.py sweep=threshold_lr sweep.n_trials=40 sweep.n_jobs=2  # continue it

@@ -1,4 +1,4 @@
-"""Optuna studies whose trials are FCE runs, each an MLflow child run of one parent run.
+"""Optuna studies whose trials are FCE runs, each a tracked child run of one parent run.
 
 Optuna itself (5.x) drives the study; Hydra only composes each trial's config (the
 hydra-optuna-sweeper plugin is not used: it pins optuna < 3 and cannot prune). Trials report

@@ -39,12 +39,13 @@ from fce.sweep.trials import check_same_space
 from fce.sweep.worker import run_worker
 from fce.sweep_space import Composer
 from fce.tracking import (
-    MLflowTracker,
+    PARENT_RUN_ID_ATTR,
     NullTracker,
     Tracker,
     TrackingError,
     check_reachable,
     flatten,
+    open_run,
     tracking_uri,
 )
 
@@ -74,7 +75,7 @@ def run_workers(
     """Run the workers as processes and watch them; return what went wrong with any.
 
     A worker that dies (the out-of-memory killer, a SIGKILL) has its trial failed at once
-    and its MLflow run marked KILLED; the other workers go on, up to ``n_trials``. On SIGINT
+    and its tracked run marked KILLED; the other workers go on, up to ``n_trials``. On SIGINT
     or SIGTERM the driver tells every worker to stop (an event between trials, SIGTERM
     during one: each ends its run at the next step boundary), and kills any that has not
     stopped within ``STOP_GRACE_S``.
@@ -185,11 +186,11 @@ def run_study(
 
     # Found or created under the lock: two drivers starting at once share one parent run.
     with study_lock(storage, storage_url, study_name):
-        parent_id = study.user_attrs.get("mlflow_parent_run_id")
+        parent_id = study.user_attrs.get(PARENT_RUN_ID_ATTR)
         parent: Tracker = NullTracker()
         try:
             if store is not None:
-                parent = MLflowTracker(
+                parent = open_run(
                     store,
                     cfg.tracking.experiment,
                     run_name=f"study-{study_name}",
@@ -199,7 +200,7 @@ def run_study(
         except TrackingError as error:
             raise ConfigError(str(error)) from None
         if parent_id is None and parent.run_id is not None:
-            study.set_user_attr("mlflow_parent_run_id", parent.run_id)
+            study.set_user_attr(PARENT_RUN_ID_ATTR, parent.run_id)
         driver = study.user_attrs.get("fce.drivers", 0)
         study.set_user_attr("fce.drivers", driver + 1)
     if parent_id is None and parent.run_id is not None:

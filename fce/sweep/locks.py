@@ -15,7 +15,7 @@ from fce.filelock import sqlite_lock
 log = logging.getLogger("fce.sweep")
 
 
-# The lock file beside a SQLite storage (its own: not the MLflow store's, which a sweep opens
+# The lock file beside a SQLite storage (its own: not the tracking store's, which a sweep opens
 # while it holds this one).
 STUDY_LOCK = ".study-lock"
 

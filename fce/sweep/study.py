@@ -17,9 +17,7 @@ from omegaconf import DictConfig
 
 from fce.errors import first_line
 from fce.storage import StudyStorage
-from fce.tracking import (
-    set_run_status,
-)
+from fce.tracking import RUN_ID_ATTR, set_run_status
 from fce.tracking.housekeeping import process_gone
 
 log = logging.getLogger("fce.sweep")
@@ -41,7 +39,7 @@ class StudyPlan:
     base_overrides: list[str]
     storage: str
     study_name: str
-    tracking_uri: str | None  # None: tracking=none, nothing logged to MLflow
+    tracking_uri: str | None  # None: tracking=none, nothing tracked
     experiment: str
     parent_run_id: str | None
     sweep_dir: str
@@ -51,12 +49,12 @@ class StudyPlan:
 
 
 def make_storage(plan_storage: str, heartbeat_s: int, tracking_uri: str | None) -> StudyStorage:
-    """RDB storage with heartbeats: a trial whose worker died is failed (and its MLflow run
+    """RDB storage with heartbeats: a trial whose worker died is failed (and its tracked run
     marked KILLED) once it has been silent for 3 heartbeats. Its connections are bounded per
     process and reconnect after a database restart (``fce.storage``)."""
 
     def on_stale(_study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        run_id = trial.user_attrs.get("mlflow_run_id")
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
         if run_id and tracking_uri:
             set_run_status(tracking_uri, run_id, "KILLED", {"optuna.state": "FAIL"})
         log.warning("trial %d: its worker stopped beating; marked FAIL", trial.number)
@@ -124,7 +122,7 @@ def fail_trial(
     trial: optuna.trial.FrozenTrial,
     why: str,
 ) -> bool:
-    """Fail a RUNNING trial whose process is gone and mark its MLflow run KILLED; False if it
+    """Fail a RUNNING trial whose process is gone and mark its tracked run KILLED; False if it
     ended meanwhile."""
     study_id = storage.get_study_id_from_name(study.study_name)
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
@@ -134,7 +132,7 @@ def fail_trial(
             return False
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
-    run_id = trial.user_attrs.get("mlflow_run_id")
+    run_id = trial.user_attrs.get(RUN_ID_ATTR)
     if run_id and tracking_uri:
         set_run_status(tracking_uri, run_id, "KILLED", {"optuna.state": "FAIL"})
     log.warning("trial %d marked FAIL: %s", trial.number, why)

@@ -58,7 +58,7 @@ def _short(value: Any) -> str:
 
 def trial_run_name(number: int, params: Mapping[str, Any], prefix: str | None = None) -> str:
     """``t007 lr_ebm=3.1e-3 value=0.62``: the trial and its values, to tell trials apart in
-    the MLflow runs table (keys by their last part where that is unambiguous)."""
+    the tracked runs table (keys by their last part where that is unambiguous)."""
     last = [key.rsplit(".", 1)[-1] for key in params]
     parts = [
         f"{short if last.count(short) == 1 else key}={_short(value)}"

@@ -1,5 +1,5 @@
 """One worker process of a study: it takes trials until the study has its total, each an
-FCE run logged as an MLflow child run."""
+FCE run logged as a child of the study's tracked run."""
 
 from __future__ import annotations
 
@@ -30,9 +30,12 @@ from fce.sweep.study import (
 from fce.sweep.trials import suggest, trial_run_name
 from fce.sweep_space import Composer
 from fce.tracking import (
-    MLflowTracker,
+    MAX_TAG_LENGTH,
+    RUN_ID_ATTR,
     TrackingError,
     check_reachable,
+    child_tags,
+    open_run,
     set_run_status,
 )
 from fce.tracking.housekeeping import process_identity
@@ -64,7 +67,7 @@ def wait_for_tracking(uri: str | None, timeout_s: float = TRACKING_WAIT_S) -> No
 
 
 def end_trial_run(uri: str | None, run_id: str, state: optuna.trial.TrialState) -> None:
-    """Tag a trial's MLflow run with its Optuna state; a failed trial's run still RUNNING
+    """Tag a trial's tracked run with its Optuna state; a failed trial's run still RUNNING
     (its end was lost to a tracking server that was down) is ended FAILED, once the server
     answers again. A store that stays away is logged, not raised: the study goes on."""
     failed = state == optuna.trial.TrialState.FAIL
@@ -73,33 +76,33 @@ def end_trial_run(uri: str | None, run_id: str, state: optuna.trial.TrialState) 
         tags = {"optuna.state": state.name}
         set_run_status(uri, run_id, "FAILED" if failed else None, tags, if_running=True)
     except Exception as error:
-        log.warning("MLflow run %s: could not record its trial's end (%s)", run_id, error)
+        log.warning("tracked run %s: could not record its trial's end (%s)", run_id, error)
 
 
 def record_refused_trial(plan: StudyPlan, trial: optuna.Trial, reason: str) -> None:
     """A trial refused before its run started (a combination of values the config rejects)
-    still gets its MLflow child run, FAILED with the reason, so that the parent's children
+    still gets its tracked child run, FAILED with the reason, so that the parent's children
     and the study's trials agree. A store that cannot take it is logged, not raised."""
     if plan.tracking_uri is None or plan.parent_run_id is None:
         return
     tags = {
-        "mlflow.parentRunId": plan.parent_run_id,
         "optuna.study": plan.study_name,
         "optuna.trial": str(trial.number),
         "optuna.state": optuna.trial.TrialState.FAIL.name,
-        "fce.error": reason[:5000],  # MLflow's limit on a tag's value
+        "fce.error": reason[:MAX_TAG_LENGTH],
     }
     try:
-        tracker = MLflowTracker(
+        tracker = open_run(
             plan.tracking_uri,
             plan.experiment,
             run_name=trial_run_name(trial.number, trial.params),
             tags=tags,
+            parent_run_id=plan.parent_run_id,
         )
-        trial.set_user_attr("mlflow_run_id", tracker.run_id)
+        trial.set_user_attr(RUN_ID_ATTR, tracker.run_id)
         tracker.finish("FAILED")
     except TrackingError as error:
-        log.warning("trial %d: could not record its refusal in MLflow (%s)", trial.number, error)
+        log.warning("trial %d: could not record its refusal (%s)", trial.number, error)
 
 
 def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stopping) -> int | None:
@@ -111,7 +114,7 @@ def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stoppi
 
     Returns:
         The signal number if SIGINT or SIGTERM stopped the worker (its trial in flight FAIL,
-        the trial's MLflow run KILLED), None once the study has its trials.
+        the trial's tracked run KILLED), None once the study has its trials.
     """
     settings = OmegaConf.create(plan.settings)
     first = compose(plan.base_overrides)
@@ -152,7 +155,7 @@ def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stoppi
                 if trial.should_prune():
                     raise StopRun(f"pruned at step {step}")
 
-            parent = {"mlflow.parentRunId": plan.parent_run_id} if plan.parent_run_id else {}
+            parent = child_tags(plan.parent_run_id)
             context = RunContext(
                 output_dir=output_dir,
                 project_root=Path(plan.project_root),
@@ -163,13 +166,13 @@ def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stoppi
                     "optuna.trial": str(trial.number),
                 },
                 on_eval=report,
-                on_run_created=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
+                on_run_created=lambda run_id: trial.set_user_attr(RUN_ID_ATTR, run_id),
             )
             metrics = run(cfg, context)
         except (DivergenceError, ConfigError, RunFault) as error:  # RunFault: its disk or store
             trial.set_user_attr("error", str(error))
             log.error("trial %d failed: %s", trial.number, error)
-            if "mlflow_run_id" not in trial.user_attrs:  # refused before its run started
+            if RUN_ID_ATTR not in trial.user_attrs:  # refused before its run started
                 record_refused_trial(plan, trial, str(error))
             return math.nan
         return metrics[settings.objective]
@@ -202,7 +205,7 @@ def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stoppi
         study.tell(trial, value if complete else None, state=state, skip_if_finished=True)
         done = f" {settings.objective}={value:.4g}" if complete else ""
         log.info("trial %d %s%s", trial.number, state.name, done)
-        run_id = trial.user_attrs.get("mlflow_run_id")
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
         if run_id and plan.tracking_uri:
             end_trial_run(plan.tracking_uri, run_id, state)
 

@@ -5,16 +5,24 @@
 
 from fce.recording import MemoryTracker, NullTracker, Tracker, flatten
 from fce.tracking.mlflow_tracker import (
+    MAX_TAG_LENGTH,
+    PARENT_RUN_ID_ATTR,
+    RUN_ID_ATTR,
     MLflowTracker,
     TrackingError,
     TrackingFault,
     check_reachable,
     check_sqlite_store,
+    child_tags,
+    open_run,
     set_run_status,
     tracking_uri,
 )
 
 __all__ = [
+    "MAX_TAG_LENGTH",
+    "PARENT_RUN_ID_ATTR",
+    "RUN_ID_ATTR",
     "MLflowTracker",
     "MemoryTracker",
     "NullTracker",
@@ -23,7 +31,9 @@ __all__ = [
     "TrackingFault",
     "check_reachable",
     "check_sqlite_store",
+    "child_tags",
     "flatten",
+    "open_run",
     "set_run_status",
     "tracking_uri",
 ]

@@ -338,3 +338,31 @@ class MLflowTracker:
     def finish(self, status: str) -> None:
         """FINISHED, FAILED or KILLED."""
         self.client.set_terminated(self.run_id, status=status)
+
+
+# --- runs of a study: how the sweep layer ties trials to runs without naming the store --------
+
+# The Optuna user attributes that hold a trial's run and a study's parent run (named when this
+# store was the only one; studies keep them, so they stay).
+RUN_ID_ATTR = "mlflow_run_id"
+PARENT_RUN_ID_ATTR = "mlflow_parent_run_id"
+MAX_TAG_LENGTH = 5000  # the store's limit on a tag's value
+
+
+def child_tags(parent_run_id: str | None) -> dict[str, str]:
+    """The tags that make a run a child of ``parent_run_id`` (none without a parent)."""
+    return {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+
+
+def open_run(
+    uri: str | None,
+    experiment: str,
+    run_name: str | None = None,
+    run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> MLflowTracker:
+    """A tracked run in the store at ``uri``: new, or ``run_id`` reopened; the child of
+    ``parent_run_id`` where one is given."""
+    tags = {**(tags or {}), **child_tags(parent_run_id)}
+    return MLflowTracker(uri, experiment, run_name=run_name, run_id=run_id, tags=tags)
