@@ -41,6 +41,9 @@ class Tracker(Protocol):
     def finish(self, status: str) -> None:
         """End the run: FINISHED, FAILED or KILLED."""
 
+    def describe(self, full: bool = False) -> str:
+        """The run in one phrase ("MLflow run <id>"); with ``full``, how to look at it too."""
+
 
 class NullTracker:
     """Discards everything: ``tracking=none``, for benchmarks, tests and runs without a store."""
@@ -70,6 +73,9 @@ class NullTracker:
 
     def finish(self, status: str) -> None:
         pass
+
+    def describe(self, full: bool = False) -> str:
+        return "not tracked: tracking=none" if full else "not tracked"
 
 
 class MemoryTracker(NullTracker):

@@ -237,7 +237,7 @@ def _train(cfg, context, trainer, tracker, stop, output_dir, resume, started) ->
             cfg.flow.name,
             cfg.dataset.name,
             trainer.total_steps,
-            f"MLflow run {tracker.run_id}" if tracker.run_id else "not tracked",
+            tracker.describe(),
         )
         try:
             stop.check()  # a signal during the set-up: the run exists, end it KILLED
@@ -357,13 +357,10 @@ def tracked_run(state: dict) -> str | None:
 
 
 def where_things_went(tracker: Tracker, output_dir: Path) -> str:
-    """One line: the run's directory, its MLflow run, and the command that opens the UI."""
-    uri = getattr(tracker, "uri", None)
-    if tracker.run_id is None or uri is None:
-        return f"outputs in {output_dir} (not tracked: tracking=none)"
-    links = f"{tracker.ui_link()} (all runs) or {tracker.ui_link(run=True)} (this run)"
-    ui = links if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}, then {links}"
-    return f"outputs in {output_dir}; MLflow run {tracker.run_id}; to look at it: {ui}"
+    """One line: the run's directory, and its tracked run and how to look at it."""
+    if tracker.run_id is None:
+        return f"outputs in {output_dir} ({tracker.describe(full=True)})"
+    return f"outputs in {output_dir}; {tracker.describe(full=True)}"
 
 
 def write_json(path: Path, payload: dict) -> None:

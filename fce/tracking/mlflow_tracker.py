@@ -295,6 +295,16 @@ class MLflowTracker:
         page = f"{self.experiment_id}/runs/{self.run_id}" if run else self.experiment_id
         return f"{base}/#/experiments/{page}?workflowType=machine_learning"
 
+    def describe(self, full: bool = False) -> str:
+        """ "MLflow run <id>"; with ``full``, the UI's pages of the run and its experiment (and
+        the command that serves them, for a store that is not a server)."""
+        if not full:
+            return f"MLflow run {self.run_id}"
+        links = f"{self.ui_link()} (all runs) or {self.ui_link(run=True)} (this run)"
+        if not self.uri.startswith(("http://", "https://")):
+            links = f"mlflow ui --backend-store-uri {self.uri}, then {links}"
+        return f"MLflow run {self.run_id}; to look at it: {links}"
+
     @_store_call
     def log_params(self, params: Mapping[str, str]) -> None:
         from mlflow.entities import Param
