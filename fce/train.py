@@ -208,7 +208,7 @@ def _train(cfg, context, trainer, tracker, stop, output_dir, resume, started) ->
         newest = checkpoint.list_checkpoints(checkpoint_dir)
         where = f"newest checkpoint {newest[-1]}" if newest else "no checkpoint yet"
         if write:
-            trainer.tracker = NullTracker()  # nothing more to the failed store
+            trainer.attach(NullTracker(), trainer.callbacks)  # nothing more to the failed store
             try:
                 where = f"checkpoint {save_checkpoint(trainer)}"
             except RunFault as failed:
