@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import tomllib
@@ -192,8 +193,11 @@ def test_the_installed_environment_is_the_lock():
     # A CUDA build of torch brings its own exactly pinned nvidia-* wheels, which the lock (made
     # on the CPU build) does not list.
     torch_only = _closure("torch") - set(pins)
+    # Copies a package vendors are its own, not installed: setuptools puts its _vendor
+    # directory on sys.path once imported (inductor's C++ builds import it).
+    installed_paths = [p for p in sys.path if "_vendor" not in Path(p).parts]
     wrong = {}
-    for dist in importlib.metadata.distributions():
+    for dist in importlib.metadata.distributions(path=installed_paths):
         name = canonicalize_name(dist.metadata["Name"])
         if name == "fce" or name in torch_only:
             continue
