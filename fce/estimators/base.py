@@ -157,9 +157,7 @@ class Estimator(ABC):
     def fuse_passes(self, backend: str | Any = "inductor") -> None:
         """From now on, run ``frozen_flow``'s passes compiled (``train.compile``): one graph of
         the live flow, never stale, so never remade."""
-        if self._fused is None or self._fused.flow is not self.flow:
-            self._fused = FusedPasses(self.flow, backend)
-        self._frozen = None
+        self._fused = FusedPasses(self.flow, backend)
 
     def frozen_flow(self) -> FrozenFlow | FusedPasses:
         """The flow as a fixed contrast: folded once and reused until the flow moves again

@@ -296,8 +296,8 @@ class MLflowTracker:
         return f"{base}/#/experiments/{page}?workflowType=machine_learning"
 
     def describe(self, full: bool = False) -> str:
-        """ "MLflow run <id>"; with ``full``, the UI's pages of the run and its experiment (and
-        the command that serves them, for a store that is not a server)."""
+        """The run as MLflow names it; with ``full``, the UI's pages of the run and of its
+        experiment (and the command that serves them, for a store that is not a server)."""
         if not full:
             return f"MLflow run {self.run_id}"
         links = f"{self.ui_link()} (all runs) or {self.ui_link(run=True)} (this run)"
