@@ -25,6 +25,7 @@ from fce.config import (
     upgrade,
     user_settings,
 )
+from fce.errors import first_line
 
 if TYPE_CHECKING:
     from fce.trainer import Trainer
@@ -151,7 +152,7 @@ def load_into(trainer: Trainer, resume: Resume) -> None:
     try:
         trainer.load_state_dict(resume.state["trainer"])
     except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        reason = first_line(error, limit=200)
         raise ConfigError(f"{where}: the checkpoint does not fit this run ({reason})") from None
     step = trainer.step
     if not isinstance(step, int) or step < 0:
