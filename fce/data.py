@@ -1,8 +1,11 @@
-"""The six 2-D datasets of the reference, as a registry of seeded samplers and densities.
+"""The six 2-D datasets of the reference, as a registry of seeded samplers and densities,
+and their products in d = 2k dimensions.
 
 Every sampler draws from an explicit ``torch.Generator`` (never the global RNG), so one seed
 gives the same bytes in any process, and draws points i.i.d. from the mixture it describes, so
-any ``n`` works. ``log_prob`` is set where the density has a closed form.
+any ``n`` works. ``log_prob`` is set where the density has a closed form, ``score`` (the
+gradient of the log-density in x) where that is smooth. ``product(dataset, k)`` is k
+independent copies side by side: its log-density is the sum of the k exact 2-D ones.
 """
 
 from __future__ import annotations
@@ -17,24 +20,32 @@ from torch import Tensor
 
 Sampler = Callable[[int, torch.Generator, torch.dtype], Tensor]
 LogProb = Callable[[Tensor], Tensor]
+Score = Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """A 2-D distribution known by its samples and, where it has one, its exact log-density."""
+    """A distribution known by its samples and, where it has them, its exact log-density and
+    score. ``dim`` is the dimension of its points (2 for the six of the registry)."""
 
     name: str
     sample_fn: Sampler
     log_prob_fn: LogProb | None = None
+    score_fn: Score | None = None
+    dim: int = 2
 
     @property
     def has_log_prob(self) -> bool:
         return self.log_prob_fn is not None
 
+    @property
+    def has_score(self) -> bool:
+        return self.score_fn is not None
+
     def sample(
         self, n: int, generator: torch.Generator, dtype: torch.dtype = torch.float32
     ) -> Tensor:
-        """Draw ``n`` i.i.d. points as an ``(n, 2)`` tensor on the generator's device (CPU)."""
+        """Draw ``n`` i.i.d. points as an ``(n, dim)`` tensor on the generator's device (CPU)."""
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         return self.sample_fn(n, generator, dtype)
@@ -44,6 +55,66 @@ class Dataset:
         if self.log_prob_fn is None:
             raise NotImplementedError(f"dataset {self.name!r} has no closed-form density")
         return self.log_prob_fn(x)
+
+    def score(self, x: Tensor) -> Tensor:
+        """The gradient in x of the log-density at each row of ``x``, shape ``(n, dim)``."""
+        if self.score_fn is None:
+            raise NotImplementedError(f"dataset {self.name!r} has no score (a smooth density)")
+        return self.score_fn(x)
+
+
+def product(base: Dataset, copies: int) -> Dataset:
+    """``copies`` independent copies of ``base`` side by side: points of dimension
+    ``copies * base.dim``, whose log-density is the sum of the copies' and whose score is
+    theirs, concatenated. One copy is ``base`` itself (the same draws, the same name).
+
+    A draw of n points is ``base``'s draw of n * copies points, each consecutive ``copies``
+    of them one point: i.i.d. draws grouped are i.i.d. draws of the product.
+    """
+    if copies < 1:
+        raise ValueError(f"copies must be >= 1, got {copies}")
+    if copies == 1:
+        return base
+    d = base.dim
+
+    def sample(n: int, gen: torch.Generator, dtype: torch.dtype) -> Tensor:
+        return base.sample_fn(n * copies, gen, dtype).reshape(n, copies * d)
+
+    def per_copy(x: Tensor) -> Tensor:
+        if x.shape[-1] != copies * d:
+            raise ValueError(f"points of dimension {x.shape[-1]}; this dataset's are {copies * d}")
+        return x.reshape(-1, d)
+
+    def log_prob(x: Tensor) -> Tensor:
+        return base.log_prob_fn(per_copy(x)).reshape(x.shape[0], copies).sum(1)
+
+    def score(x: Tensor) -> Tensor:
+        return base.score_fn(per_copy(x)).reshape(x.shape[0], copies * d)
+
+    return Dataset(
+        f"{base.name}-d{copies * d}",
+        sample,
+        log_prob if base.has_log_prob else None,
+        score if base.has_score else None,
+        dim=copies * d,
+    )
+
+
+def autograd_score(log_prob: LogProb, chunk: int = 4096) -> Score:
+    """The score of a differentiable ``log_prob``, in float64 by autograd, ``chunk`` rows at a
+    time (each row's log-density depends on that row alone, so the gradient of the sum is
+    every row's score)."""
+
+    def score(x: Tensor) -> Tensor:
+        out = []
+        for part in x.detach().double().split(chunk):
+            with torch.enable_grad():
+                part = part.clone().requires_grad_(True)
+                (grad,) = torch.autograd.grad(log_prob(part).sum(), part)
+            out.append(grad)
+        return torch.cat(out).to(x.dtype) if out else x.new_zeros(x.shape)
+
+    return score
 
 
 def stream_seed(seed: int, stream: str) -> int:
@@ -84,6 +155,14 @@ def _log_prob_8gaussians(x: Tensor) -> Tensor:
     sq_dist = (x[:, None, :] - centres[None]).pow(2).sum(-1)
     log_comp = -0.5 * sq_dist / _GAUSS_STD**2 - math.log(2 * math.pi * _GAUSS_STD**2)
     return torch.logsumexp(log_comp, dim=1) - math.log(8.0)
+
+
+def _score_8gaussians(x: Tensor) -> Tensor:
+    # The responsibility-weighted pull of each centre: sum_c r_c(x) (mu_c - x) / s^2.
+    centres = _gauss_centres(x.dtype, x.device)
+    offset = centres[None] - x[:, None, :]
+    weight = torch.softmax(-0.5 * offset.pow(2).sum(-1) / _GAUSS_STD**2, dim=1)
+    return (weight[..., None] * offset).sum(1) / _GAUSS_STD**2
 
 
 # --- spirals ----------------------------------------------------------------------------------
@@ -447,12 +526,28 @@ def _bisect(low: Tensor, high: Tensor, g_low: Tensor, rho: Tensor, offset: Tenso
     return 0.5 * (low + high)
 
 
+# Scores: 8gaussians' in closed form; the rings' and the spirals' by autograd through their
+# closed form and their quadrature (every Simpson term, which is smooth in x). Checkerboard's
+# density is flat on its squares and jumps at their edges, and pinwheel's sums over the roots
+# of an implicit equation: neither has one here.
 DATASETS: dict[str, Dataset] = {
-    "8gaussians": Dataset("8gaussians", _sample_8gaussians, _log_prob_8gaussians),
-    "spiral": Dataset("spiral", _sample_spiral, _log_prob_spiral),
-    "2spirals": Dataset("2spirals", _sample_2spirals, _log_prob_2spirals),
+    "8gaussians": Dataset(
+        "8gaussians", _sample_8gaussians, _log_prob_8gaussians, _score_8gaussians
+    ),
+    "spiral": Dataset(
+        "spiral",
+        _sample_spiral,
+        _log_prob_spiral,
+        autograd_score(lambda x: _log_prob_spirals_full(x, 1), chunk=1024),
+    ),
+    "2spirals": Dataset(
+        "2spirals",
+        _sample_2spirals,
+        _log_prob_2spirals,
+        autograd_score(lambda x: _log_prob_spirals_full(x, 2), chunk=1024),
+    ),
     "checkerboard": Dataset("checkerboard", _sample_checkerboard, _log_prob_checkerboard),
-    "rings": Dataset("rings", _sample_rings, _log_prob_rings),
+    "rings": Dataset("rings", _sample_rings, _log_prob_rings, autograd_score(_log_prob_rings)),
     "pinwheel": Dataset("pinwheel", _sample_pinwheel, _log_prob_pinwheel),
 }
 # The dataset group's options (conf/dataset/; tests/test_configs.py checks they agree).
@@ -471,19 +566,26 @@ def get_dataset(name: str) -> Dataset:
 
 @dataclass(frozen=True)
 class DataSource:
-    """The ``dataset`` config node: a dataset of the registry and the size of its training draw.
+    """The ``dataset`` config node: a dataset of the registry, its dimension and the size of
+    its training draw.
 
     Args:
         name: a key of ``DATASETS``.
         n_samples: training points, drawn once per seed from the seed's ``train`` stream.
+        dim: d, even: the product of d / 2 independent copies of the 2-D dataset (2: itself).
     """
 
     name: str
     n_samples: int
+    dim: int = 2
+
+    def __post_init__(self) -> None:
+        if self.dim < 2 or self.dim % 2:
+            raise ValueError(f"dim={self.dim}: must be an even integer >= 2")
 
     @property
     def dataset(self) -> Dataset:
-        return get_dataset(self.name)
+        return product(get_dataset(self.name), self.dim // 2)
 
     def training_set(self, seed: int) -> Tensor:
         return self.dataset.sample(self.n_samples, make_generator(seed, "train"))
