@@ -24,25 +24,34 @@ SMALL = {
 }
 
 
-def make_flow(name: str, small: bool = True) -> torch.nn.Module:
+def make_flow(name: str, small: bool = True, dim: int = 2) -> torch.nn.Module:
     torch.manual_seed(0)
-    flow = FLOWS[name](**(SMALL[name] if small else {})).double()
+    flow = FLOWS[name](**(SMALL[name] if small else {}), dim=dim).double()
     # Data-dependent init on a non-standard batch, then perturb every parameter so no test
     # passes by an identity or zero-initialised layer.
-    flow.data_init(1.5 * torch.randn(512, 2, dtype=torch.float64) + 0.3)
+    flow.data_init(1.5 * torch.randn(512, dim, dtype=torch.float64) + 0.3)
     with torch.no_grad():
         for p in flow.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return flow
 
 
-@pytest.fixture(params=sorted(FLOWS))
+# Every flow in 2-D (the six datasets) and above it (their products, dataset.dim).
+DIMS = (2, 4, 16)
+
+
+@pytest.fixture(params=[(name, d) for name in sorted(FLOWS) for d in DIMS], ids=str)
 def flow(request):
+    return make_flow(*request.param[:1], dim=request.param[1])
+
+
+@pytest.fixture(params=sorted(FLOWS))
+def flow2d(request):
     return make_flow(request.param)
 
 
-def points(n: int = 64) -> torch.Tensor:
-    return 2 * torch.randn(n, 2, dtype=torch.float64)
+def points(n: int = 64, dim: int = 2) -> torch.Tensor:
+    return 2 * torch.randn(n, dim, dtype=torch.float64)
 
 
 def test_reference_parameter_counts():
@@ -52,7 +61,7 @@ def test_reference_parameter_counts():
 
 
 def test_inverse_of_forward_is_identity(flow):
-    x = points()
+    x = points(dim=flow.dim)
     z, log_det = flow(x)
     x_back, log_det_back = flow.inverse(z)
     torch.testing.assert_close(x_back, x, atol=1e-10, rtol=1e-10)
@@ -62,7 +71,7 @@ def test_inverse_of_forward_is_identity(flow):
 
 
 def test_forward_of_inverse_is_identity(flow):
-    z = torch.randn(64, 2, dtype=torch.float64)
+    z = torch.randn(64, flow.dim, dtype=torch.float64)
     x, _ = flow.inverse(z)
     torch.testing.assert_close(flow(x)[0], z, atol=1e-10, rtol=1e-10)
 
@@ -73,13 +82,13 @@ VMAP_SEARCHSORTED = pytest.mark.filterwarnings("ignore:torch.searchsorted")
 
 @VMAP_SEARCHSORTED
 def test_log_det_equals_autograd_jacobian(flow):
-    x = points(16)
+    x = points(16, flow.dim)
     jac = vmap(jacrev(lambda row: flow(row[None])[0][0]))(x)
     _, log_det = flow(x)
     torch.testing.assert_close(
         log_det, torch.linalg.slogdet(jac).logabsdet, atol=1e-10, rtol=1e-10
     )
-    z = torch.randn(16, 2, dtype=torch.float64)
+    z = torch.randn(16, flow.dim, dtype=torch.float64)
     jac_inv = vmap(jacrev(lambda row: flow.inverse(row[None])[0][0]))(z)
     _, log_det_inv = flow.inverse(z)
     torch.testing.assert_close(
@@ -92,8 +101,10 @@ def test_sample_log_prob_equals_log_prob_of_the_sample(flow):
     torch.testing.assert_close(log_q, flow.log_prob(x), atol=1e-10, rtol=1e-10)
 
 
-def test_log_prob_is_a_density(flow):
-    # Integrates to ~1 over a wide grid (samples stay within it for these small flows).
+def test_log_prob_is_a_density(flow2d):
+    # Integrates to ~1 over a wide grid (samples stay within it for these small flows); in
+    # 2-D, where a grid can check it.
+    flow = flow2d
     cells, limit = 400, 12.0
     width = 2 * limit / cells
     axis = -limit + width * (torch.arange(cells, dtype=torch.float64) + 0.5)
@@ -104,7 +115,7 @@ def test_log_prob_is_a_density(flow):
 
 def test_gradients_reach_every_parameter_through_samples_and_log_prob(flow):
     x, log_q = flow.sample_and_log_prob(64)
-    loss = log_q.mean() + x.pow(2).mean() + flow.log_prob(points()).mean()
+    loss = log_q.mean() + x.pow(2).mean() + flow.log_prob(points(dim=flow.dim)).mean()
     loss.backward()
     for name, p in flow.named_parameters():
         assert p.grad is not None, name
@@ -115,9 +126,9 @@ def test_state_dict_round_trip(flow):
     buffer = io.BytesIO()
     torch.save(flow.state_dict(), buffer)
     buffer.seek(0)
-    other = FLOWS[flow.name](**SMALL[flow.name]).double()
+    other = FLOWS[flow.name](**SMALL[flow.name], dim=flow.dim).double()
     other.load_state_dict(torch.load(buffer))
-    x = points()
+    x = points(dim=flow.dim)
     torch.testing.assert_close(other.log_prob(x), flow.log_prob(x), atol=0, rtol=0)
 
 
@@ -182,7 +193,7 @@ def test_glow_log_scale_floor_keeps_far_samples_finite(bound):
 
 def assert_frozen_and_folded_match(flow: torch.nn.Module) -> None:
     """``frozen()`` and ``folded()`` give the flow's own values, and ``folded()`` its gradients."""
-    x, z = points(), torch.randn(64, 2, dtype=torch.float64)
+    x, z = points(dim=flow.dim), torch.randn(64, flow.dim, dtype=torch.float64)
     z_before = z.clone()
     log_q = flow.log_prob(x)
     samples, log_q_samples = flow.transform_noise(z)

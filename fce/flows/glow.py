@@ -1,4 +1,8 @@
-"""Glow for 2-D data: K steps of ActNorm -> invertible LU linear map -> affine coupling.
+"""Glow: K steps of ActNorm -> invertible LU linear map -> affine coupling, in d dimensions.
+
+In 2-D (the reference's case) the linear map and its inverse are written out as 2x2 closed
+forms; in d > 2 they are a (d, d) LU product and triangular solves. Each coupling transforms
+the first d // 2 coordinates conditioned on the rest; the linear maps mix them between steps.
 
 References:
     Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions",
@@ -43,16 +47,20 @@ class ActNorm(Transform):
 
 
 class InvertibleLinearLU(Transform):
-    """z = x W^T with W = P L (U + diag(sign * exp(log_s))): the 2-D Glow "1x1 convolution".
+    """z = x W^T with W = P L (U + diag(sign * exp(log_s))): Glow's "1x1 convolution".
 
-    The LU form makes log|det W| = sum(log_s) exact and cheap, and lets the inverse use the
-    closed-form 2x2 adjugate instead of a LAPACK call.
+    The LU form makes log|det W| = sum(log_s) exact and cheap. In 2-D, L and U have one free
+    entry each (scalar parameters ``lower`` and ``upper``) and the inverse is the closed-form
+    2x2 adjugate, no LAPACK call; in d > 2 ``lower`` and ``upper`` are (d, d) matrices of
+    which only the strict lower and upper triangles are used, and the inverse is two
+    triangular solves.
     """
 
     def __init__(self, dim: int = 2) -> None:
         super().__init__()
-        if dim != 2:
-            raise ValueError(f"InvertibleLinearLU is written for 2-D data, got dim={dim}")
+        if dim < 2:
+            raise ValueError(f"InvertibleLinearLU needs dim >= 2, got dim={dim}")
+        self.dim = dim
         # Start from a random rotation, as Glow does, factorised once.
         q, _ = torch.linalg.qr(torch.randn(dim, dim))
         p, lower, upper = torch.linalg.lu(q)
@@ -61,8 +69,12 @@ class InvertibleLinearLU(Transform):
         self.register_buffer("sign_s", torch.sign(s))
         # sign(det W) = det(P) * prod(sign_s): fixed, so kept out of the forward pass.
         self.register_buffer("det_sign", torch.det(p) * torch.sign(s).prod())
-        self.lower = nn.Parameter(lower[1, 0].clone())
-        self.upper = nn.Parameter(upper[0, 1].clone())
+        if dim == 2:
+            self.lower = nn.Parameter(lower[1, 0].clone())
+            self.upper = nn.Parameter(upper[0, 1].clone())
+        else:
+            self.lower = nn.Parameter(lower.tril(-1))
+            self.upper = nn.Parameter(upper.triu(1))
         self.log_s = nn.Parameter(torch.log(s.abs()))
 
     def weight(self) -> Tensor:
@@ -73,6 +85,8 @@ class InvertibleLinearLU(Transform):
 
     def inverse_weight(self, w: Tensor | None = None) -> Tensor:
         """W^-1 (``w``: W itself, if already computed)."""
+        if self.dim != 2:
+            return lu_inverse(self.sign_s, self.log_s, self.lower, self.upper, self.perm)
         w = self.weight() if w is None else w
         return inverse_2x2(w, self.det_sign * torch.exp(self.log_s.sum()))
 
@@ -81,13 +95,41 @@ class InvertibleLinearLU(Transform):
 
 
 def lu_matrix(sign_s: Tensor, log_s: Tensor, lower: Tensor, upper: Tensor, perm: Tensor) -> Tensor:
-    """W = P L (U + diag(sign_s exp(log_s))) for one step, or a stack of steps (leading dims)."""
+    """W = P L (U + diag(sign_s exp(log_s))) for one step, or a stack of steps (leading dims).
+
+    In 2-D ``lower`` and ``upper`` are the one free entry of L and U; in d > 2, (d, d)
+    matrices whose strict triangles are L's and U's."""
+    if log_s.shape[-1] != 2:
+        lower_unit, upper_diag = _lu_factors(sign_s, log_s, lower, upper)
+        return perm @ lower_unit @ upper_diag
     # L U = [[s0, u], [l s0, l u + s1]], written out: four scalars, no tiny matmuls (which
     # cost more in dispatch than in arithmetic); P only reorders the rows.
     s0, s1 = (sign_s * torch.exp(log_s)).unbind(-1)
     lu = torch.stack([s0, upper, lower * s0, lower * upper + s1], dim=-1).unflatten(-1, (2, 2))
     rows = perm.argmax(-1)  # P @ M == M[P.argmax(1)]
     return lu.gather(-2, rows[..., :, None].expand(lu.shape))
+
+
+def _lu_factors(
+    sign_s: Tensor, log_s: Tensor, lower: Tensor, upper: Tensor
+) -> tuple[Tensor, Tensor]:
+    """L (unit lower-triangular) and U + diag(sign_s exp(log_s)) of the d > 2 form."""
+    eye = torch.eye(log_s.shape[-1], dtype=log_s.dtype, device=log_s.device)
+    lower_unit = lower.tril(-1) + eye
+    upper_diag = upper.triu(1) + torch.diag_embed(sign_s * torch.exp(log_s))
+    return lower_unit, upper_diag
+
+
+def lu_inverse(
+    sign_s: Tensor, log_s: Tensor, lower: Tensor, upper: Tensor, perm: Tensor
+) -> Tensor:
+    """W^-1 = (U + S)^-1 L^-1 P^T of the d > 2 form, by two triangular solves (leading dims
+    stacked)."""
+    lower_unit, upper_diag = _lu_factors(sign_s, log_s, lower, upper)
+    inv_lower_perm = torch.linalg.solve_triangular(
+        lower_unit, perm.mT.expand(lower_unit.shape), upper=False, unitriangular=True
+    )
+    return torch.linalg.solve_triangular(upper_diag, inv_lower_perm, upper=True)
 
 
 def inverse_2x2(w: Tensor, det: Tensor) -> Tensor:
@@ -119,16 +161,20 @@ class AffineCoupling(Transform):
     expansion when sampling at e^scale_bound; above it, s is exactly Glow's.
     """
 
-    def __init__(self, width: int = 64, hidden_layers: int = 2, scale_bound: float = 10.0) -> None:
+    def __init__(
+        self, width: int = 64, hidden_layers: int = 2, scale_bound: float = 10.0, dim: int = 2
+    ) -> None:
         super().__init__()
         self.scale_bound = scale_bound
-        sizes = [1] + [width] * hidden_layers
+        # x_a, the first dim // 2 coordinates, is transformed; x_b, the rest, conditions.
+        self.n_a = dim // 2
+        sizes = [dim - self.n_a] + [width] * hidden_layers
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
         self.norms = nn.ModuleList(ActNorm(width) for _ in range(hidden_layers))
-        self.out = nn.Linear(width, 2)
+        self.out = nn.Linear(width, 2 * self.n_a)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-        self.log_scale_factor = nn.Parameter(torch.zeros(2))
+        self.log_scale_factor = nn.Parameter(torch.zeros(2 * self.n_a))
 
     def _shift_and_log_scale(self, x_b: Tensor) -> tuple[Tensor, Tensor]:
         h = x_b
@@ -139,24 +185,25 @@ class AffineCoupling(Transform):
             h = F.relu(F.linear(h, weight, bias))
         factor = torch.exp(self.log_scale_factor)
         h = F.linear(h, self.out.weight * factor[:, None], self.out.bias * factor)
-        shift, raw_scale = h[:, :1], h[:, 1:]
+        shift, raw_scale = h[:, : self.n_a], h[:, self.n_a :]
         return shift, F.logsigmoid(raw_scale + 2.0).clamp(min=-self.scale_bound)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x_a, x_b = x[:, :1], x[:, 1:]
+        x_a, x_b = x[:, : self.n_a], x[:, self.n_a :]
         shift, log_s = self._shift_and_log_scale(x_b)
         z_a = x_a * torch.exp(log_s) + shift
-        return torch.cat([z_a, x_b], dim=1), log_s.squeeze(1)
+        return torch.cat([z_a, x_b], dim=1), log_s.sum(1)
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        z_a, z_b = z[:, :1], z[:, 1:]
+        z_a, z_b = z[:, : self.n_a], z[:, self.n_a :]
         shift, log_s = self._shift_and_log_scale(z_b)
         x_a = (z_a - shift) * torch.exp(-log_s)
-        return torch.cat([x_a, z_b], dim=1), -log_s.squeeze(1)
+        return torch.cat([x_a, z_b], dim=1), -log_s.sum(1)
 
 
 class Glow(Flow):
-    """K Glow steps on 2-D data. The reference ran 10 steps of width 64 (46,840 parameters)."""
+    """K Glow steps on d-dimensional data. The reference ran 10 steps of width 64 in 2-D
+    (46,840 parameters)."""
 
     name = "glow"
 
@@ -166,20 +213,21 @@ class Glow(Flow):
         width: int = 64,
         hidden_layers: int = 2,
         scale_bound: float = 10.0,
+        dim: int = 2,
     ) -> None:
-        if n_steps < 1 or width < 1 or hidden_layers < 1 or not scale_bound > 0:
+        if n_steps < 1 or width < 1 or hidden_layers < 1 or not scale_bound > 0 or dim < 2:
             raise ValueError(
-                f"Glow needs n_steps, width, hidden_layers >= 1 and scale_bound > 0, got "
-                f"{n_steps}, {width}, {hidden_layers}, {scale_bound}"
+                f"Glow needs n_steps, width, hidden_layers >= 1, scale_bound > 0 and dim >= 2, "
+                f"got {n_steps}, {width}, {hidden_layers}, {scale_bound}, {dim}"
             )
         steps: list[Transform] = []
         for _ in range(n_steps):  # in this order: it is the order of the random initialisation
             steps += [
-                ActNorm(2),
-                InvertibleLinearLU(2),
-                AffineCoupling(width, hidden_layers, scale_bound),
+                ActNorm(dim),
+                InvertibleLinearLU(dim),
+                AffineCoupling(width, hidden_layers, scale_bound, dim),
             ]
-        super().__init__(steps, dim=2)
+        super().__init__(steps, dim=dim)
 
     def folded(self) -> FoldedGlow:
         return FoldedGlow(self)
@@ -222,11 +270,21 @@ class FoldedGlow:
             stack(lin.upper for lin in linears),
             stack(lin.perm for lin in linears),
         )
-        det = stack(lin.det_sign for lin in linears) * torch.exp(log_s.sum(-1))
+        if glow.dim == 2:
+            det = stack(lin.det_sign for lin in linears) * torch.exp(log_s.sum(-1))
+            inverse_weight = inverse_2x2(weight, det)
+        else:
+            inverse_weight = lu_inverse(
+                stack(lin.sign_s for lin in linears),
+                log_s,
+                stack(lin.lower for lin in linears),
+                stack(lin.upper for lin in linears),
+                stack(lin.perm for lin in linears),
+            )
         inv_scale = torch.exp(-log_scale)
         matrix = inv_scale[..., :, None] * weight.mT
         offset = -((loc * inv_scale)[..., None, :] @ weight.mT).squeeze(-2)
-        inverse_matrix = inverse_2x2(weight, det).mT * log_scale.exp()[..., None, :]
+        inverse_matrix = inverse_weight.mT * log_scale.exp()[..., None, :]
         # Their log|det|: constant, so added once per pass.
         self.affine_log_det = (log_s - log_scale).sum()
         # The conditioners: hidden layers with their ActNorm folded in, (bias, weight) in
@@ -243,7 +301,10 @@ class FoldedGlow:
             hidden.append(list(zip(layer_bias.unbind(), layer_weight.unbind(), strict=True)))
         factor = torch.exp(stack(c.log_scale_factor for c in couplings))
         out_weight = stack(c.out.weight for c in couplings) * factor[..., :, None]
-        out_bias = stack(c.out.bias for c in couplings) * factor + loc.new_tensor([0.0, 2.0])
+        # Glow's +2 on the raw scale, the second half of the conditioner's outputs.
+        n_a = couplings[0].n_a
+        plus_two = loc.new_tensor([0.0] * n_a + [2.0] * n_a)
+        out_bias = stack(c.out.bias for c in couplings) * factor + plus_two
         self.steps = [
             _FoldedStep(*affine, list(layers), bias, weight, coupling.scale_bound)
             for *affine, layers, bias, weight, coupling in zip(
@@ -288,30 +349,41 @@ class _FoldedStep:
     out_weight: Tensor
     scale_bound: float
 
+    @property
+    def n_a(self) -> int:
+        """How many coordinates the coupling transforms: the first d // 2."""
+        return self.out_bias.shape[-1] // 2
+
     def conditioner(self, x_b: Tensor) -> tuple[Tensor, Tensor]:
-        """(shift, log s) of the coupling at its conditioning column ``x_b``, shape (n, 1)."""
+        """(shift, log s) of the coupling at its conditioning columns ``x_b``, each (n, d // 2)."""
         bias, weight = self.hidden[0]
-        # The first layer has one input: a broadcast multiply-add beats a K=1 matmul.
-        h = torch.addcmul(bias, x_b, weight.T).relu_()
+        if x_b.shape[1] == 1:
+            # One input (2-D data): a broadcast multiply-add beats a K=1 matmul.
+            h = torch.addcmul(bias, x_b, weight.T).relu_()
+        else:
+            h = torch.addmm(bias, x_b, weight.T).relu_()
         for bias, weight in self.hidden[1:]:
             h = torch.addmm(bias, h, weight.T).relu_()
         # weight.T of an (out, in) weight: the faster layout for a matmul of N=2 outputs.
         out = torch.addmm(self.out_bias, h, self.out_weight.T)
-        return out[:, :1], F.logsigmoid(out[:, 1:]).clamp(min=-self.scale_bound)
+        n_a = self.n_a
+        return out[:, :n_a], F.logsigmoid(out[:, n_a:]).clamp(min=-self.scale_bound)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        n_a = self.n_a
         x = torch.addmm(self.offset, x, self.matrix)
-        shift, log_s = self.conditioner(x[:, 1:])
+        shift, log_s = self.conditioner(x[:, n_a:])
         if torch.is_grad_enabled():
-            x = torch.cat([x[:, :1] * log_s.exp() + shift, x[:, 1:]], dim=1)
-        else:  # no graph to keep: update the column in place (x is this step's own tensor)
-            x[:, :1].mul_(log_s.exp()).add_(shift)
-        return x, log_s.squeeze(1)
+            x = torch.cat([x[:, :n_a] * log_s.exp() + shift, x[:, n_a:]], dim=1)
+        else:  # no graph to keep: update the columns in place (x is this step's own tensor)
+            x[:, :n_a].mul_(log_s.exp()).add_(shift)
+        return x, log_s.sum(1)
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        shift, log_s = self.conditioner(z[:, 1:])
-        z_a = (z[:, :1] - shift) * torch.exp(-log_s)
+        n_a = self.n_a
+        shift, log_s = self.conditioner(z[:, n_a:])
+        z_a = (z[:, :n_a] - shift) * torch.exp(-log_s)
         x = torch.addmm(
-            self.inverse_offset, torch.cat([z_a, z[:, 1:]], dim=1), self.inverse_matrix
+            self.inverse_offset, torch.cat([z_a, z[:, n_a:]], dim=1), self.inverse_matrix
         )
-        return x, log_s.squeeze(1)
+        return x, log_s.sum(1)
