@@ -112,8 +112,10 @@ def panel_row(run_id: str, uri: str | None):
     from fce.plots import PanelRow
 
     trainer = load_trainer(run_id, uri)
-    log_q, log_p = trainer.evaluator.grid_log_densities(trainer.evaluated_ebm, trainer.flow)
-    return PanelRow(trainer.evaluator.dataset.name, trainer.data[:PANEL_SAMPLES], log_q, log_p)
+    data = trainer.data[:PANEL_SAMPLES]
+    # Above 2-D the first row: the marginal of the first two coordinates.
+    row = trainer.evaluator.panel_rows(trainer.evaluated_ebm, trainer.flow, data, pairs=1)[0]
+    return PanelRow(*row)
 
 
 def reevaluate(runs: pd.DataFrame, uri: str | None) -> pd.DataFrame:

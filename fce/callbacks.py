@@ -34,11 +34,16 @@ class Figures(Callback):
         from fce.plots import PanelRow, density_panel
 
         evaluator = trainer.evaluator
-        log_q, log_p = evaluator.grid_log_densities(trainer.evaluated_ebm, trainer.flow)
-        row = PanelRow(evaluator.dataset.name, trainer.data[:PANEL_SAMPLES], log_q, log_p)
+        data = trainer.data[:PANEL_SAMPLES]
+        rows = evaluator.panel_rows(trainer.evaluated_ebm, trainer.flow, data)
         flow_title, ebm_title = trainer.estimator.panel_titles
+        if evaluator.grid is None:  # above 2-D: marginals of samples and weighted points
+            flow_title, ebm_title = f"{flow_title}, samples", f"{ebm_title}, reweighted"
         figure = density_panel(
-            [row], limit=evaluator.grid.limit, flow_title=flow_title, ebm_title=ebm_title
+            [PanelRow(*row) for row in rows],
+            limit=evaluator.panel_limit,
+            flow_title=flow_title,
+            ebm_title=ebm_title,
         )
         trainer.tracker.log_figure(figure, f"densities/step_{trainer.step:07d}.png")
 

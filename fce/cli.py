@@ -118,7 +118,9 @@ def run_job(cfg: DictConfig, project_root: Path) -> float:
         fail("interrupted before the run started", code=130)
     finally:
         running.clear()
-    return metrics[get_class(cfg.estimator._target_).score_metric]
+    # Above 2-D a metric that needs the EBM's log Z is absent where its estimate is not
+    # trusted (logz_ess below eval.min_ess): no score then.
+    return metrics.get(get_class(cfg.estimator._target_).score_metric, math.nan)
 
 
 def resumes_in(cfg: DictConfig, output_dir: Path) -> bool:

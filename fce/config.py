@@ -154,6 +154,10 @@ def load_run_config(path: Path) -> DictConfig:
 EBM_SHAPE_DEFAULTS = {"activation": "leaky_relu", "fourier_features": 0, "fourier_scale": 1.0}
 
 
+# Keys of the eval node added with dataset.dim, and the values conf/ gives them.
+EVAL_DEFAULTS = {"logz_samples": 20000, "min_ess": 100}
+
+
 def upgrade(saved: DictConfig) -> DictConfig:
     """A config saved by an older fce, completed as today's (in place).
 
@@ -161,7 +165,8 @@ def upgrade(saved: DictConfig) -> DictConfig:
     added since: the estimator group (every run was FCE before it) and its options (FCE's
     contrast, flow objective and updates: the paper's game, as before them), Glow's
     ``scale_bound`` (its log-scale had no floor then), ``eval.flow_samples`` (as many as
-    held-out points), ``train.compile`` (false: every run was eager before it).
+    held-out points), ``train.compile`` (false: every run was eager before it),
+    ``dataset.dim`` (2) and the eval keys that only runs above 2-D use.
     """
     if "estimator" not in saved:
         saved.estimator = {"name": "fce"}
@@ -171,6 +176,11 @@ def upgrade(saved: DictConfig) -> DictConfig:
         saved.train.ema_decay = 0.0
     if "compile" not in saved.train:
         saved.train.compile = False
+    if "dim" not in saved.dataset:  # every run was 2-D before products of the datasets
+        saved.dataset.dim = 2
+    for key, value in EVAL_DEFAULTS.items():  # used above 2-D only
+        if key not in saved.eval:
+            saved.eval[key] = value
     if "flow_samples" not in saved.eval:  # the reverse KL drew one sample per held-out point
         saved.eval.flow_samples = saved.eval.n_points
     if "ebm" in saved:  # the energy's shape options came with the ebm group's variants

@@ -19,12 +19,12 @@ from torch import Tensor
 
 from fce import checkpoint
 from fce.config import INTERNAL_KEYS, RunConfig, upgrade, user_settings
-from fce.data import make_generator
+from fce.data import Dataset, make_generator
 from fce.errors import ConfigError
 from fce.estimators import Estimator, Players
 from fce.flows import Flow
 from fce.flows.fused import should_compile
-from fce.metrics import Evaluator, Grid
+from fce.metrics import Evaluator, Grid, ImportanceNormaliser
 from fce.recording import Tracker
 from fce.schedule import Schedule
 from fce.trainer import Callback, LoopSettings, Trainer
@@ -56,14 +56,24 @@ def option_class(group: str, option: str) -> Any:
     return target_of(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
 
 
-def instantiate_node(node: DictConfig, group: str) -> Any:
+def instantiate_node(node: DictConfig, group: str, **given: Any) -> Any:
     """Build a group node by ``hydra.utils.instantiate``. Its ``name`` (the option chosen) is
     passed only to a class that takes one (a dataset's, an optimizer's algorithm); a key the
-    class does not take, in a node no schema types, is one line naming it."""
+    class does not take, in a node no schema types, is one line naming it. ``given``: values
+    the run decides rather than the node (a model's ``dim``, the data's)."""
     target = target_of(node)
     parameters = inspect.signature(target).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     settings = {k: v for k, v in node.items() if k != "name" or "name" in parameters}
+    for key, value in given.items():
+        if key not in parameters and not takes_any:
+            if key == "dim" and value == 2:  # a 2-D class need not say so
+                continue
+            raise ConfigError(
+                f"{group}={node.get('name', node._target_)}: {node._target_} takes no "
+                f"{key} (2-D only), and this run's data have {key}={value}; use dataset.dim=2"
+            )
+        settings[key] = value
     for key in settings:
         if key not in INTERNAL_KEYS and key not in parameters and not takes_any:
             raise ConfigError(
@@ -102,22 +112,16 @@ def build(cfg: RunConfig, device: torch.device) -> RunParts:
     source = instantiate_node(cfg.dataset, "dataset")
     train_data = source.training_set(cfg.seed)
     eval_points = source.dataset.sample(cfg.eval.n_points, make_generator(cfg.eval.seed, "eval"))
-    grid = Grid.make(cfg.eval.grid_limit, cfg.eval.grid_cells, device=device)
-    evaluator = Evaluator(
-        source.dataset,
-        eval_points.to(device),
-        grid,
-        seed=cfg.eval.seed,
-        n_flow_samples=cfg.eval.flow_samples,
-    )
+    evaluator = make_evaluator(source.dataset, eval_points.to(device), cfg.eval)
 
     # Parameter initialisation only (data and noise have their own streams): the EBM first,
     # then the flow, whatever the estimator, so one seed starts every estimator alike.
     torch.manual_seed(cfg.seed)
-    ebm = instantiate_node(cfg.ebm, "ebm").to(device)
-    flow = instantiate_node(cfg.flow, "flow").to(device)
+    dim = source.dataset.dim
+    ebm = instantiate_node(cfg.ebm, "ebm", dim=dim).to(device)
+    flow = instantiate_node(cfg.flow, "flow", dim=dim).to(device)
     if cfg.estimator.get("noise_checkpoint"):  # NCE against a flow trained by another run
-        load_noise_flow(flow, str(cfg.estimator.noise_checkpoint), user_settings(cfg.flow))
+        load_noise_flow(flow, str(cfg.estimator.noise_checkpoint), user_settings(cfg.flow), dim)
     players = Players(
         ebm=ebm,
         flow=flow,
@@ -145,15 +149,45 @@ def build(cfg: RunConfig, device: torch.device) -> RunParts:
     return RunParts(estimator, train_data.to(device), evaluator, settings, schedule)
 
 
-def load_noise_flow(flow: Flow, noise_checkpoint: str, flow_settings: dict[str, Any]) -> None:
+def make_evaluator(dataset: Dataset, eval_points: Tensor, settings: DictConfig) -> Evaluator:
+    """The run's evaluator on ``eval_points``: in 2-D the EBM is normalised on the grid of
+    ``settings`` (``cfg.eval``); above it by importance sampling."""
+    grid, normaliser = None, None
+    if dataset.dim == 2:
+        grid = Grid.make(settings.grid_limit, settings.grid_cells, device=eval_points.device)
+    elif dataset.has_log_prob:
+        normaliser = ImportanceNormaliser(
+            dataset, eval_points, settings.logz_samples, settings.seed, settings.min_ess
+        )
+    return Evaluator(
+        dataset,
+        eval_points,
+        grid,
+        seed=settings.seed,
+        n_flow_samples=settings.flow_samples,
+        normaliser=normaliser,
+        panel_limit=settings.grid_limit,
+    )
+
+
+def load_noise_flow(
+    flow: Flow, noise_checkpoint: str, flow_settings: dict[str, Any], dim: int = 2
+) -> None:
     """Load into ``flow`` the flow of another run's checkpoint (or run directory), whose flow
-    settings must be ``flow_settings`` (the ``noise_checkpoint`` an estimator contrasts with)."""
+    settings must be ``flow_settings`` and whose data's dimension ``dim`` (the
+    ``noise_checkpoint`` an estimator contrasts with)."""
     where = f"estimator.noise_checkpoint={noise_checkpoint}"
     try:
         _, state, _ = checkpoint.resolve(Path(noise_checkpoint).expanduser())
     except checkpoint.CheckpointError as error:
         raise ConfigError(f"{where}: {error}") from None
-    saved = user_settings(upgrade(OmegaConf.create(state["config"])).flow)
+    saved_cfg = upgrade(OmegaConf.create(state["config"]))
+    if saved_cfg.dataset.dim != dim:
+        raise ConfigError(
+            f"{where}: its flow is of dataset.dim={saved_cfg.dataset.dim}, this run's data "
+            f"dataset.dim={dim}; train the noise flow on data of the same dimension"
+        )
+    saved = user_settings(saved_cfg.flow)
     if saved != flow_settings:
         raise ConfigError(
             f"{where}: its flow is {saved}, this run's flow={flow_settings}; "

@@ -8,6 +8,12 @@ Both directions of the KL divergence: KL(p_d || model) on the held-out points (m
 KL(model || p_d) on the grid for the EBM and on the flow's own samples for the flow
 (mode-seeking), with the Jensen-Shannon divergence beside the latter, finite where the data's
 density is zero (docs/method.md, Metrics).
+
+Above two dimensions no grid can normalise the EBM: its log Z is estimated by importance
+sampling (``ImportanceNormaliser``), with the estimate's standard error and the weights'
+effective sample size logged beside it, and the metrics that need it are not reported where
+that size is below a floor. The scores that need no normaliser are always reported: the
+centred log-density error and the Fisher divergence against the data's exact score.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from torch import Tensor
 
 from fce.data import Dataset, make_generator
 from fce.ebm import EBM
-from fce.flows import Flow
+from fce.flows import Flow, Gaussian
 from fce.names import EVAL_METRICS
 
 
@@ -123,6 +129,125 @@ def true_log_prob(dataset: Dataset, points: Tensor) -> Tensor:
     return values.to(points.device)
 
 
+@dataclass(frozen=True)
+class LogZEstimate:
+    """An importance-sampling estimate of log Z: the value, its standard error (delta method,
+    sqrt((n / ess - 1) / n)) and the weights' effective sample size (sum w)^2 / sum w^2."""
+
+    value: Tensor
+    se: Tensor
+    ess: Tensor
+
+
+class ImportanceNormaliser:
+    """log Z = log of the integral of exp(-f), by importance sampling from a fixed proposal.
+
+    The proposal is defensive (Hesterberg, "Weighted average importance sampling and defensive
+    mixture distributions", Technometrics 1995): r = w p_d + (1 - w) N(m, s^2 S), the data's
+    own density, which an EBM that learned it matches (its weights then stay below 1 / w),
+    and a Gaussian fitted to the held-out points (mean m, covariance S) widened by s, which
+    reaches the EBM's mass off the data. The points are drawn once, stratified (round(w n) of
+    p_d), from the evaluation seed's own stream, and r at them is computed once: every
+    evaluation of every run at that seed weighs the same points.
+
+    Importance sampling cannot see mass where the proposal puts none; the Gaussian makes that
+    region the far tails only, and the effective sample size says when the weights are too
+    uneven for the estimate to be trusted (``min_ess``: below it, no metric that needs log Z
+    is reported).
+
+    Args:
+        dataset: the data's distribution (samples and exact ``log_prob``).
+        reference: points of the data (the held-out ones) for the Gaussian's fit.
+        n: proposal points.
+        seed: the evaluation seed; the points come from its ``eval/logz`` stream.
+        min_ess: the least effective sample size at which log Z is reported.
+        data_share: w, the data's share of the proposal.
+        widen: s, the Gaussian's standard deviations over the data's.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        reference: Tensor,
+        n: int,
+        seed: int = 0,
+        min_ess: float = 100.0,
+        data_share: float = 0.5,
+        widen: float = 1.25,
+    ) -> None:
+        if not 0 < data_share < 1:
+            raise ValueError(f"data_share={data_share}: must be in (0, 1)")
+        self.min_ess = float(min_ess)
+        generator = make_generator(seed, "eval/logz")
+        k = round(data_share * n)
+        from_data = dataset.sample(k, generator, torch.float64)
+        fitted = Gaussian.fit(reference.detach().cpu().double())
+        mean, scale = fitted.transforms[0].mean.data, widen * fitted.transforms[0].scale_tril.data
+        gaussian = Gaussian(mean, scale)
+        noise = torch.randn(n - k, dataset.dim, generator=generator, dtype=torch.float64)
+        points = torch.cat([from_data, mean + noise @ scale.T])
+        log_p = true_log_prob(dataset, points).cpu()
+        with torch.no_grad():
+            log_g = gaussian.log_prob(points)
+        self.log_proposal = torch.logaddexp(
+            log_p + math.log(data_share), log_g + math.log1p(-data_share)
+        ).to(reference.device)
+        self.points = points.to(reference.device, reference.dtype)
+
+    @torch.no_grad()
+    def __call__(self, energy) -> LogZEstimate:
+        """The estimate of log of the integral of exp(-energy(x))."""
+        log_w = -_chunked(energy, self.points).double() - self.log_proposal
+        n = log_w.shape[0]
+        top = log_w.max()
+        w = (log_w - top).exp()
+        total = w.sum()
+        value = total.log() + top - math.log(n)
+        ess = total.square() / w.square().sum()
+        se = ((n / ess - 1).clamp_min(0) / n).sqrt()
+        return LogZEstimate(value, se, ess)
+
+    def trusted(self, estimate: LogZEstimate) -> bool:
+        return bool(estimate.ess >= self.min_ess)
+
+    @torch.no_grad()
+    def weights(self, energy) -> Tensor:
+        """The self-normalised weights of the points (they sum to 1): resampling them draws
+        approximately from the normalised EBM (for figures)."""
+        log_w = -_chunked(energy, self.points).double() - self.log_proposal
+        return torch.softmax(log_w, dim=0)
+
+
+def fisher_divergence(energy, points: Tensor, data_score: Tensor) -> Tensor:
+    """1/2 E ||grad log p_theta(x) - grad log p_d(x)||^2 over ``points`` x ~ p_d: the EBM's
+    score is -grad f (no normaliser enters it), ``data_score`` the data's exact one there."""
+    out = points.new_zeros((), dtype=torch.float64)
+    for start in range(0, points.shape[0], EVAL_CHUNK):
+        part = points[start : start + EVAL_CHUNK].detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(energy(part).sum(), part)
+        error = -grad.double() - data_score[start : start + EVAL_CHUNK]
+        out = out + error.square().sum()
+    return 0.5 * out / points.shape[0]
+
+
+PANEL_FLOW_SAMPLES = 100_000  # the flow's samples of a marginal panel above 2-D
+
+
+def log_histogram(points: Tensor, weights: Tensor | None, limit: float, cells: int) -> Tensor:
+    """log of the density a (weighted) 2-D histogram of ``points`` gives on a cells x cells
+    grid over [-limit, limit]^2, rows along the second coordinate (an image); -inf where a
+    cell is empty. The weights (or counts) are normalised over all points, so mass outside
+    the square is not shown as mass inside it."""
+    width = 2 * limit / cells
+    weights = points.new_ones(points.shape[0], dtype=torch.float64) if weights is None else weights
+    index = torch.floor((points.double() + limit) / width).long()
+    inside = ((index >= 0) & (index < cells)).all(1)
+    flat = index[inside, 1] * cells + index[inside, 0]
+    mass = weights.new_zeros(cells * cells).index_add_(0, flat, weights.double()[inside])
+    return (mass / (weights.double().sum() * width**2)).log().view(cells, cells)
+
+
 def _sample_columns(flow: Flow, z: Tensor) -> tuple[Tensor, Tensor]:
     """The flow's samples g(z) and their log q as columns, to go through ``_chunked``."""
     y, log_q = flow.transform_noise(z)
@@ -152,6 +277,15 @@ class Evaluator:
                            which a wrong c cannot inflate.
         tv_ebm             total variation between p_hat and p_d on the grid.
 
+    Above two dimensions (``grid`` None) the EBM's metrics are instead:
+        mse_logp, mse_logp_centered   as above.
+        fisher_ebm         1/2 E_d ||grad log p_theta - grad log p_d||^2 on the first
+                           ``score_points`` held-out points, where the data has a score.
+        logz_ess, logz_se  the effective sample size of ``normaliser``'s weights and the
+                           standard error of its log Z.
+        nll_ebm, kl_data_ebm, logz_gap   as above with that log Z, only where logz_ess
+                           reaches the normaliser's floor.
+
     The flow's samples y come from base noise drawn once, from ``seed``'s own stream: the
     same noise at every evaluation, as the held-out points are the same, so the training's
     random streams are never touched and a resumed run logs what an uninterrupted one does.
@@ -162,21 +296,33 @@ class Evaluator:
         self,
         dataset: Dataset,
         eval_points: Tensor,
-        grid: Grid,
+        grid: Grid | None,
         seed: int = 0,
         n_flow_samples: int | None = None,
+        normaliser: ImportanceNormaliser | None = None,
+        score_points: int = 4096,
+        panel_limit: float = 4.0,
     ) -> None:
         self.dataset = dataset
         self.eval_points = eval_points
         self.grid = grid
+        self.seed = seed
+        self.normaliser = normaliser
+        self.panel_limit = grid.limit if grid is not None else panel_limit
+        self.panel_noise = None
+        self.data_score = None
+        if grid is None and dataset.has_score:
+            points = eval_points[:score_points].detach().cpu().double()
+            self.data_score = dataset.score(points).to(eval_points.device)
         self.log_p_true = None
         self.log_p_true_grid = None
         self.p_true_grid = None
         self.flow_noise = None
         if dataset.has_log_prob:
             self.log_p_true = true_log_prob(dataset, eval_points)
-            self.log_p_true_grid = true_log_prob(dataset, grid.points)
-            self.p_true_grid = self.log_p_true_grid.exp()
+            if grid is not None:
+                self.log_p_true_grid = true_log_prob(dataset, grid.points)
+                self.p_true_grid = self.log_p_true_grid.exp()
             n = eval_points.shape[0] if n_flow_samples is None else n_flow_samples
             noise = torch.randn(
                 n, eval_points.shape[1], generator=make_generator(seed, "eval/flow")
@@ -209,6 +355,8 @@ class Evaluator:
         return dict(zip(values, numbers, strict=True))
 
     def _ebm_metrics(self, ebm: EBM) -> dict[str, Tensor]:
+        if self.grid is None:
+            return self._ebm_metrics_sampled(ebm)
         x = self.eval_points
         neg_energy_grid = -_chunked(ebm.energy, self.grid.points)
         log_z_grid = self.grid.log_integral(neg_energy_grid)
@@ -231,6 +379,30 @@ class Evaluator:
             cell_area = math.exp(self.grid.log_cell_area)
             values["tv_ebm"] = 0.5 * (p_hat_grid - self.p_true_grid).abs().sum() * cell_area
             values |= self._ebm_reverse(log_p_hat_grid, p_hat_grid, cell_area)
+        return values
+
+    def _ebm_metrics_sampled(self, ebm: EBM) -> dict[str, Tensor]:
+        """The EBM's metrics without a grid (see the class): its log Z by importance
+        sampling, reported where the weights allow it."""
+        x = self.eval_points
+        neg_energy = -_chunked(ebm.energy, x)
+        values = {}
+        if self.log_p_true is not None:
+            error = (neg_energy - ebm.log_z).double() - self.log_p_true
+            values["mse_logp"] = error.pow(2).mean()
+            values["mse_logp_centered"] = error.var(unbiased=False)
+        if self.data_score is not None:
+            points = x[: self.data_score.shape[0]]
+            values["fisher_ebm"] = fisher_divergence(ebm.energy, points, self.data_score)
+        if self.normaliser is not None:
+            estimate = self.normaliser(ebm.energy)
+            values["logz_ess"] = estimate.ess
+            values["logz_se"] = estimate.se
+            if self.normaliser.trusted(estimate):
+                values["nll_ebm"] = estimate.value - neg_energy.double().mean()
+                values["logz_gap"] = ebm.log_z.double() - estimate.value
+                if self.log_p_true is not None:
+                    values["kl_data_ebm"] = values["nll_ebm"] + self.log_p_true.mean()
         return values
 
     def _ebm_reverse(
@@ -284,6 +456,37 @@ class Evaluator:
         to_data = LOG_2 + log_p_data - torch.logaddexp(log_p_data, log_q_data)
         js = 0.5 * (to_flow.mean() + to_data.mean())
         return {"kl_flow_data": kl, "kl_flow_data_se": se, "js_flow_data": js}
+
+    @torch.no_grad()
+    def panel_rows(
+        self, ebm: EBM, flow: Flow, data: Tensor, pairs: int = 2, cells: int = 128
+    ) -> list[tuple[str, Tensor, Tensor, Tensor]]:
+        """(label, data points, log q, log p_hat) per row of a density panel, the densities
+        (cells, cells) images on [-limit, limit]^2. In 2-D one row: the grid's exact
+        densities. Above it one row per pair of coordinates (x1, x2), (x3, x4)... up to
+        ``pairs``: the 2-D marginals, as histograms of the flow's samples (base noise drawn
+        once, from ``seed``'s ``eval/panel`` stream) and of the normaliser's points weighted
+        by the EBM's importance weights (an approximation whose quality logz_ess states)."""
+        if self.grid is not None:
+            log_q, log_p = self.grid_log_densities(ebm, flow)
+            return [(self.dataset.name, data, log_q, log_p)]
+        limit = self.panel_limit
+        if self.panel_noise is None:
+            generator = make_generator(self.seed, "eval/panel")
+            noise = torch.randn(PANEL_FLOW_SAMPLES, self.dataset.dim, generator=generator)
+            self.panel_noise = noise.to(self.eval_points.device, self.eval_points.dtype)
+        samples = _chunked(lambda z: flow.transform_noise(z)[0], self.panel_noise)
+        rows = []
+        for i in range(0, min(2 * pairs, self.dataset.dim), 2):
+            columns = slice(i, i + 2)
+            log_q = log_histogram(samples[:, columns], None, limit, cells)
+            log_p = data.new_full((cells, cells), -math.inf, dtype=torch.float64)
+            if self.normaliser is not None:
+                weights = self.normaliser.weights(ebm.energy)
+                log_p = log_histogram(self.normaliser.points[:, columns], weights, limit, cells)
+            label = f"{self.dataset.name}: x{i + 1}, x{i + 2}"
+            rows.append((label, data[:, columns], log_q, log_p))
+        return rows
 
     @torch.no_grad()
     def grid_log_densities(self, ebm: EBM, flow: Flow) -> tuple[Tensor, Tensor]:

@@ -19,7 +19,10 @@ EVAL_METRICS = (
     "tv_ebm",
     "mse_logp",
     "mse_logp_centered",
+    "fisher_ebm",
     "logz_gap",
+    "logz_se",
+    "logz_ess",
     "flow_step_share",
 )
 # What an evaluation reports for an estimator that never trains the EBM (flow_mle).
@@ -31,6 +34,8 @@ FLOW_METRICS = (
     "kl_flow_data_se",
     "js_flow_data",
 )
+# What only an evaluation above 2-D reports (its EBM has no grid: fce/metrics.py).
+ABOVE_2D_ONLY = ("fisher_ebm", "logz_se", "logz_ess")
 # What an evaluation reports for an estimator that never trains the flow (mle).
 EBM_METRICS = (
     "nll_ebm",
@@ -41,5 +46,8 @@ EBM_METRICS = (
     "tv_ebm",
     "mse_logp",
     "mse_logp_centered",
+    "fisher_ebm",
     "logz_gap",
+    "logz_se",
+    "logz_ess",
 )

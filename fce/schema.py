@@ -144,6 +144,20 @@ class Seed:
 
 
 @dataclass(frozen=True)
+class Dimension:
+    """A data dimension d: even (d / 2 copies of a 2-D dataset), in [2, ``limit``]."""
+
+    limit: int
+
+    def __call__(self, key: str, value: Any) -> None:
+        if not _is_int(value) or value < 2 or value % 2 or value > self.limit:
+            raise ConfigError(
+                f"{key}={value!r}: must be an even integer in [2, {self.limit}] "
+                "(d / 2 independent copies of the 2-D dataset)"
+            )
+
+
+@dataclass(frozen=True)
 class Flag:
     def __call__(self, key: str, value: Any) -> None:
         if not isinstance(value, bool):
@@ -234,6 +248,7 @@ class PartialNode(Node):
 class DatasetConfig(Node):
     name: str = MISSING  # the option chosen (dataset=rings)
     n_samples: int = checked(Count(limit=50_000_000))
+    dim: int = checked(Dimension(limit=64))  # d: the product of d / 2 copies of the 2-D data
 
 
 @dataclass
@@ -409,6 +424,14 @@ class MLEEstimatorConfig(EstimatorConfig):
     grid_limit: float = checked(Positive())  # the square [-grid_limit, grid_limit]^2
     jitter: bool = checked(Flag())  # shift the whole grid by one uniform offset each step
 
+    @staticmethod
+    def rules(cfg: DictConfig) -> None:
+        if cfg.dataset.dim != 2:
+            raise ConfigError(
+                f"dataset.dim={cfg.dataset.dim}: estimator=mle normalises the EBM on a 2-D "
+                "grid; use dataset.dim=2 (or another estimator)"
+            )
+
 
 @dataclass
 class MLflowTrackingConfig(PartialNode):
@@ -439,6 +462,10 @@ class EvalConfig:
     seed: int = checked(Seed())
     grid_limit: float = checked(Positive())
     grid_cells: int = checked(Count(limit=2048))
+    # dataset.dim > 2: the EBM's log Z by importance sampling, reported only where the
+    # weights' effective sample size reaches min_ess
+    logz_samples: int = checked(Count(limit=10_000_000))
+    min_ess: int = checked(Count(limit=10_000_000))
 
 
 @dataclass

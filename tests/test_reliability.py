@@ -76,6 +76,13 @@ RUN_BAD_INPUTS = [
     ("range-lr", ["optimizer.lr_flow=0"], "optimizer.lr_flow=0.0: must be a positive number"),
     ("range-batch", ["train.batch_size=-5"], "train.batch_size=-5: must be a positive integer"),
     ("range-samples", ["dataset.n_samples=0"], "dataset.n_samples=0: must be a positive integer"),
+    ("odd-dim", ["dataset.dim=5"], "dataset.dim=5: must be an even integer in [2, 64]"),
+    ("dim-below-2", ["dataset.dim=0"], "dataset.dim=0: must be an even integer in [2, 64]"),
+    (
+        "mle-above-2d",
+        ["estimator=mle", "dataset.dim=4"],
+        "dataset.dim=4: estimator=mle normalises the EBM on a 2-D grid",
+    ),
     *(
         [("no-gpu", ["device=cuda"], "device='cuda': no CUDA GPU is available here")]
         if not torch.cuda.is_available()

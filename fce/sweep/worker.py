@@ -151,6 +151,8 @@ def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stoppi
                 signum = stopping()
                 if signum is not None:  # a signal that came before the run could note it
                     raise RunInterrupted(128 + signum)
+                if settings.objective not in metrics:  # an untrusted log Z (above 2-D)
+                    return
                 trial.report(metrics[settings.objective], step)
                 if trial.should_prune():
                     raise StopRun(f"pruned at step {step}")
@@ -174,6 +176,14 @@ def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stoppi
             log.error("trial %d failed: %s", trial.number, error)
             if RUN_ID_ATTR not in trial.user_attrs:  # refused before its run started
                 record_refused_trial(plan, trial, str(error))
+            return math.nan
+        if settings.objective not in metrics:
+            why = (
+                f"sweep.objective={settings.objective}: not reported at the end; its log Z "
+                "estimate's effective sample size (logz_ess) was below eval.min_ess"
+            )
+            trial.set_user_attr("error", why)
+            log.error("trial %d failed: %s", trial.number, why)
             return math.nan
         return metrics[settings.objective]
 

@@ -1,0 +1,191 @@
+"""Above two dimensions: the datasets' products, their scores, and the EBM's scores without a
+grid (log Z by importance sampling, checked against the grid in 2-D and against an energy
+whose normaliser is known at d = 16; the Fisher divergence)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from fce.compose import compose
+from fce.config import validate
+from fce.data import DATASETS, DataSource, get_dataset, make_generator, product
+from fce.errors import ConfigError
+from fce.factory import build_trainer, make_evaluator
+from fce.metrics import Grid, ImportanceNormaliser, fisher_divergence
+
+
+def test_one_copy_is_the_dataset_itself():
+    for name, dataset in DATASETS.items():
+        assert product(dataset, 1) is dataset, name
+        assert DataSource(name, 10).dataset is dataset
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_a_product_is_its_copies_side_by_side(name):
+    base = get_dataset(name)
+    k = 3
+    prod = product(base, k)
+    assert prod.dim == 2 * k and prod.name == f"{name}-d{2 * k}"
+    x = prod.sample(50, make_generator(1, "t"), torch.float64)
+    # The product's draw is the base's draw of n k points, grouped.
+    same = base.sample(150, make_generator(1, "t"), torch.float64)
+    assert torch.equal(x, same.reshape(50, 2 * k))
+    copies = x.reshape(50, k, 2)
+    expected = sum(base.log_prob(copies[:, i]) for i in range(k))
+    torch.testing.assert_close(prod.log_prob(x), expected, rtol=1e-12, atol=0)
+    assert prod.has_score == base.has_score
+    if base.has_score:
+        expected = torch.cat([base.score(copies[:, i]) for i in range(k)], dim=1)
+        torch.testing.assert_close(prod.score(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", [n for n, d in sorted(DATASETS.items()) if d.has_score])
+def test_a_score_is_the_gradient_of_the_exact_log_density(name):
+    # Against central differences of the density the suite scores with (1e-6 in float64).
+    dataset = get_dataset(name)
+    x = dataset.sample(200, make_generator(2, "t"), torch.float64)
+    h = 1e-5
+    steps = torch.eye(2, dtype=torch.float64) * h
+    numeric = torch.stack(
+        [(dataset.log_prob(x + e) - dataset.log_prob(x - e)) / (2 * h) for e in steps], dim=1
+    )
+    torch.testing.assert_close(dataset.score(x), numeric, rtol=1e-6, atol=1e-6)
+
+
+def test_datasets_without_a_smooth_density_have_no_score():
+    for name in ("checkerboard", "pinwheel"):
+        with pytest.raises(NotImplementedError, match="no score"):
+            get_dataset(name).score(torch.zeros(1, 2))
+
+
+@pytest.mark.parametrize("dim", [0, 3, 5])
+def test_a_source_refuses_an_odd_or_empty_dimension(dim):
+    with pytest.raises(ValueError, match=f"dim={dim}: must be an even integer"):
+        DataSource("8gaussians", 10, dim)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("dataset.dim=7", "dataset.dim=7: must be an even integer in [2, 64]"),
+        ("dataset.dim=66", "dataset.dim=66: must be an even integer in [2, 64]"),
+        ("dataset.dim=-2", "dataset.dim=-2: must be an even integer"),
+    ],
+)
+def test_the_config_refuses_a_bad_dimension(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(compose([override]))
+
+
+class QuadraticEnergy(nn.Module):
+    """f(x) = 1/2 (x - m)^T S^-1 (x - m): log Z = d/2 log 2 pi + 1/2 log det S, exactly."""
+
+    def __init__(self, mean: torch.Tensor, cov: torch.Tensor) -> None:
+        super().__init__()
+        self.mean, self.precision = mean, torch.linalg.inv(cov)
+        self.log_z_exact = 0.5 * (mean.numel() * math.log(2 * math.pi) + torch.logdet(cov))
+
+    def forward(self, x):
+        centred = x - self.mean
+        return 0.5 * ((centred @ self.precision) * centred).sum(1)
+
+
+def data_moments(dataset, n=20_000):
+    x = dataset.sample(n, make_generator(0, "eval"), torch.float64)
+    return x, x.mean(0), torch.cov(x.T, correction=0)
+
+
+def test_importance_sampled_log_z_meets_the_grid_in_2d():
+    dataset = get_dataset("8gaussians")
+    x, _, _ = data_moments(dataset)
+
+    def energy(points):  # a smooth energy near the data's, not equal to it
+        return -0.8 * dataset.log_prob(points) + 0.05 * (points - 0.3).pow(2).sum(1)
+
+    grid = Grid.make(limit=9.0, cells=1024, dtype=torch.float64)
+    exact = grid.log_integral(-energy(grid.points))
+    estimate = ImportanceNormaliser(dataset, x, n=20_000, seed=3)(energy)
+    error = (estimate.value - exact).abs().item()
+    assert estimate.ess > 1000
+    assert error < 4 * estimate.se.item() + 1e-3, (error, estimate.se.item())
+
+
+@pytest.mark.parametrize("name", ["8gaussians", "rings"])
+def test_importance_sampled_log_z_of_a_known_normaliser_at_d16(name):
+    dataset = product(get_dataset(name), 8)
+    x, mean, cov = data_moments(dataset)
+    normaliser = ImportanceNormaliser(dataset, x, n=20_000, seed=3)
+    # A Gaussian energy: the data's own moments, known log Z; its error is within 4 se.
+    quadratic = QuadraticEnergy(mean, cov)
+    estimate = normaliser(quadratic)
+    error = (estimate.value - quadratic.log_z_exact).abs().item()
+    assert estimate.ess >= normaliser.min_ess
+    assert error < 4 * estimate.se.item(), (error, estimate.se.item(), estimate.ess.item())
+    # The data's own energy, -log p_d (Z = 1): the data half of the proposal bounds the
+    # weights by 2, so the estimate is tight.
+    truth = normaliser(lambda points: -dataset.log_prob(points))
+    assert abs(truth.value.item()) < 4 * truth.se.item() < 0.05
+    assert truth.ess > 5_000
+
+
+def test_the_fisher_divergence_is_zero_at_the_truth_and_exact_for_a_gaussian():
+    dataset = product(get_dataset("8gaussians"), 4)
+    x, mean, cov = data_moments(dataset, 2_000)
+    score = dataset.score(x)
+    truth = fisher_divergence(lambda p: -dataset.log_prob(p), x, score)
+    assert truth.item() < 1e-16
+    quadratic = QuadraticEnergy(mean, cov)
+    expected = 0.5 * (-(x - mean) @ quadratic.precision - score).pow(2).sum(1).mean()
+    torch.testing.assert_close(fisher_divergence(quadratic, x, score), expected)
+
+
+class FarEnergy(nn.Module):
+    """A narrow bump far from the data: no proposal point lands near its mass."""
+
+    log_z = nn.Parameter(torch.tensor(0.0))
+
+    def energy(self, x):
+        return 50 * (x - 6.0).pow(2).sum(1)
+
+
+def test_above_2d_an_untrusted_log_z_reports_no_metric_that_needs_it():
+    settings = compose(["dataset.dim=8", "eval.n_points=2000", "eval.logz_samples=4000"]).eval
+    dataset = DataSource("8gaussians", 10, 8).dataset
+    x = dataset.sample(2000, make_generator(0, "eval"))
+    evaluator = make_evaluator(dataset, x, settings)
+    assert evaluator.grid is None
+    far = FarEnergy()
+    values = evaluator(far, None)
+    assert values["logz_ess"] < settings.min_ess
+    assert {"nll_ebm", "kl_data_ebm", "logz_gap"}.isdisjoint(values)
+    assert {"mse_logp", "mse_logp_centered", "fisher_ebm", "logz_se"} <= set(values)
+
+
+def test_a_run_above_2d_trains_every_flow_and_reports_honest_scores():
+    for flow in ("glow", "maf", "spline"):
+        cfg = compose(
+            [
+                "dataset.dim=4",
+                f"flow={flow}",
+                "dataset.n_samples=2000",
+                "train.batch_size=200",
+                "train.max_steps=20",
+                "train.eval_every=10",
+                "eval.n_points=1000",
+                "eval.flow_samples=500",
+                "eval.logz_samples=2000",
+                "device=cpu",
+            ]
+        )
+        trainer = build_trainer(cfg, torch.device("cpu"))
+        assert trainer.ebm.energy_net[0].in_features == 4 and trainer.flow.dim == 4
+        metrics = trainer.run()
+        for name in ("kl_data_flow", "kl_flow_data", "mse_logp_centered", "fisher_ebm"):
+            assert math.isfinite(metrics[name]), (flow, name)
+        assert metrics["logz_ess"] > 0
+        assert "tv_ebm" not in metrics and "kl_ebm_data" not in metrics
