@@ -1,0 +1,356 @@
+"""Where the contrast matters: every estimator on products of a dataset, d = 2 to 32.
+
+    python benchmarks/dimension.py --out benchmarks/results/dimension.json
+    python benchmarks/dimension.py --datasets 8gaussians --dims 2 8 16 --steps 2000 --out f.json
+    python benchmarks/dimension.py --report benchmarks/results/dimension.json
+    python benchmarks/dimension.py --report benchmarks/results/dimension.json --write
+
+Each (dataset, d, seed, estimator) is one run of ``experiment=truth`` with ``dataset.dim=d``
+and ``train.max_steps=--steps`` (the same steps for every estimator), in its own process with
+one torch thread (``--jobs`` at once, one per core), logging nowhere. The estimators
+(``LABELS``): FCE as the truth recipe plays it, NCE against the Gaussian fitted to the data,
+the flow by maximum likelihood (its flow saved), NCE against that flow, fixed (NCE's noise
+is then a pre-trained flow of the same seed), FCE against a flow whose base is widened to
+N(0, 1.5^2 I), and the covering recipe (``experiment=truth_both``: the flow by MLE, the EBM
+against a 50/50 mixture of it and the fitted Gaussian). Seeds 0, 1, 2: the recipes were tuned
+on seeds >= 100 in 2-D, and nothing here is tuned.
+
+Above 2-D the EBM's KL(data || EBM) needs its log Z, estimated by importance sampling with
+``eval.logz_samples=--logz-samples`` points; where the weights' effective sample size is
+below ``eval.min_ess`` the run reports no KL and the table says so (with the ESS), rather
+than a number. The Fisher divergence and the centred log-density error need no normaliser
+and are always reported. The JSON is rewritten after each run; a rerun skips the runs it
+holds. ``--report`` prints the tables; ``--write`` puts them and a figure (each score
+against d, per estimator) into docs/dimension.md and docs/figures/dimension.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import multiprocessing
+import statistics
+import sys
+from pathlib import Path
+
+from fce.config import DATASET_NAMES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_truth():
+    """benchmarks/truth.py, whose runs these are (a script, loaded by path)."""
+    spec = importlib.util.spec_from_file_location("truth", Path(__file__).with_name("truth.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_truth = _load_truth()
+flow_file, one_run = _truth.flow_file, _truth.one_run
+
+# label -> (experiment, overrides); flow_mle first (nce_flow contrasts with its flow).
+LABELS = {
+    "flow_mle": ("truth", ["estimator=flow_mle", "train.ema_decay=0"]),
+    "fce": ("truth", []),
+    "nce": ("truth", ["estimator=nce"]),
+    "nce_flow": ("truth", ["estimator=nce"]),  # + the noise flow of flow_mle's run
+    "fce_wide": ("truth", ["estimator.base_scale=1.5"]),
+    "fce_mixture": ("truth_both", []),
+}
+# NCE trains no flow: its flow's scores are of a flow at its initialisation, or flow_mle's.
+FIXED_FLOW = ("nce", "nce_flow")
+DOC = ROOT / "docs" / "dimension.md"
+FIGURE = ROOT / "docs" / "figures" / "dimension.png"
+RESULTS = ROOT / "benchmarks" / "results" / "dimension.json"
+COMMAND = "python benchmarks/dimension.py --report benchmarks/results/dimension.json --write"
+
+
+def key(run: dict) -> tuple[str, str, int, int]:
+    return run["label"], run["dataset"], run["dim"], run["seed"]
+
+
+def run_job(job: tuple) -> dict:
+    label, dataset, dim, seed, experiment, overrides, flow_path = job
+    result = one_run((experiment, dataset, seed, overrides, flow_path))
+    del result["timeline"]  # the final metrics are what the tables read
+    return {"label": label, "dim": dim, **result}
+
+
+def jobs_of(args: argparse.Namespace, done: set) -> list[list[tuple]]:
+    """The pending runs in two waves: flow_mle's first (it saves the flows nce_flow needs)."""
+    flows = args.flows
+    common = [
+        f"train.max_steps={args.steps}",
+        f"eval.logz_samples={args.logz_samples}",
+        f"train.eval_every={max(args.steps // 4, 1)}",
+    ]
+    waves: list[list[tuple]] = [[], []]
+    for label in args.labels:
+        experiment, overrides = LABELS[label]
+        for dataset in args.datasets:
+            for dim in args.dims:
+                for seed in args.seeds:
+                    if (label, dataset, dim, seed) in done:
+                        continue
+                    given = [*overrides, *common, f"dataset.dim={dim}"]
+                    path = flows / f"d{dim}" / flow_file(Path(), dataset, seed)
+                    save = None
+                    if label == "flow_mle":
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        save = str(path.resolve())
+                    if label == "nce_flow":
+                        given += [
+                            "estimator.noise=flow",
+                            f"estimator.noise_checkpoint={path.resolve()}",
+                        ]
+                    job = (label, dataset, dim, seed, experiment, given, save)
+                    waves[0 if label == "flow_mle" else 1].append(job)
+    return waves
+
+
+# --- the tables ---------------------------------------------------------------------------------
+
+
+def cell(values: list[float], digits: int = 3) -> str:
+    """mean ± standard error over the seeds (one seed: its value)."""
+    if not values:
+        return "—"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    se = statistics.stdev(values) / math.sqrt(len(values))
+    return f"{mean:.{digits}f} ± {se:.{digits}f}"
+
+
+def metric_cell(runs: list[dict], metric: str) -> str:
+    finals = [r["final"] for r in runs if r["error"] is None]
+    values = [f[metric] for f in finals if metric in f]
+    text = cell(values)
+    refused = len(finals) - len(values)
+    if refused and metric in ("kl_data_ebm", "nll_ebm"):
+        ess = [f.get("logz_ess", math.nan) for f in finals if metric not in f]
+        text += f" ({refused} not reported: ESS {min(ess):.0f})"
+    failed = len(runs) - len(finals)
+    if failed:
+        text += f" ({failed} failed)"
+    return text
+
+
+TABLE_METRICS = {
+    "kl_data_ebm": "KL(data ‖ EBM), log Z by importance sampling (nats)",
+    "fisher_ebm": "Fisher divergence of the EBM, ½ E‖∇log p_θ − ∇log p_d‖²",
+    "mse_logp_centered": "centred log-density error of the EBM, Var(log p_θ − log p_d)",
+    "kl_data_flow": "KL(data ‖ flow), exact (nats)",
+}
+
+
+def tables(runs: list[dict]) -> str:
+    labels = [label for label in LABELS if any(r["label"] == label for r in runs)]
+    out = []
+    for dataset in sorted({r["dataset"] for r in runs}):
+        part = [r for r in runs if r["dataset"] == dataset]
+        dims = sorted({r["dim"] for r in part})
+        seeds = sorted({r["seed"] for r in part})
+        steps = sorted({r["steps"] for r in part})
+        out.append(f"#### {dataset}: seeds {', '.join(map(str, seeds))}, {steps[-1]:,} steps\n")
+        for metric, title in TABLE_METRICS.items():
+            shown = [
+                label
+                for label in labels
+                if any(metric in r["final"] for r in part if r["label"] == label)
+                and (label not in FIXED_FLOW or not metric.endswith("_flow"))
+            ]
+            if not shown:
+                continue
+            out.append(f"{title}, mean ± standard error over the seeds:\n")
+            out.append("| d | " + " | ".join(shown) + " |")
+            out.append("|---|" + "---|" * len(shown))
+            for dim in dims:
+                cells = [
+                    metric_cell(
+                        [r for r in part if r["label"] == label and r["dim"] == dim], metric
+                    )
+                    for label in shown
+                ]
+                out.append(f"| {dim} | " + " | ".join(cells) + " |")
+            out.append("")
+        out.append(paired_table(part, dims))
+    return "\n".join(out)
+
+
+def paired_table(part: list[dict], dims: list[int], base: str = "nce") -> str:
+    """Each estimator's KL(data || EBM) minus NCE's (fitted Gaussian), seed by seed: the mean
+    difference and its standard error; a tie where the difference is within two of them."""
+    labels = [
+        label
+        for label in LABELS
+        if label not in (base, "flow_mle") and any(r["label"] == label for r in part)
+    ]
+    if not labels or not any(r["label"] == base for r in part):
+        return ""
+    lines = [
+        f"KL(data ‖ EBM) of each estimator minus {base}'s, paired by seed (mean ± standard "
+        "error; negative: closer than NCE with the fitted Gaussian; a tie within two "
+        "standard errors):\n",
+        "| d | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+    ]
+    for dim in dims:
+        cells = []
+        for label in labels:
+            mine = {
+                r["seed"]: r["final"].get("kl_data_ebm")
+                for r in part
+                if r["label"] == label and r["dim"] == dim
+            }
+            theirs = {
+                r["seed"]: r["final"].get("kl_data_ebm")
+                for r in part
+                if r["label"] == base and r["dim"] == dim
+            }
+            diffs = [
+                mine[s] - theirs[s]
+                for s in mine
+                if mine[s] is not None and theirs.get(s) is not None
+            ]
+            if len(diffs) < 2:
+                cells.append("—")
+                continue
+            mean = statistics.fmean(diffs)
+            se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+            verdict = "tie" if abs(mean) <= 2 * se else ("better" if mean < 0 else "worse")
+            cells.append(f"{mean:+.3f} ± {se:.3f} ({verdict})")
+        lines.append(f"| {dim} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(runs: list[dict], path: Path) -> None:
+    """Each score against d (log scale), one line per estimator, one row per dataset."""
+    from matplotlib.figure import Figure
+
+    datasets = sorted({r["dataset"] for r in runs})
+    metrics = list(TABLE_METRICS)
+    fig = Figure(figsize=(4 * len(metrics), 3.2 * len(datasets)), layout="constrained")
+    axes = fig.subplots(len(datasets), len(metrics), squeeze=False)
+    for row, dataset in zip(axes, datasets, strict=True):
+        for ax, metric in zip(row, metrics, strict=True):
+            for i, label in enumerate(LABELS):
+                points = []
+                for dim in sorted({r["dim"] for r in runs}):
+                    values = [
+                        r["final"][metric]
+                        for r in runs
+                        if (r["label"], r["dataset"], r["dim"]) == (label, dataset, dim)
+                        and r["error"] is None
+                        and metric in r["final"]
+                    ]
+                    if values:
+                        points.append((dim, statistics.fmean(values)))
+                if points:
+                    xs, ys = zip(*points, strict=True)
+                    ax.plot(xs, ys, marker="o", label=label, color=f"C{i}")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("d")
+            ax.set_title(f"{dataset}: {metric}", fontsize=10)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+
+
+def committed_tables() -> str:
+    return tables(json.loads(RESULTS.read_text())) + "\n"
+
+
+def regions():
+    from analysis.regions import Region
+
+    return [Region(DOC, "dimension table", COMMAND, committed_tables)]
+
+
+def write(runs: list[dict]) -> int:
+    from analysis.regions import Region
+    from analysis.regions import write as write_regions
+
+    region = Region(DOC, "dimension table", COMMAND, lambda: tables(runs) + "\n")
+    figure(runs, FIGURE)
+    return write_regions([region], "benchmarks/dimension.py")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=["8gaussians", "rings"])
+    parser.add_argument("--dims", nargs="+", type=int, default=[2, 4, 8, 16, 32])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--labels", nargs="+", default=list(LABELS), help="estimators to run")
+    parser.add_argument("--steps", type=int, default=4000, help="train.max_steps of every run")
+    parser.add_argument("--logz-samples", type=int, default=100_000)
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once, one core each")
+    parser.add_argument("--flows", type=Path, default=Path("benchmarks/results/dimension_flows"))
+    parser.add_argument("--out", type=Path, help="add the runs to this JSON file")
+    parser.add_argument("--report", type=Path, help="print the tables of this file")
+    parser.add_argument("--write", action="store_true", help="with --report: update the docs")
+    args = parser.parse_args(argv)
+    if args.report:
+        if not args.report.is_file():
+            parser.error(f"--report {args.report}: no such file")
+        runs = json.loads(args.report.read_text())
+        print(tables(runs))
+        return write(runs) if args.write else 0
+    if args.write:
+        parser.error("--write: only with --report FILE")
+    for name, values, allowed in (
+        ("--datasets", args.datasets, DATASET_NAMES),
+        ("--labels", args.labels, tuple(LABELS)),
+    ):
+        unknown = [v for v in values if v not in allowed]
+        if unknown:
+            parser.error(f"{name} {unknown[0]}: choose from {', '.join(allowed)}")
+    bad = [d for d in args.dims if d < 2 or d % 2 or d > 64]
+    if bad:
+        parser.error(f"--dims {bad[0]}: each must be an even integer in [2, 64]")
+    if "nce_flow" in args.labels and "flow_mle" not in args.labels:
+        missing = [
+            path
+            for dataset in args.datasets
+            for dim in args.dims
+            for seed in args.seeds
+            if not (path := args.flows / f"d{dim}" / flow_file(Path(), dataset, seed)).is_file()
+        ]
+        if missing:
+            parser.error(f"--labels nce_flow: no flow {missing[0]}; run flow_mle with it")
+    if args.out is None:
+        parser.error("--out FILE: where the runs go")
+    previous = json.loads(args.out.read_text()) if args.out.exists() else []
+    done = {key(r) for r in previous}
+    runs = list(previous)
+    context = multiprocessing.get_context("spawn")
+    failed = 0
+    with context.Pool(args.jobs, maxtasksperchild=1) as pool:
+        for wave in jobs_of(args, done):
+            for result in pool.imap_unordered(run_job, wave):
+                runs.append(result)
+                failed += result["error"] is not None
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = args.out.with_suffix(".tmp")
+                tmp.write_text(json.dumps(runs, indent=1))
+                tmp.replace(args.out)
+                status = result["error"] or f"{result['seconds']:.0f}s"
+                print(
+                    f"{result['label']} {result['dataset']} d={result['dim']} "
+                    f"seed {result['seed']}: {status}",
+                    flush=True,
+                )
+    new = len(runs) - len(previous)
+    if new and failed == new:
+        print(f"every one of the {new} runs failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
