@@ -151,7 +151,12 @@ def load_run_config(path: Path) -> DictConfig:
 
 
 # Keys of the ebm node added with its variants, and the values every earlier run had.
-EBM_SHAPE_DEFAULTS = {"activation": "leaky_relu", "fourier_features": 0, "fourier_scale": 1.0}
+EBM_SHAPE_DEFAULTS = {
+    "activation": "leaky_relu",
+    "fourier_features": 0,
+    "fourier_scale": 1.0,
+    "base": "none",
+}
 
 
 # Keys of the eval node added with dataset.dim, and the values conf/ gives them.

@@ -1,4 +1,5 @@
-"""The energy-based model: log p_theta(x) = -f_theta(x) - c, with c a learned log-normaliser."""
+"""The energy-based model: log p_theta(x) = -f_theta(x) - c, with c a learned log-normaliser;
+or, on top of a fixed density q, log p_theta(x) = log q(x) - f_theta(x) - c."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from torch import Tensor, nn
 # The energy's nonlinearity, by ``ebm.activation``: LeakyReLU is the reference's; the smooth
 # ones give a smooth energy (docs/truth.md measures what that buys).
 ACTIVATIONS = ("leaky_relu", "silu", "softplus", "elu", "tanh")
+# What the energy sits on: nothing (the plain EBM), or the estimator's fixed noise.
+BASES = ("none", "noise")
 
 
 def _activation(name: str, negative_slope: float) -> nn.Module:
@@ -63,6 +66,11 @@ class EBM(nn.Module):
         fourier_features: how many random Fourier features feed the first layer (0: none,
             the reference's plain coordinates).
         fourier_scale: the standard deviation of their frequencies (cycles per unit of x).
+        base: ``none``; or ``noise``, an energy on top of the fixed noise q of an estimator
+            that has one (NCE), attached by it (``attach_base``): log p_theta = log q - f - c,
+            so that the model has q's tails and, with f = 0 and c = 0, q's normaliser. NCE's
+            logit log p_theta - log q is then -f - c: f learns the log-ratio of the data to q
+            alone.
 
     References:
         Gao et al., "Flow Contrastive Estimation of Energy-Based Models", arXiv:1912.00589.
@@ -77,10 +85,13 @@ class EBM(nn.Module):
         activation: str = "leaky_relu",
         fourier_features: int = 0,
         fourier_scale: float = 1.0,
+        base: str = "none",
     ) -> None:
         super().__init__()
         if not hidden or any(h <= 0 for h in hidden):
             raise ValueError(f"hidden sizes must be positive, got {list(hidden)}")
+        if base not in BASES:
+            raise ValueError(f"base={base!r}: must be one of {', '.join(BASES)}")
         if fourier_features < 0:
             raise ValueError(f"fourier_features must be >= 0, got {fourier_features}")
         _activation(activation, negative_slope)  # a bad name fails before any layer is drawn
@@ -96,10 +107,25 @@ class EBM(nn.Module):
         layers.append(nn.Linear(sizes[-1], 1))
         self.energy_net = nn.Sequential(*layers)
         self.log_z = nn.Parameter(torch.tensor(float(log_z_init)))
+        self.base = base
+        self.base_density: nn.Module | None = None
+
+    def attach_base(self, density: nn.Module) -> None:
+        """Put the energy on top of ``density`` (a fixed flow: ``log_prob``), frozen; it is
+        part of the model from now on, its weights in the model's state."""
+        if self.base != "noise":
+            raise ValueError(f"attach_base: this EBM's base is {self.base!r}, not 'noise'")
+        self.base_density = density.requires_grad_(False)
 
     def energy(self, x: Tensor) -> Tensor:
-        """f_theta(x), one value per row of ``x``."""
-        return self.energy_net(x).squeeze(-1)
+        """The energy of log p_theta = -energy - c, one value per row of ``x``: f_theta(x),
+        less log q(x) when the EBM sits on a base q."""
+        energy = self.energy_net(x).squeeze(-1)
+        if self.base_density is not None:
+            energy = energy - self.base_density.log_prob(x)
+        elif self.base != "none":
+            raise RuntimeError("this EBM sits on its estimator's noise, not attached yet")
+        return energy
 
     def forward(self, x: Tensor) -> Tensor:
         """log p_theta(x) = -f_theta(x) - c (self-normalised through the learned c)."""

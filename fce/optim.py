@@ -39,7 +39,9 @@ class Optimizers:
         self.settings = {"betas": tuple(betas), "weight_decay": weight_decay, "fused": fused}
 
     def for_ebm(self, model: nn.Module) -> torch.optim.Optimizer:
-        return self.algorithm(model.parameters(), lr=self.lr["ebm"], **self.settings)
+        # Its trainable weights: not those of a fixed density it sits on (``EBM.base``).
+        weights = [p for p in model.parameters() if p.requires_grad]
+        return self.algorithm(weights, lr=self.lr["ebm"], **self.settings)
 
     def for_flow(self, model: nn.Module) -> torch.optim.Optimizer:
         return self.algorithm(model.parameters(), lr=self.lr["flow"], **self.settings)

@@ -259,6 +259,17 @@ class EBMConfig(Node):
     activation: str = checked(OneOf(EBM_ACTIVATIONS))
     fourier_features: int = checked(Count(low=0, limit=8192))  # 0: none
     fourier_scale: float = checked(Positive())
+    # none; or noise: log p = log q - f - c on the estimator's fixed noise q (NCE's)
+    base: str = checked(OneOf(("none", "noise")), default="none")
+
+    @staticmethod
+    def rules(cfg: DictConfig) -> None:
+        schema = OmegaConf.get_type(cfg.estimator)
+        if cfg.ebm.base == "noise" and not getattr(schema, "fixed_noise", False):
+            raise ConfigError(
+                f"ebm.base=noise: puts the energy on the estimator's fixed noise, and "
+                f"estimator={cfg.estimator.name} has none; use estimator=nce (or ebm.base=none)"
+            )
 
 
 @dataclass
@@ -396,6 +407,7 @@ class FCEEstimatorConfig(EstimatorConfig):
 @dataclass
 class NCEEstimatorConfig(EstimatorConfig):
     trains: ClassVar[tuple[str, ...]] = ("EBM",)
+    fixed_noise: ClassVar[bool] = True  # what ebm.base=noise sits on
     noise: str = checked(OneOf(("gaussian", "flow")))  # a fitted Gaussian or a frozen flow
     noise_checkpoint: str | None = MISSING  # noise=flow: a checkpoint (or run dir) with a flow
     base_scale: float = checked(Positive())  # noise=flow: T, that flow's base N(0, T^2 I)

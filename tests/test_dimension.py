@@ -189,3 +189,44 @@ def test_a_run_above_2d_trains_every_flow_and_reports_honest_scores():
             assert math.isfinite(metrics[name]), (flow, name)
         assert metrics["logz_ess"] > 0
         assert "tv_ebm" not in metrics and "kl_ebm_data" not in metrics
+
+
+def test_an_energy_on_the_noise_makes_nce_logit_the_energy_alone():
+    # ebm.base=noise: log p_theta = log q - f - c, so NCE's logit log p_theta - log q is -f - c;
+    # the noise is frozen and not among the weights the EBM's optimizer steps.
+    cfg = compose(
+        [
+            "estimator=nce",
+            "ebm.base=noise",
+            "dataset.dim=4",
+            "dataset.n_samples=2000",
+            "train.batch_size=200",
+            "train.max_steps=20",
+            "train.eval_every=10",
+            "eval.n_points=500",
+            "eval.logz_samples=2000",
+            "device=cpu",
+        ]
+    )
+    validate(cfg)
+    trainer = build_trainer(cfg, torch.device("cpu"))
+    ebm, noise = trainer.ebm, trainer.estimator.flow
+    assert ebm.base_density is noise
+    before = {k: v.clone() for k, v in noise.state_dict().items()}
+    stepped = {id(p) for group in trainer.estimator.opt_ebm.param_groups for p in group["params"]}
+    assert stepped == {id(p) for p in [*ebm.energy_net.parameters(), ebm.log_z]}
+    metrics = trainer.run()
+    x = trainer.data[:100]
+    with torch.no_grad():
+        logit = ebm(x) - noise.log_prob(x)
+        expected = -ebm.energy_net(x).squeeze(-1) - ebm.log_z
+    torch.testing.assert_close(logit, expected, rtol=1e-5, atol=1e-5)
+    for key, value in noise.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert math.isfinite(metrics["mse_logp_centered"])
+
+
+def test_an_energy_on_the_noise_needs_an_estimator_with_one():
+    for estimator in ("fce", "flow_mle", "mle"):
+        with pytest.raises(ConfigError, match=re.escape("ebm.base=noise: puts the energy on")):
+            validate(compose([f"estimator={estimator}", "ebm.base=noise"]))

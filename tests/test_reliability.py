@@ -79,6 +79,11 @@ RUN_BAD_INPUTS = [
     ("odd-dim", ["dataset.dim=5"], "dataset.dim=5: must be an even integer in [2, 64]"),
     ("dim-below-2", ["dataset.dim=0"], "dataset.dim=0: must be an even integer in [2, 64]"),
     (
+        "energy-on-no-noise",
+        ["ebm.base=noise"],
+        "ebm.base=noise: puts the energy on the estimator's fixed noise, and estimator=fce",
+    ),
+    (
         "mle-above-2d",
         ["estimator=mle", "dataset.dim=4"],
         "dataset.dim=4: estimator=mle normalises the EBM on a 2-D grid",

@@ -45,6 +45,8 @@ class NCE(Estimator):
     ) -> None:
         super().__init__(players)
         self.flow = noise_model(players, noise, base_scale)
+        if self.ebm.base == "noise":  # the energy on top of this noise (fce.ebm.EBM)
+            self.ebm.attach_base(self.flow)
         self.opt_ebm = players.optimizers.for_ebm(self.ebm)
         self.optimizers = {"opt_ebm": self.opt_ebm}
 
