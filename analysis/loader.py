@@ -76,6 +76,10 @@ ADDED_PARAMS = {
     "ebm.activation": "leaky_relu",
     "ebm.fourier_features": "0",
     "ebm.fourier_scale": "1.0",
+    "ebm.base": "none",
+    "dataset.dim": "2",
+    "eval.logz_samples": "20000",
+    "eval.min_ess": "100",
 }
 
 

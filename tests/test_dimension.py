@@ -230,3 +230,22 @@ def test_an_energy_on_the_noise_needs_an_estimator_with_one():
     for estimator in ("fce", "flow_mle", "mle"):
         with pytest.raises(ConfigError, match=re.escape("ebm.base=noise: puts the energy on")):
             validate(compose([f"estimator={estimator}", "ebm.base=noise"]))
+
+
+@pytest.mark.parametrize(("choices", "bad"), [([2, 8, 16], None), ([2, 5], 5)])
+def test_a_study_can_search_the_dimension_and_a_bad_one_is_refused_first(tmp_path, choices, bad):
+    from fce.sweep_space import check_space_against_run, load_sweep
+    from tests.helpers import ROOT
+
+    space = tmp_path / "dims.yaml"
+    space.write_text(
+        "objective: mse_logp_centered\ndirection: minimize\n"
+        f"params:\n  dataset.dim: {{type: categorical, choices: {choices}}}\n"
+    )
+    spaces, defaults = ROOT / "sweeps" / "spaces", ROOT / "sweeps" / "defaults.yaml"
+    settings = load_sweep(str(space), spaces, defaults, [])
+    if bad is None:
+        check_space_against_run(settings, compose, [], ROOT / "conf")
+        return
+    with pytest.raises(ConfigError, match=re.escape(f"dataset.dim can be {bad}: dataset.dim=")):
+        check_space_against_run(settings, compose, [], ROOT / "conf")

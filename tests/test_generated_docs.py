@@ -21,7 +21,7 @@ def script(name: str):
 
 
 # The commands that make regions: each lists its own in REGIONS.
-SCRIPTS = ("costs", "speed", "tables", "whole_run")
+SCRIPTS = ("costs", "dimension", "speed", "tables", "whole_run")
 REGIONS: list[Region] = [region for name in SCRIPTS for region in script(name).REGIONS]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
