@@ -249,3 +249,30 @@ def test_a_study_can_search_the_dimension_and_a_bad_one_is_refused_first(tmp_pat
         return
     with pytest.raises(ConfigError, match=re.escape(f"dataset.dim can be {bad}: dataset.dim=")):
         check_space_against_run(settings, compose, [], ROOT / "conf")
+
+
+def test_above_2d_the_density_panel_shows_the_first_pairs_marginals():
+    cfg = compose(
+        [
+            "dataset.dim=6",
+            "dataset.n_samples=2000",
+            "eval.n_points=500",
+            "eval.logz_samples=4000",
+            "device=cpu",
+        ]
+    )
+    trainer = build_trainer(cfg, torch.device("cpu"))
+    data = trainer.data[:1000]
+    rows = trainer.evaluator.panel_rows(trainer.evaluated_ebm, trainer.flow, data, cells=32)
+    assert [row[0] for row in rows] == ["8gaussians-d6: x1, x2", "8gaussians-d6: x3, x4"]
+    width = 2 * trainer.evaluator.panel_limit / 32
+    for i, (_, points, log_q, log_p) in enumerate(rows):
+        assert torch.equal(points, data[:, 2 * i : 2 * i + 2])
+        for log_density in (log_q, log_p):
+            assert log_density.shape == (32, 32)
+            mass = log_density.exp().sum().item() * width**2  # the share inside the square
+            assert 0 < mass <= 1 + 1e-9  # normalised over every point, inside or out
+    # The flow's marginal is the histogram of its samples' first two coordinates.
+    samples = trainer.flow.transform_noise(trainer.evaluator.panel_noise)[0].detach()
+    inside = (samples[:, :2].abs() < trainer.evaluator.panel_limit).all(1).double().mean()
+    assert rows[0][2].exp().sum().item() * width**2 == pytest.approx(inside.item(), rel=1e-9)
