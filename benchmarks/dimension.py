@@ -4,6 +4,8 @@
     python benchmarks/dimension.py --datasets 8gaussians --dims 2 8 16 --steps 2000 --out f.json
     python benchmarks/dimension.py --report benchmarks/results/dimension.json
     python benchmarks/dimension.py --report benchmarks/results/dimension.json --write
+    python benchmarks/dimension.py --equal-time benchmarks/results/dimension.json \
+        --out benchmarks/results/dimension_time.json
     python benchmarks/dimension.py --check-logz benchmarks/results/dimension_logz.json --write
 
 Each (dataset, d, seed, estimator) is one run of ``experiment=truth`` with ``dataset.dim=d``
@@ -25,6 +27,11 @@ than a number. The Fisher divergence and the centred log-density error need no n
 and are always reported. The JSON is rewritten after each run; a rerun skips the runs it
 holds. ``--report`` prints the tables; ``--write`` puts them and a figure (each score
 against d, per estimator) into docs/dimension.md and docs/figures/dimension.png.
+
+``--equal-time FILE`` runs every estimator again for the wall time FCE's run of the same
+dataset, d and seed took in FILE (its equal-steps results): each label's steps are that time
+times its own steps per second there; a label whose noise flow_mle trained gets that time less
+flow_mle's (its pre-training is part of its cost). FCE's runs are copied from FILE.
 
 ``--check-logz FILE`` measures the importance-sampled log Z where the truth is known: in 2-D
 against the grid (1,024^2 cells over [-9, 9]^2) for an energy near the data's but not equal
@@ -89,20 +96,42 @@ def key(run: dict) -> tuple[str, str, int, int]:
 
 
 def run_job(job: tuple) -> dict:
-    label, dataset, dim, seed, experiment, overrides, flow_path = job
+    label, dataset, dim, seed, experiment, overrides, flow_path, target = job
     result = one_run((experiment, dataset, seed, overrides, flow_path))
     del result["timeline"]  # the final metrics are what the tables read
-    return {"label": label, "dim": dim, **result}
+    budget = {} if target is None else {"budget": "time", "target_seconds": target}
+    return {"label": label, "dim": dim, **result, **budget}
 
 
-def jobs_of(args: argparse.Namespace, done: set) -> list[list[tuple]]:
-    """The pending runs in two waves: flow_mle's first (it saves the flows nce_flow needs)."""
+def equal_time_steps(
+    steps_runs: list[dict], label: str, dataset: str, dim: int, seed: int
+) -> tuple[int, float] | None:
+    """(steps, seconds) that give ``label`` FCE's wall time on (dataset, dim, seed): the time
+    FCE's equal-steps run took (less flow_mle's, for a label whose noise flow_mle trained:
+    that training is part of its cost), times the label's own steps per second in its
+    equal-steps run. None where a run is missing or the time is used up."""
+    found = {key(r): r for r in steps_runs if r["error"] is None}
+    fce = found.get(("fce", dataset, dim, seed))
+    mine = found.get((label, dataset, dim, seed))
+    if fce is None or mine is None:
+        return None
+    seconds = fce["seconds"]
+    if label in NEEDS_FLOW:
+        flow = found.get(("flow_mle", dataset, dim, seed))
+        if flow is None:
+            return None
+        seconds -= flow["seconds"]
+    if seconds <= 0:
+        return None
+    return max(1, round(seconds * mine["steps"] / mine["seconds"])), seconds
+
+
+def jobs_of(
+    args: argparse.Namespace, done: set, steps_runs: list[dict] | None = None
+) -> list[list[tuple]]:
+    """The pending runs in two waves: flow_mle's first (it saves the flows nce_flow needs).
+    With ``steps_runs`` (the equal-steps results) each run gets FCE's wall time instead."""
     flows = args.flows
-    common = [
-        f"train.max_steps={args.steps}",
-        f"eval.logz_samples={args.logz_samples}",
-        f"train.eval_every={max(args.steps // 4, 1)}",
-    ]
     waves: list[list[tuple]] = [[], []]
     for label in args.labels:
         experiment, overrides = LABELS[label]
@@ -111,10 +140,22 @@ def jobs_of(args: argparse.Namespace, done: set) -> list[list[tuple]]:
                 for seed in args.seeds:
                     if (label, dataset, dim, seed) in done:
                         continue
+                    steps, target = args.steps, None
+                    if steps_runs is not None:
+                        budget = equal_time_steps(steps_runs, label, dataset, dim, seed)
+                        if budget is None:
+                            print(f"{label} {dataset} d={dim} seed {seed}: no time budget")
+                            continue
+                        steps, target = budget
+                    common = [
+                        f"train.max_steps={steps}",
+                        f"eval.logz_samples={args.logz_samples}",
+                        f"train.eval_every={max(steps // 4, 1)}",
+                    ]
                     given = [*overrides, *common, f"dataset.dim={dim}"]
                     path = flows / f"d{dim}" / flow_file(Path(), dataset, seed)
                     save = None
-                    if label == "flow_mle":
+                    if label == "flow_mle" and steps_runs is None:
                         path.parent.mkdir(parents=True, exist_ok=True)
                         save = str(path.resolve())
                     if label in NEEDS_FLOW:
@@ -122,7 +163,7 @@ def jobs_of(args: argparse.Namespace, done: set) -> list[list[tuple]]:
                             "estimator.noise=flow",
                             f"estimator.noise_checkpoint={path.resolve()}",
                         ]
-                    job = (label, dataset, dim, seed, experiment, given, save)
+                    job = (label, dataset, dim, seed, experiment, given, save, target)
                     waves[0 if label == "flow_mle" else 1].append(job)
     return waves
 
@@ -170,8 +211,11 @@ def tables(runs: list[dict]) -> str:
         part = [r for r in runs if r["dataset"] == dataset]
         dims = sorted({r["dim"] for r in part})
         seeds = sorted({r["seed"] for r in part})
-        steps = sorted({r["steps"] for r in part})
-        out.append(f"#### {dataset}: seeds {', '.join(map(str, seeds))}, {steps[-1]:,} steps\n")
+        if any(r.get("budget") == "time" for r in part):
+            budget = "each estimator for FCE's wall time"
+        else:
+            budget = f"{max(r['steps'] for r in part):,} steps each"
+        out.append(f"#### {dataset}: seeds {', '.join(map(str, seeds))}, {budget}\n")
         for metric, title in TABLE_METRICS.items():
             shown = [
                 label
@@ -384,6 +428,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one core each")
     parser.add_argument("--flows", type=Path, default=Path("benchmarks/results/dimension_flows"))
     parser.add_argument("--out", type=Path, help="add the runs to this JSON file")
+    parser.add_argument(
+        "--equal-time",
+        type=Path,
+        metavar="FILE",
+        help="give each run FCE's wall time in FILE's equal-steps runs (FCE's own are copied)",
+    )
     parser.add_argument("--report", type=Path, help="print the tables of this file")
     parser.add_argument("--write", action="store_true", help="with --report: update the docs")
     parser.add_argument(
@@ -429,12 +479,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         parser.error("--out FILE: where the runs go")
     previous = json.loads(args.out.read_text()) if args.out.exists() else []
+    steps_runs = None
+    if args.equal_time:
+        if not args.equal_time.is_file():
+            parser.error(f"--equal-time {args.equal_time}: no such file")
+        steps_runs = json.loads(args.equal_time.read_text())
+        # FCE's runs are its own equal-time runs; flow_mle's flows are the noise as trained.
+        held = {key(r) for r in previous}
+        previous += [
+            {**r, "budget": "time"}
+            for r in steps_runs
+            if r["label"] == "fce"
+            and key(r) not in held
+            and r["dataset"] in args.datasets
+            and r["dim"] in args.dims
+            and r["seed"] in args.seeds
+        ]
+        args.labels = [label for label in args.labels if label not in ("fce", "flow_mle")]
     done = {key(r) for r in previous}
     runs = list(previous)
     context = multiprocessing.get_context("spawn")
     failed = 0
     with context.Pool(args.jobs, maxtasksperchild=1) as pool:
-        for wave in jobs_of(args, done):
+        for wave in jobs_of(args, done, steps_runs):
             for result in pool.imap_unordered(run_job, wave):
                 runs.append(result)
                 failed += result["error"] is not None
