@@ -80,6 +80,7 @@ ADDED_PARAMS = {
     "dataset.dim": "2",
     "eval.logz_samples": "20000",
     "eval.min_ess": "100",
+    "eval.fisher": "auto",
 }
 
 

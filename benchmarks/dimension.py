@@ -151,6 +151,7 @@ def jobs_of(
                         f"train.max_steps={steps}",
                         f"eval.logz_samples={args.logz_samples}",
                         f"train.eval_every={max(steps // 4, 1)}",
+                        "eval.fisher=true",  # in 2-D too, for the table's first row
                     ]
                     given = [*overrides, *common, f"dataset.dim={dim}"]
                     path = flows / f"d{dim}" / flow_file(Path(), dataset, seed)

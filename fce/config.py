@@ -160,7 +160,7 @@ EBM_SHAPE_DEFAULTS = {
 
 
 # Keys of the eval node added with dataset.dim, and the values conf/ gives them.
-EVAL_DEFAULTS = {"logz_samples": 20000, "min_ess": 100}
+EVAL_DEFAULTS = {"logz_samples": 20000, "min_ess": 100, "fisher": "auto"}
 
 
 def upgrade(saved: DictConfig) -> DictConfig:

@@ -167,6 +167,7 @@ def make_evaluator(dataset: Dataset, eval_points: Tensor, settings: DictConfig) 
         n_flow_samples=settings.flow_samples,
         normaliser=normaliser,
         panel_limit=settings.grid_limit,
+        fisher=None if settings.fisher == "auto" else settings.fisher,
     )
 
 

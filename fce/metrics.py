@@ -280,7 +280,8 @@ class Evaluator:
     Above two dimensions (``grid`` None) the EBM's metrics are instead:
         mse_logp, mse_logp_centered   as above.
         fisher_ebm         1/2 E_d ||grad log p_theta - grad log p_d||^2 on the first
-                           ``score_points`` held-out points, where the data has a score.
+                           ``score_points`` held-out points, where the data has a score
+                           (also in 2-D with ``fisher=True``; None: above 2-D only).
         logz_ess, logz_se  the effective sample size of ``normaliser``'s weights and the
                            standard error of its log Z.
         nll_ebm, kl_data_ebm, logz_gap   as above with that log Z, only where logz_ess
@@ -302,6 +303,7 @@ class Evaluator:
         normaliser: ImportanceNormaliser | None = None,
         score_points: int = 4096,
         panel_limit: float = 4.0,
+        fisher: bool | None = None,
     ) -> None:
         self.dataset = dataset
         self.eval_points = eval_points
@@ -311,7 +313,9 @@ class Evaluator:
         self.panel_limit = grid.limit if grid is not None else panel_limit
         self.panel_noise = None
         self.data_score = None
-        if grid is None and dataset.has_score:
+        if fisher is None:  # by default above 2-D, where no grid scores the EBM's shape
+            fisher = grid is None
+        if fisher and dataset.has_score:
             points = eval_points[:score_points].detach().cpu().double()
             self.data_score = dataset.score(points).to(eval_points.device)
         self.log_p_true = None
@@ -374,12 +378,18 @@ class Evaluator:
             values["kl_data_ebm"] = values["nll_ebm"] + log_p_true.mean()
             values["mse_logp"] = error.pow(2).mean()
             values["mse_logp_centered"] = error.var(unbiased=False)
+            if self.data_score is not None:
+                values["fisher_ebm"] = self._fisher(ebm)
             log_p_hat_grid = neg_energy_grid.double() - log_z_grid
             p_hat_grid = log_p_hat_grid.exp()
             cell_area = math.exp(self.grid.log_cell_area)
             values["tv_ebm"] = 0.5 * (p_hat_grid - self.p_true_grid).abs().sum() * cell_area
             values |= self._ebm_reverse(log_p_hat_grid, p_hat_grid, cell_area)
         return values
+
+    def _fisher(self, ebm: EBM) -> Tensor:
+        points = self.eval_points[: self.data_score.shape[0]]
+        return fisher_divergence(ebm.energy, points, self.data_score)
 
     def _ebm_metrics_sampled(self, ebm: EBM) -> dict[str, Tensor]:
         """The EBM's metrics without a grid (see the class): its log Z by importance
@@ -392,8 +402,7 @@ class Evaluator:
             values["mse_logp"] = error.pow(2).mean()
             values["mse_logp_centered"] = error.var(unbiased=False)
         if self.data_score is not None:
-            points = x[: self.data_score.shape[0]]
-            values["fisher_ebm"] = fisher_divergence(ebm.energy, points, self.data_score)
+            values["fisher_ebm"] = self._fisher(ebm)
         if self.normaliser is not None:
             estimate = self.normaliser(ebm.energy)
             values["logz_ess"] = estimate.ess

@@ -478,6 +478,7 @@ class EvalConfig:
     # weights' effective sample size reaches min_ess
     logz_samples: int = checked(Count(limit=10_000_000))
     min_ess: int = checked(Count(limit=10_000_000))
+    fisher: Any = checked(Switch())  # fisher_ebm: auto (above 2-D), true (also in 2-D), false
 
 
 @dataclass

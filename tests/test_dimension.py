@@ -276,3 +276,13 @@ def test_above_2d_the_density_panel_shows_the_first_pairs_marginals():
     samples = trainer.flow.transform_noise(trainer.evaluator.panel_noise)[0].detach()
     inside = (samples[:, :2].abs() < trainer.evaluator.panel_limit).all(1).double().mean()
     assert rows[0][2].exp().sum().item() * width**2 == pytest.approx(inside.item(), rel=1e-9)
+
+
+def test_in_2d_the_fisher_divergence_is_opt_in_and_leaves_the_other_metrics_alone():
+    base = ["dataset.n_samples=2000", "eval.n_points=500", "eval.grid_cells=32", "device=cpu"]
+    off = build_trainer(compose(base), torch.device("cpu"))
+    on = build_trainer(compose([*base, "eval.fisher=true"]), torch.device("cpu"))
+    plain, with_fisher = off.metrics(), on.metrics()
+    assert "fisher_ebm" not in plain
+    assert with_fisher.pop("fisher_ebm") > 0
+    assert with_fisher == plain
