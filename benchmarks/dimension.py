@@ -12,14 +12,14 @@ Each (dataset, d, seed, estimator) is one run of ``experiment=truth`` with ``dat
 and ``train.max_steps=--steps`` (the same steps for every estimator), in its own process with
 one torch thread (``--jobs`` at once, one per core), logging nowhere. The estimators
 (``LABELS``): FCE with the paper's threshold rule (0.6) on the truth recipe's models, and
-with the recipe's own stricter 0.75, NCE against the Gaussian fitted to the data,
-the flow by maximum likelihood (its flow saved), NCE against that flow, fixed (NCE's noise
-is then a pre-trained flow of the same seed), FCE against a flow whose base is widened to
-N(0, 1.5^2 I) (threshold 0.6), the covering recipe (``experiment=truth_both``: the flow by MLE, the EBM
-against a 50/50 mixture of it and the fitted Gaussian), and NCE against flow_mle's flow with
-the energy on top of that flow (``ebm.base=noise``: log p = log q - f - c, the flow's tails
-and normaliser inherited). Seeds 0, 1, 2: the recipes were tuned
-on seeds >= 100 in 2-D, and nothing here is tuned.
+with the recipe's own stricter 0.75; NCE against the Gaussian fitted to the data; the flow
+by maximum likelihood (its flow saved); NCE against that flow, fixed (NCE's noise is then a
+pre-trained flow of the same seed); FCE against a flow whose base is widened to
+N(0, 1.5^2 I) (threshold 0.6); the covering recipe (``experiment=truth_both``: the flow by
+MLE, the EBM against a 50/50 mixture of it and the fitted Gaussian); and NCE against
+flow_mle's flow with the energy on top of that flow (``ebm.base=noise``: log p =
+log q - f - c, the flow's tails and normaliser inherited). Seeds 0, 1, 2: the recipes were
+tuned on seeds >= 100 in 2-D, and nothing here is tuned.
 
 Above 2-D the EBM's KL(data || EBM) needs its log Z, estimated by importance sampling with
 ``eval.logz_samples=--logz-samples`` points; where the weights' effective sample size is
@@ -108,24 +108,29 @@ def run_job(job: tuple) -> dict:
 def equal_time_steps(
     steps_runs: list[dict], label: str, dataset: str, dim: int, seed: int
 ) -> tuple[int, float] | None:
-    """(steps, seconds) that give ``label`` FCE's wall time on (dataset, dim, seed): the time
-    FCE's equal-steps run took (less flow_mle's, for a label whose noise flow_mle trained:
-    that training is part of its cost), times the label's own steps per second in its
-    equal-steps run. None where a run is missing or the time is used up."""
+    """(steps, seconds) that give ``label`` FCE's training time on (dataset, dim, seed): the
+    time FCE's equal-steps run spent training, evaluations left out (less flow_mle's, for a
+    label whose noise flow_mle trained: that training is part of its cost), times the
+    label's own training steps per second in its equal-steps run. None where a run is
+    missing or the time is used up."""
     found = {key(r): r for r in steps_runs if r["error"] is None}
     fce = found.get(("fce", dataset, dim, seed))
     mine = found.get((label, dataset, dim, seed))
     if fce is None or mine is None:
         return None
-    seconds = fce["seconds"]
+
+    def training(run: dict) -> float:  # its evaluations are the same few for every run
+        return run["seconds"] - run["eval_seconds"]
+
+    seconds = training(fce)
     if label in NEEDS_FLOW:
         flow = found.get(("flow_mle", dataset, dim, seed))
         if flow is None:
             return None
-        seconds -= flow["seconds"]
+        seconds -= training(flow)
     if seconds <= 0:
         return None
-    return max(1, round(seconds * mine["steps"] / mine["seconds"])), seconds
+    return max(1, round(seconds * mine["steps"] / training(mine))), seconds
 
 
 def jobs_of(
@@ -200,15 +205,58 @@ def metric_cell(runs: list[dict], metric: str) -> str:
 
 
 TABLE_METRICS = {
-    "kl_data_ebm": "KL(data ‖ EBM), log Z by importance sampling (nats)",
-    "fisher_ebm": "Fisher divergence of the EBM, ½ E‖∇log p_θ − ∇log p_d‖²",
+    "kl_data_ebm": "KL(data ‖ EBM) in nats: log Z by importance sampling (d = 2: on the grid "
+    "over [-4, 4]², as every 2-D run)",
+    "fisher_rel": "Fisher divergence of the EBM, ½ E‖∇log p_θ − ∇log p_d‖², over the data's "
+    "own ½ E‖∇log p_d‖² (0: the data's score; 1: a flat energy's)",
     "mse_logp_centered": "centred log-density error of the EBM, Var(log p_θ − log p_d)",
     "kl_data_flow": "KL(data ‖ flow), exact (nats)",
+    "flow_step_share": "share of FCE's steps that trained its flow",
 }
+# The two-sided 97.5% quantile of Student's t with n - 1 degrees of freedom, n = 2..10: a
+# paired difference over n seeds is called a tie unless it exceeds this many standard errors.
+T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306}
+
+
+def data_fisher_term(dataset: str, dim: int, points: int = 4096) -> float:
+    """½ E‖∇log p_d‖² over the points ``fisher_ebm`` uses (the first 4,096 held-out points
+    of eval.seed 0): what a flat energy, whose score is 0, scores."""
+    from fce.data import DataSource, make_generator
+
+    data = DataSource(dataset, 1, dim).dataset
+    x = data.sample(20_000, make_generator(0, "eval"))[:points].double()
+    return 0.5 * data.score(x).square().sum(1).mean().item()
+
+
+def with_relative_fisher(runs: list[dict]) -> list[dict]:
+    """``runs`` with ``fisher_rel`` = fisher_ebm over the data's term, where logged."""
+    terms: dict[tuple[str, int], float] = {}
+    out = []
+    for r in runs:
+        final = r["final"]
+        if "fisher_ebm" in final:
+            where = (r["dataset"], r["dim"])
+            if where not in terms:
+                terms[where] = data_fisher_term(*where)
+            final = {**final, "fisher_rel": final["fisher_ebm"] / terms[where]}
+        out.append({**r, "final": final})
+    return out
+
+
+def shown_labels(part: list[dict], metric: str) -> list[str]:
+    labels = [label for label in LABELS if any(r["label"] == label for r in part)]
+    if metric == "flow_step_share":
+        return [label for label in labels if label.startswith("fce") and label != "fce_mixture"]
+    return [
+        label
+        for label in labels
+        if any(metric in r["final"] for r in part if r["label"] == label)
+        and (label not in FIXED_FLOW or not metric.endswith("_flow"))
+    ]
 
 
 def tables(runs: list[dict]) -> str:
-    labels = [label for label in LABELS if any(r["label"] == label for r in runs)]
+    runs = with_relative_fisher(runs)
     out = []
     for dataset in sorted({r["dataset"] for r in runs}):
         part = [r for r in runs if r["dataset"] == dataset]
@@ -220,15 +268,10 @@ def tables(runs: list[dict]) -> str:
             budget = f"{max(r['steps'] for r in part):,} steps each"
         out.append(f"#### {dataset}: seeds {', '.join(map(str, seeds))}, {budget}\n")
         for metric, title in TABLE_METRICS.items():
-            shown = [
-                label
-                for label in labels
-                if any(metric in r["final"] for r in part if r["label"] == label)
-                and (label not in FIXED_FLOW or not metric.endswith("_flow"))
-            ]
+            shown = shown_labels(part, metric)
             if not shown:
                 continue
-            out.append(f"{title}, mean ± standard error over the seeds:\n")
+            out.append(f"{title}; mean ± standard error over the seeds:\n")
             out.append("| d | " + " | ".join(shown) + " |")
             out.append("|---|" + "---|" * len(shown))
             for dim in dims:
@@ -240,13 +283,16 @@ def tables(runs: list[dict]) -> str:
                 ]
                 out.append(f"| {dim} | " + " | ".join(cells) + " |")
             out.append("")
-        out.append(paired_table(part, dims))
+        for metric in ("kl_data_ebm", "mse_logp_centered"):
+            out.append(paired_table(part, dims, metric))
     return "\n".join(out)
 
 
-def paired_table(part: list[dict], dims: list[int], base: str = "nce") -> str:
-    """Each estimator's KL(data || EBM) minus NCE's (fitted Gaussian), seed by seed: the mean
-    difference and its standard error; a tie where the difference is within two of them."""
+def paired_table(part: list[dict], dims: list[int], metric: str, base: str = "nce") -> str:
+    """Each estimator's ``metric`` minus NCE's (fitted Gaussian), seed by seed: the mean
+    difference, its standard error and the number of pairs (seeds where both reported it);
+    better or worse only where the difference exceeds Student's t 97.5% quantile times the
+    standard error, a tie otherwise."""
     labels = [
         label
         for label in LABELS
@@ -255,66 +301,71 @@ def paired_table(part: list[dict], dims: list[int], base: str = "nce") -> str:
     if not labels or not any(r["label"] == base for r in part):
         return ""
     lines = [
-        f"KL(data ‖ EBM) of each estimator minus {base}'s, paired by seed (mean ± standard "
-        "error; negative: closer than NCE with the fitted Gaussian; a tie within two "
-        "standard errors):\n",
+        f"{metric} of each estimator minus {base}'s, paired by seed: mean ± standard error "
+        "(pairs); negative is closer to the truth than NCE with the fitted Gaussian; better or "
+        "worse only beyond the 97.5% t quantile times the standard error, a tie otherwise:\n",
         "| d | " + " | ".join(labels) + " |",
         "|---|" + "---|" * len(labels),
     ]
+
+    def by_seed(label: str, dim: int) -> dict[int, float]:
+        return {
+            r["seed"]: r["final"][metric]
+            for r in part
+            if r["label"] == label and r["dim"] == dim and metric in r["final"]
+        }
+
     for dim in dims:
         cells = []
+        theirs = by_seed(base, dim)
         for label in labels:
-            mine = {
-                r["seed"]: r["final"].get("kl_data_ebm")
-                for r in part
-                if r["label"] == label and r["dim"] == dim
-            }
-            theirs = {
-                r["seed"]: r["final"].get("kl_data_ebm")
-                for r in part
-                if r["label"] == base and r["dim"] == dim
-            }
-            diffs = [
-                mine[s] - theirs[s]
-                for s in mine
-                if mine[s] is not None and theirs.get(s) is not None
-            ]
+            mine = by_seed(label, dim)
+            diffs = [mine[s] - theirs[s] for s in mine if s in theirs]
             if len(diffs) < 2:
-                cells.append("—")
+                cells.append(f"— ({len(diffs)})")
                 continue
             mean = statistics.fmean(diffs)
             se = statistics.stdev(diffs) / math.sqrt(len(diffs))
-            verdict = "tie" if abs(mean) <= 2 * se else ("better" if mean < 0 else "worse")
-            cells.append(f"{mean:+.3f} ± {se:.3f} ({verdict})")
+            quantile = T_975.get(len(diffs), 1.96)
+            verdict = "tie" if abs(mean) <= quantile * se else ("better" if mean < 0 else "worse")
+            cells.append(f"{mean:+.3f} ± {se:.3f} ({len(diffs)}, {verdict})")
         lines.append(f"| {dim} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def figure(runs: list[dict], path: Path) -> None:
-    """Each score against d (log scale), one line per estimator, one row per dataset."""
+    """Each score against d (log scale), one line per estimator, one row per dataset; a
+    hollow marker where fewer seeds than run reported the score (a withheld KL)."""
     from matplotlib.figure import Figure
 
+    runs = with_relative_fisher(runs)
     datasets = sorted({r["dataset"] for r in runs})
-    metrics = list(TABLE_METRICS)
+    metrics = [m for m in TABLE_METRICS if m != "flow_step_share"]
     fig = Figure(figsize=(4 * len(metrics), 3.2 * len(datasets)), layout="constrained")
     axes = fig.subplots(len(datasets), len(metrics), squeeze=False)
     for row, dataset in zip(axes, datasets, strict=True):
+        part = [r for r in runs if r["dataset"] == dataset]
         for ax, metric in zip(row, metrics, strict=True):
             for i, label in enumerate(LABELS):
-                points = []
-                for dim in sorted({r["dim"] for r in runs}):
+                if label not in shown_labels(part, metric):
+                    continue
+                points, partial = [], []
+                for dim in sorted({r["dim"] for r in part}):
+                    cell_runs = [r for r in part if (r["label"], r["dim"]) == (label, dim)]
                     values = [
                         r["final"][metric]
-                        for r in runs
-                        if (r["label"], r["dataset"], r["dim"]) == (label, dataset, dim)
-                        and r["error"] is None
-                        and metric in r["final"]
+                        for r in cell_runs
+                        if r["error"] is None and metric in r["final"]
                     ]
                     if values:
                         points.append((dim, statistics.fmean(values)))
+                        if len(values) < len(cell_runs):
+                            partial.append(points[-1])
                 if points:
                     xs, ys = zip(*points, strict=True)
                     ax.plot(xs, ys, marker="o", label=label, color=f"C{i}")
+                for x, y in partial:
+                    ax.plot([x], [y], marker="o", markersize=10, mfc="white", color=f"C{i}")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("d")
@@ -469,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [d for d in args.dims if d < 2 or d % 2 or d > 64]
     if bad:
         parser.error(f"--dims {bad[0]}: each must be an even integer in [2, 64]")
-    if set(NEEDS_FLOW) & set(args.labels) and "flow_mle" not in args.labels:
+    needs_flows = set(NEEDS_FLOW) & set(args.labels)
+    if needs_flows and ("flow_mle" not in args.labels or args.equal_time):
         missing = [
             path
             for dataset in args.datasets
