@@ -36,8 +36,10 @@ flow_mle's (its pre-training is part of its cost). FCE's runs are copied from FI
 
 ``--check-logz FILE`` measures the importance-sampled log Z where the truth is known: in 2-D
 against the grid (1,024^2 cells over [-9, 9]^2) for an energy near the data's but not equal
-to it; at d = 16 and 32 for a Gaussian energy with the data's mean and covariance (log Z in
-closed form) and for the data's own energy -log p_d (log Z = 0). It writes the errors, the
+to it; at d = 16 and 32 for that energy on each copy (log Z the copies' count times the
+grid's: the regime of a trained EBM, near the data but not on it), for a Gaussian energy with
+the data's mean and covariance (log Z in closed form) and for the data's own energy -log p_d
+(log Z = 0). It writes the errors, the
 estimator's standard errors and the effective sample sizes to FILE (``--write``: to
 docs/dimension.md as well).
 """
@@ -400,14 +402,21 @@ def check_logz(samples: int = 20_000, seed: int = 3) -> list[dict]:
             x = dataset.sample(20_000, make_generator(0, "eval"), torch.float64)
             normaliser = ImportanceNormaliser(dataset, x, n=samples, seed=seed)
             cases = {}
+            base = get_dataset(name)
+
+            def near(points, base=base):  # near the 2-D data's energy, not equal to it
+                return -0.8 * base.log_prob(points) + 0.05 * (points - 0.3).pow(2).sum(1)
+
+            grid = Grid.make(limit=9.0, cells=1024, dtype=torch.float64)
+            near_log_z = grid.log_integral(-near(grid.points)).item()
             if dim == 2:
-
-                def near(points, dataset=dataset):  # near the data's energy, not equal to it
-                    return -0.8 * dataset.log_prob(points) + 0.05 * (points - 0.3).pow(2).sum(1)
-
-                grid = Grid.make(limit=9.0, cells=1024, dtype=torch.float64)
-                cases["near the data (grid)"] = (near, grid.log_integral(-near(grid.points)))
+                cases["near the data (grid)"] = (near, near_log_z)
             else:
+                # The same energy on every copy: log Z is the copies' count times the grid's.
+                def near_product(points, k=dim // 2):
+                    return near(points.reshape(-1, 2)).reshape(-1, k).sum(1)
+
+                cases["near the data, per copy (grid)"] = (near_product, dim // 2 * near_log_z)
                 mean, cov = x.mean(0), torch.cov(x.T, correction=0)
                 precision = torch.linalg.inv(cov)
 

@@ -34,8 +34,12 @@ FLOW_METRICS = (
     "kl_flow_data_se",
     "js_flow_data",
 )
-# What only an evaluation above 2-D reports (its EBM has no grid: fce/metrics.py).
+# What only an evaluation above 2-D reports (its EBM has no grid: fce/metrics.py); and what
+# only a 2-D one does (the EBM normalised everywhere, on the grid).
 ABOVE_2D_ONLY = ("fisher_ebm", "logz_se", "logz_ess")
+GRID_ONLY = ("tv_ebm", "kl_ebm_data", "js_ebm_data")
+# Above 2-D, what needs the importance-sampled log Z: withheld where it is not trusted.
+NEEDS_LOG_Z = ("nll_ebm", "kl_data_ebm", "logz_gap")
 # What an evaluation reports for an estimator that never trains the flow (mle).
 EBM_METRICS = (
     "nll_ebm",

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from fce.compose import composition_error
 from fce.config import validate
 from fce.errors import ConfigError, first_line
-from fce.names import EBM_METRICS, EVAL_METRICS, FLOW_METRICS
+from fce.names import ABOVE_2D_ONLY, EBM_METRICS, EVAL_METRICS, FLOW_METRICS, GRID_ONLY
 
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
@@ -145,6 +145,19 @@ def check_space_against_run(
     """
     cfg = compose(base)
     validate(cfg)
+    # Some metrics exist on one side of 2-D only (fce/metrics.py).
+    dim, objective = cfg.dataset.dim, settings.objective
+    fisher_in_2d = objective == "fisher_ebm" and cfg.eval.fisher is True
+    if dim == 2 and objective in ABOVE_2D_ONLY and not fisher_in_2d:
+        more = " (fisher_ebm with eval.fisher=true)" if objective == "fisher_ebm" else ""
+        raise ConfigError(
+            f"sweep.objective={objective}: reported above 2-D only{more}, and dataset.dim=2"
+        )
+    if dim > 2 and objective in GRID_ONLY:
+        raise ConfigError(
+            f"sweep.objective={objective}: needs the EBM normalised on a 2-D grid, and "
+            f"dataset.dim={dim}; choose another (mse_logp_centered, fisher_ebm, kl_data_ebm...)"
+        )
     # Estimators that train one model report that model's metrics alone.
     trains = getattr(OmegaConf.get_type(cfg.estimator), "trains", ("EBM", "flow"))
     if len(trains) == 1:

@@ -120,6 +120,19 @@ def test_importance_sampled_log_z_of_a_known_normaliser_at_d16(name):
     dataset = product(get_dataset(name), 8)
     x, mean, cov = data_moments(dataset)
     normaliser = ImportanceNormaliser(dataset, x, n=20_000, seed=3)
+    # An energy near the data's on each copy, not equal to it: log Z is 8 times its 2-D
+    # value on a fine grid.
+    base = get_dataset(name)
+
+    def near(points):
+        return -0.8 * base.log_prob(points) + 0.05 * (points - 0.3).pow(2).sum(1)
+
+    grid = Grid.make(limit=9.0, cells=1024, dtype=torch.float64)
+    exact = 8 * grid.log_integral(-near(grid.points)).item()
+    estimate = normaliser(lambda p: near(p.reshape(-1, 2)).reshape(-1, 8).sum(1))
+    error = abs(estimate.value.item() - exact)
+    assert estimate.ess >= normaliser.min_ess
+    assert error < 4 * estimate.se.item(), (error, estimate.se.item(), estimate.ess.item())
     # A Gaussian energy: the data's own moments, known log Z; its error is within 4 se.
     quadratic = QuadraticEnergy(mean, cov)
     estimate = normaliser(quadratic)
@@ -286,3 +299,28 @@ def test_in_2d_the_fisher_divergence_is_opt_in_and_leaves_the_other_metrics_alon
     assert "fisher_ebm" not in plain
     assert with_fisher.pop("fisher_ebm") > 0
     assert with_fisher == plain
+
+
+@pytest.mark.parametrize(
+    ("dim", "objective", "message"),
+    [
+        (2, "logz_ess", "sweep.objective=logz_ess: reported above 2-D only, and dataset.dim=2"),
+        (2, "fisher_ebm", "reported above 2-D only (fisher_ebm with eval.fisher=true)"),
+        (8, "tv_ebm", "needs the EBM normalised on a 2-D grid, and dataset.dim=8"),
+    ],
+)
+def test_a_study_objective_its_dimension_never_reports_is_refused(
+    tmp_path, dim, objective, message
+):
+    from fce.sweep_space import check_space_against_run, load_sweep
+    from tests.helpers import ROOT
+
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        f"objective: {objective}\ndirection: minimize\n"
+        "params:\n  optimizer.lr_ebm: {type: float, low: 1.0e-4, high: 1.0e-2}\n"
+    )
+    spaces, defaults = ROOT / "sweeps" / "spaces", ROOT / "sweeps" / "defaults.yaml"
+    settings = load_sweep(str(space), spaces, defaults, [])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_space_against_run(settings, compose, [f"dataset.dim={dim}"], ROOT / "conf")

@@ -16,6 +16,7 @@ from fce.compose import composition_error
 from fce.config import validate
 from fce.errors import ConfigError
 from fce.interrupts import RunInterrupted
+from fce.names import NEEDS_LOG_Z
 from fce.sweep.locks import study_lock
 from fce.sweep.study import (
     ENDED_ATTR,
@@ -178,10 +179,12 @@ def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stoppi
                 record_refused_trial(plan, trial, str(error))
             return math.nan
         if settings.objective not in metrics:
-            why = (
-                f"sweep.objective={settings.objective}: not reported at the end; its log Z "
-                "estimate's effective sample size (logz_ess) was below eval.min_ess"
-            )
+            why = f"sweep.objective={settings.objective}: not reported at the end"
+            if settings.objective in NEEDS_LOG_Z:
+                why += (
+                    "; its log Z estimate's effective sample size (logz_ess) was below "
+                    "eval.min_ess"
+                )
             trial.set_user_attr("error", why)
             log.error("trial %d failed: %s", trial.number, why)
             return math.nan
