@@ -270,8 +270,25 @@ def batch_fits_data(cfg: DictConfig) -> None:
         )
 
 
+def importance_sampling_can_report(cfg: DictConfig) -> None:
+    """Above 2-D: log Z's estimate can reach its floor, and the held-out points can fit the
+    Gaussian of its proposal (a covariance of rank d needs more than d points)."""
+    if cfg.dataset.dim == 2:
+        return
+    if cfg.eval.logz_samples < cfg.eval.min_ess:
+        raise ConfigError(
+            f"eval.min_ess={cfg.eval.min_ess}: more than eval.logz_samples="
+            f"{cfg.eval.logz_samples}, so no log Z would ever be reported; lower it"
+        )
+    if cfg.eval.n_points <= cfg.dataset.dim:
+        raise ConfigError(
+            f"eval.n_points={cfg.eval.n_points}: must exceed dataset.dim={cfg.dataset.dim} "
+            "(the importance sampler fits a Gaussian to them)"
+        )
+
+
 # The rules across groups; each variant's own are its schema's ``rules``.
-RULES = (batch_fits_data,)
+RULES = (batch_fits_data, importance_sampling_can_report)
 
 
 def validate(cfg: DictConfig) -> None:

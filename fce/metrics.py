@@ -450,7 +450,7 @@ class Evaluator:
         # still to come has none yet.
         pending = any(getattr(m, "init_pending", False) for m in flow.modules())
         folded = flow if pending else flow.folded()
-        # One output tensor per chunk: the sample's two coordinates, then its log q.
+        # One output tensor per chunk: the sample's coordinates, then its log q.
         passes = _chunked(lambda c: torch.cat(_sample_columns(folded, c), dim=1), z)
         y, log_q = passes[:, :-1], passes[:, -1].double()
         log_p = self.dataset.log_prob(y.to("cpu", torch.float64)).to(log_q.device)
@@ -485,13 +485,13 @@ class Evaluator:
             noise = torch.randn(PANEL_FLOW_SAMPLES, self.dataset.dim, generator=generator)
             self.panel_noise = noise.to(self.eval_points.device, self.eval_points.dtype)
         samples = _chunked(lambda z: flow.transform_noise(z)[0], self.panel_noise)
+        weights = None if self.normaliser is None else self.normaliser.weights(ebm.energy)
         rows = []
         for i in range(0, min(2 * pairs, self.dataset.dim), 2):
             columns = slice(i, i + 2)
             log_q = log_histogram(samples[:, columns], None, limit, cells)
             log_p = data.new_full((cells, cells), -math.inf, dtype=torch.float64)
-            if self.normaliser is not None:
-                weights = self.normaliser.weights(ebm.energy)
+            if weights is not None:
                 log_p = log_histogram(self.normaliser.points[:, columns], weights, limit, cells)
             label = f"{self.dataset.name}: x{i + 1}, x{i + 2}"
             rows.append((label, data[:, columns], log_q, log_p))

@@ -16,7 +16,7 @@ from fce.config import validate
 from fce.data import DATASETS, DataSource, get_dataset, make_generator, product
 from fce.errors import ConfigError
 from fce.factory import build_trainer, make_evaluator
-from fce.metrics import Grid, ImportanceNormaliser, fisher_divergence
+from fce.metrics import Evaluator, Grid, ImportanceNormaliser, fisher_divergence, log_histogram
 
 
 def test_one_copy_is_the_dataset_itself():
@@ -75,11 +75,16 @@ def test_a_source_refuses_an_odd_or_empty_dimension(dim):
         ("dataset.dim=7", "dataset.dim=7: must be an even integer in [2, 64]"),
         ("dataset.dim=66", "dataset.dim=66: must be an even integer in [2, 64]"),
         ("dataset.dim=-2", "dataset.dim=-2: must be an even integer"),
+        (
+            "dataset.dim=4 eval.logz_samples=50",
+            "eval.min_ess=100: more than eval.logz_samples=50, so no log Z would ever be",
+        ),
+        ("dataset.dim=16 eval.n_points=10", "eval.n_points=10: must exceed dataset.dim=16"),
     ],
 )
 def test_the_config_refuses_a_bad_dimension(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        validate(compose([override]))
+        validate(compose(override.split()))
 
 
 class QuadraticEnergy(nn.Module):
@@ -324,3 +329,94 @@ def test_a_study_objective_its_dimension_never_reports_is_refused(
     settings = load_sweep(str(space), spaces, defaults, [])
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_space_against_run(settings, compose, [f"dataset.dim={dim}"], ROOT / "conf")
+
+
+TINY = [
+    "dataset.n_samples=2000",
+    "train.batch_size=200",
+    "train.max_steps=4",
+    "train.eval_every=4",
+    "eval.n_points=500",
+    "eval.logz_samples=2000",
+    "device=cpu",
+]
+
+
+def test_a_noise_flow_of_another_dimension_is_refused_in_one_line(tmp_path):
+    from omegaconf import OmegaConf
+
+    from fce import checkpoint
+
+    cfg = compose(["estimator=flow_mle", "train.ema_decay=0", *TINY])
+    trainer = build_trainer(cfg, torch.device("cpu"))
+    trainer.run()
+    state = {"trainer": trainer.state_dict(), "config": OmegaConf.to_container(cfg)}
+    path = checkpoint.save(state, tmp_path, trainer.step)
+    noise = ["estimator=nce", "estimator.noise=flow", f"estimator.noise_checkpoint={path}"]
+    nce = compose([*noise, "dataset.dim=4", *TINY])
+    with pytest.raises(ConfigError, match=re.escape("its flow is of dataset.dim=2, this run")):
+        build_trainer(nce, torch.device("cpu"))
+
+
+class PlanarToyFlow(nn.Module):
+    """A user's flow with no ``dim`` parameter: 2-D only."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+
+def test_a_class_without_dim_is_refused_above_2d_in_one_line(tmp_path):
+    (tmp_path / "flow").mkdir()
+    (tmp_path / "flow" / "toy.yaml").write_text(
+        f"_target_: {__name__}.PlanarToyFlow\nscale: 2.0\n"
+    )
+    where = f"hydra.searchpath=[file://{tmp_path}]"
+    cfg = compose(["flow=toy", where, "dataset.dim=4", *TINY])
+    message = f"flow=toy: {__name__}.PlanarToyFlow takes no dim (2-D only), and this run's"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_trainer(cfg, torch.device("cpu"))
+
+
+class NearEnergy(nn.Module):
+    """An energy near the 2-D data's, not equal to it, with a log_z for the evaluator."""
+
+    def __init__(self, dataset) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.log_z = nn.Parameter(torch.tensor(0.0, dtype=torch.float64))
+
+    def energy(self, x):
+        return -0.8 * self.dataset.log_prob(x) + 0.05 * (x - 0.3).pow(2).sum(1)
+
+
+def test_in_2d_the_sampled_scores_meet_the_grids():
+    # The path runs above 2-D take, run on 2-D data: its KL meets the grid's within the
+    # estimate's standard errors (the grid's own error here is below 1e-3).
+    dataset = get_dataset("8gaussians")
+    x = dataset.sample(5000, make_generator(0, "eval"), torch.float64)
+    energy = NearEnergy(dataset)
+    grid = Grid.make(limit=6.0, cells=512, dtype=torch.float64)
+    on_grid = Evaluator(dataset, x, grid)(energy, None)
+    normaliser = ImportanceNormaliser(dataset, x, n=20_000, seed=1)
+    sampled = Evaluator(dataset, x, None, normaliser=normaliser)(energy, None)
+    assert abs(sampled["kl_data_ebm"] - on_grid["kl_data_ebm"]) < 4 * sampled["logz_se"] + 1e-3
+    assert sampled["mse_logp_centered"] == pytest.approx(on_grid["mse_logp_centered"])
+
+
+def test_the_reweighted_panel_of_the_datas_own_energy_is_the_datas_marginal():
+    dataset = product(get_dataset("rings"), 2)
+    x = dataset.sample(20_000, make_generator(0, "eval"), torch.float64)
+    normaliser = ImportanceNormaliser(dataset, x, n=40_000, seed=2)
+    weights = normaliser.weights(lambda p: -dataset.log_prob(p))
+    cells, limit = 16, 4.0
+
+    def distance(a, b):  # total variation between two histograms' densities
+        return 0.5 * (a.exp() - b.exp()).abs().sum().item() * (2 * limit / cells) ** 2
+
+    reweighted = log_histogram(normaliser.points[:, :2], weights, limit, cells)
+    sampled = log_histogram(x[:, :2], None, limit, cells)
+    other = dataset.sample(20_000, make_generator(9, "t"), torch.float64)
+    # As close to the data's histogram as another draw of the data is, up to sampling noise.
+    noise = distance(log_histogram(other[:, :2], None, limit, cells), sampled)
+    assert distance(reweighted, sampled) < 2 * noise

@@ -51,8 +51,8 @@ class InvertibleLinearLU(Transform):
 
     The LU form makes log|det W| = sum(log_s) exact and cheap. In 2-D, L and U have one free
     entry each (scalar parameters ``lower`` and ``upper``) and the inverse is the closed-form
-    2x2 adjugate, no LAPACK call; in d > 2 ``lower`` and ``upper`` are (d, d) matrices of
-    which only the strict lower and upper triangles are used, and the inverse is two
+    2x2 adjugate, no LAPACK call; in d > 2 ``lower`` and ``upper`` hold the d (d - 1) / 2
+    entries of L's strict lower and U's strict upper triangle, and the inverse is two
     triangular solves.
     """
 
@@ -72,9 +72,11 @@ class InvertibleLinearLU(Transform):
         if dim == 2:
             self.lower = nn.Parameter(lower[1, 0].clone())
             self.upper = nn.Parameter(upper[0, 1].clone())
-        else:
-            self.lower = nn.Parameter(lower.tril(-1))
-            self.upper = nn.Parameter(upper.triu(1))
+        else:  # the strict triangles' entries, in torch.tril_indices / triu_indices order
+            rows, cols = torch.tril_indices(dim, dim, -1)
+            self.lower = nn.Parameter(lower[rows, cols].clone())
+            rows, cols = torch.triu_indices(dim, dim, 1)
+            self.upper = nn.Parameter(upper[rows, cols].clone())
         self.log_s = nn.Parameter(torch.log(s.abs()))
 
     def weight(self) -> Tensor:
@@ -97,8 +99,8 @@ class InvertibleLinearLU(Transform):
 def lu_matrix(sign_s: Tensor, log_s: Tensor, lower: Tensor, upper: Tensor, perm: Tensor) -> Tensor:
     """W = P L (U + diag(sign_s exp(log_s))) for one step, or a stack of steps (leading dims).
 
-    In 2-D ``lower`` and ``upper`` are the one free entry of L and U; in d > 2, (d, d)
-    matrices whose strict triangles are L's and U's."""
+    In 2-D ``lower`` and ``upper`` are the one free entry of L and U; in d > 2, the entries
+    of their strict triangles (``InvertibleLinearLU``)."""
     if log_s.shape[-1] != 2:
         lower_unit, upper_diag = _lu_factors(sign_s, log_s, lower, upper)
         return perm @ lower_unit @ upper_diag
@@ -113,10 +115,16 @@ def lu_matrix(sign_s: Tensor, log_s: Tensor, lower: Tensor, upper: Tensor, perm:
 def _lu_factors(
     sign_s: Tensor, log_s: Tensor, lower: Tensor, upper: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """L (unit lower-triangular) and U + diag(sign_s exp(log_s)) of the d > 2 form."""
-    eye = torch.eye(log_s.shape[-1], dtype=log_s.dtype, device=log_s.device)
-    lower_unit = lower.tril(-1) + eye
-    upper_diag = upper.triu(1) + torch.diag_embed(sign_s * torch.exp(log_s))
+    """L (unit lower-triangular) and U + diag(sign_s exp(log_s)) of the d > 2 form, from the
+    strict triangles' entries (leading dims stacked)."""
+    d = log_s.shape[-1]
+    shape = (*log_s.shape[:-1], d, d)
+    lower_unit = torch.eye(d, dtype=log_s.dtype, device=log_s.device).expand(shape).clone()
+    rows, cols = torch.tril_indices(d, d, -1, device=log_s.device)
+    lower_unit[..., rows, cols] = lower
+    upper_diag = torch.diag_embed(sign_s * torch.exp(log_s))
+    rows, cols = torch.triu_indices(d, d, 1, device=log_s.device)
+    upper_diag[..., rows, cols] = upper
     return lower_unit, upper_diag
 
 
@@ -364,7 +372,7 @@ class _FoldedStep:
             h = torch.addmm(bias, x_b, weight.T).relu_()
         for bias, weight in self.hidden[1:]:
             h = torch.addmm(bias, h, weight.T).relu_()
-        # weight.T of an (out, in) weight: the faster layout for a matmul of N=2 outputs.
+        # weight.T of an (out, in) weight: the faster layout for a matmul of few outputs.
         out = torch.addmm(self.out_bias, h, self.out_weight.T)
         n_a = self.n_a
         return out[:, :n_a], F.logsigmoid(out[:, n_a:]).clamp(min=-self.scale_bound)
