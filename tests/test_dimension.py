@@ -420,3 +420,21 @@ def test_the_reweighted_panel_of_the_datas_own_energy_is_the_datas_marginal():
     # As close to the data's histogram as another draw of the data is, up to sampling noise.
     noise = distance(log_histogram(other[:, :2], None, limit, cells), sampled)
     assert distance(reweighted, sampled) < 2 * noise
+
+
+@pytest.mark.parametrize(
+    "contrast",
+    [
+        ["estimator.base_scale=1.5"],
+        ["estimator.contrast=mixture", "estimator.flow_objective=nll"],
+    ],
+    ids=["widened", "mixture"],
+)
+def test_fces_contrasts_run_above_2d(contrast):
+    cfg = compose([*contrast, "dataset.dim=8", "flow=spline", *TINY])
+    validate(cfg)
+    trainer = build_trainer(cfg, torch.device("cpu"))
+    x, log_q = trainer.estimator.frozen_contrast().transform_noise(torch.randn(10, 8))
+    assert x.shape == (10, 8) and torch.isfinite(log_q).all()
+    metrics = trainer.run()
+    assert math.isfinite(metrics["mse_logp_centered"]) and math.isfinite(metrics["kl_data_flow"])
