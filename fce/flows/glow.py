@@ -271,24 +271,19 @@ class FoldedGlow:
         loc = stack(a.loc for a in actnorms)
         log_scale = stack(a.log_scale for a in actnorms)
         log_s = stack(lin.log_s for lin in linears)
-        weight = lu_matrix(
+        factors = (
             stack(lin.sign_s for lin in linears),
             log_s,
             stack(lin.lower for lin in linears),
             stack(lin.upper for lin in linears),
             stack(lin.perm for lin in linears),
         )
+        weight = lu_matrix(*factors)
         if glow.dim == 2:
             det = stack(lin.det_sign for lin in linears) * torch.exp(log_s.sum(-1))
             inverse_weight = inverse_2x2(weight, det)
         else:
-            inverse_weight = lu_inverse(
-                stack(lin.sign_s for lin in linears),
-                log_s,
-                stack(lin.lower for lin in linears),
-                stack(lin.upper for lin in linears),
-                stack(lin.perm for lin in linears),
-            )
+            inverse_weight = lu_inverse(*factors)
         inv_scale = torch.exp(-log_scale)
         matrix = inv_scale[..., :, None] * weight.mT
         offset = -((loc * inv_scale)[..., None, :] @ weight.mT).squeeze(-2)
