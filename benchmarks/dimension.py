@@ -470,14 +470,57 @@ def committed_tables() -> str:
     return tables(json.loads(RESULTS.read_text())) + "\n"
 
 
+# The README's summary: each estimator's KL(data || EBM) at every d, in one line per dataset.
+SUMMARY_LABELS = {
+    "nce": "NCE (fitted Gaussian)",
+    "fce": "FCE",
+    "nce_flow": "NCE (flow-MLE's flow)",
+    "nce_flow_base": "the energy on flow-MLE's flow",
+    "flow_mle": "flow-MLE's flow itself",
+}
+
+
+def summary(runs: list[dict]) -> str:
+    """Per dataset, each estimator's mean KL(data || model) over the seeds at every d (the
+    EBM's; flow-MLE's flow's), "—" where some seed's was withheld or failed."""
+    lines = []
+    for dataset in sorted({r["dataset"] for r in runs}):
+        part = [r for r in runs if r["dataset"] == dataset]
+        dims = sorted({r["dim"] for r in part})
+        cells = []
+        for label, title in SUMMARY_LABELS.items():
+            metric = "kl_data_flow" if label == "flow_mle" else "kl_data_ebm"
+            values = []
+            for dim in dims:
+                found = [r for r in part if (r["label"], r["dim"]) == (label, dim)]
+                kls = [r["final"].get(metric) for r in found if r["error"] is None]
+                complete = found and len(kls) == len(found) and None not in kls
+                values.append(f"{statistics.fmean(kls):.2f}" if complete else "—")
+            cells.append(f"{title} {'/'.join(values)}")
+        lines.append(f"{dataset}, d = {'/'.join(map(str, dims))}: " + "; ".join(cells) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def committed_summary() -> str:
+    return summary(json.loads(RESULTS.read_text()))
+
+
 # The regions of docs/dimension.md these commands make (tests/test_generated_docs.py).
-REGIONS = [Region(DOC, "logz check", LOGZ_COMMAND, committed_logz)]
+README = ROOT / "README.md"
+REGIONS = [
+    Region(DOC, "logz check", LOGZ_COMMAND, committed_logz),
+    Region(DOC, "dimension table", COMMAND, committed_tables),
+    Region(README, "dimension summary", COMMAND, committed_summary),
+]
 
 
 def write(runs: list[dict]) -> int:
-    region = Region(DOC, "dimension table", COMMAND, lambda: tables(runs) + "\n")
+    regions = [
+        Region(DOC, "dimension table", COMMAND, lambda: tables(runs) + "\n"),
+        Region(README, "dimension summary", COMMAND, lambda: summary(runs)),
+    ]
     figure(runs, FIGURE)
-    return write_regions([region], "benchmarks/dimension.py")
+    return write_regions(regions, "benchmarks/dimension.py")
 
 
 def main(argv: list[str] | None = None) -> int:
