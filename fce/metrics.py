@@ -185,19 +185,22 @@ class ImportanceNormaliser:
         mean, scale = fitted.transforms[0].mean.data, widen * fitted.transforms[0].scale_tril.data
         gaussian = Gaussian(mean, scale)
         noise = torch.randn(n - k, dataset.dim, generator=generator, dtype=torch.float64)
-        points = torch.cat([from_data, mean + noise @ scale.T])
-        log_p = true_log_prob(dataset, points).cpu()
         with torch.no_grad():
+            points = torch.cat([from_data, gaussian.transform_noise(noise)[0]])
             log_g = gaussian.log_prob(points)
+        log_p = true_log_prob(dataset, points).cpu()
         self.log_proposal = torch.logaddexp(
             log_p + math.log(data_share), log_g + math.log1p(-data_share)
         ).to(reference.device)
         self.points = points.to(reference.device, reference.dtype)
 
+    def _log_weights(self, energy) -> Tensor:
+        return -_chunked(energy, self.points).double() - self.log_proposal
+
     @torch.no_grad()
     def __call__(self, energy) -> LogZEstimate:
         """The estimate of log of the integral of exp(-energy(x))."""
-        log_w = -_chunked(energy, self.points).double() - self.log_proposal
+        log_w = self._log_weights(energy)
         n = log_w.shape[0]
         top = log_w.max()
         w = (log_w - top).exp()
@@ -214,8 +217,7 @@ class ImportanceNormaliser:
     def weights(self, energy) -> Tensor:
         """The self-normalised weights of the points (they sum to 1): resampling them draws
         approximately from the normalised EBM (for figures)."""
-        log_w = -_chunked(energy, self.points).double() - self.log_proposal
-        return torch.softmax(log_w, dim=0)
+        return torch.softmax(self._log_weights(energy), dim=0)
 
 
 def fisher_divergence(energy, points: Tensor, data_score: Tensor) -> Tensor:
