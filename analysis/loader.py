@@ -81,6 +81,9 @@ ADDED_PARAMS = {
     "eval.logz_samples": "20000",
     "eval.min_ess": "100",
     "eval.fisher": "auto",
+    "eval.logz": "importance",
+    "eval.ais_chains": "1024",
+    "eval.ais_steps": "500",
 }
 
 

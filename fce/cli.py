@@ -119,7 +119,7 @@ def run_job(cfg: DictConfig, project_root: Path) -> float:
     finally:
         running.clear()
     # Above 2-D a metric that needs the EBM's log Z is absent where its estimate is not
-    # trusted (logz_ess below eval.min_ess): no score then.
+    # trusted (its ESS below eval.min_ess): no score then.
     return metrics.get(get_class(cfg.estimator._target_).score_metric, math.nan)
 
 

@@ -161,6 +161,8 @@ EBM_SHAPE_DEFAULTS = {
 
 # Keys of the eval node added with dataset.dim, and the values conf/ gives them.
 EVAL_DEFAULTS = {"logz_samples": 20000, "min_ess": 100, "fisher": "auto"}
+# ... and those added with annealed importance sampling.
+ANNEALING_DEFAULTS = {"logz": "importance", "ais_chains": 1024, "ais_steps": 500}
 
 
 def upgrade(saved: DictConfig) -> DictConfig:
@@ -183,7 +185,7 @@ def upgrade(saved: DictConfig) -> DictConfig:
         saved.train.compile = False
     if "dim" not in saved.dataset:  # every run was 2-D before products of the datasets
         saved.dataset.dim = 2
-    for key, value in EVAL_DEFAULTS.items():  # used above 2-D only
+    for key, value in (EVAL_DEFAULTS | ANNEALING_DEFAULTS).items():  # used above 2-D only
         if key not in saved.eval:
             saved.eval[key] = value
     if "flow_samples" not in saved.eval:  # the reverse KL drew one sample per held-out point
@@ -279,6 +281,12 @@ def importance_sampling_can_report(cfg: DictConfig) -> None:
         raise ConfigError(
             f"eval.min_ess={cfg.eval.min_ess}: more than eval.logz_samples="
             f"{cfg.eval.logz_samples}, so no log Z would ever be reported; lower it"
+        )
+    if cfg.eval.logz != "importance" and cfg.eval.ais_chains < cfg.eval.min_ess:
+        raise ConfigError(
+            f"eval.min_ess={cfg.eval.min_ess}: more than eval.ais_chains="
+            f"{cfg.eval.ais_chains}, so annealed importance sampling would never report a "
+            "log Z; lower it or raise eval.ais_chains"
         )
     if cfg.eval.n_points <= cfg.dataset.dim:
         raise ConfigError(

@@ -24,7 +24,7 @@ from fce.errors import ConfigError
 from fce.estimators import Estimator, Players
 from fce.flows import Flow
 from fce.flows.fused import should_compile
-from fce.metrics import Evaluator, Grid, ImportanceNormaliser
+from fce.metrics import AnnealedNormaliser, Evaluator, Grid, ImportanceNormaliser
 from fce.recording import Tracker
 from fce.schedule import Schedule
 from fce.trainer import Callback, LoopSettings, Trainer
@@ -152,13 +152,18 @@ def build(cfg: RunConfig, device: torch.device) -> RunParts:
 def make_evaluator(dataset: Dataset, eval_points: Tensor, settings: DictConfig) -> Evaluator:
     """The run's evaluator on ``eval_points``: in 2-D the EBM is normalised on the grid of
     ``settings`` (``cfg.eval``); above it by importance sampling."""
-    grid, normaliser = None, None
+    grid, normaliser, annealer = None, None, None
     if dataset.dim == 2:
         grid = Grid.make(settings.grid_limit, settings.grid_cells, device=eval_points.device)
     elif dataset.has_log_prob:
         normaliser = ImportanceNormaliser(
             dataset, eval_points, settings.logz_samples, settings.seed, settings.min_ess
         )
+        if settings.logz != "importance":
+            chains, steps = settings.ais_chains, settings.ais_steps
+            annealer = AnnealedNormaliser(
+                eval_points, chains, steps, settings.seed, settings.min_ess
+            )
     return Evaluator(
         dataset,
         eval_points,
@@ -168,6 +173,7 @@ def make_evaluator(dataset: Dataset, eval_points: Tensor, settings: DictConfig) 
         normaliser=normaliser,
         panel_limit=settings.grid_limit,
         fisher=None if settings.fisher == "auto" else settings.fisher,
+        annealer=annealer,
     )
 
 

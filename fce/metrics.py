@@ -10,10 +10,12 @@ KL(model || p_d) on the grid for the EBM and on the flow's own samples for the f
 density is zero (docs/method.md, Metrics).
 
 Above two dimensions no grid can normalise the EBM: its log Z is estimated by importance
-sampling (``ImportanceNormaliser``), with the estimate's standard error and the weights'
-effective sample size logged beside it, and the metrics that need it are not reported where
-that size is below a floor. The scores that need no normaliser are always reported: the
-centred log-density error and the Fisher divergence against the data's exact score.
+sampling from a proposal that includes the EBM's own modes (``ImportanceNormaliser``), or by
+annealed importance sampling (``AnnealedNormaliser``), with the estimate's standard error and
+the weights' effective sample size logged beside it, and the metrics that need it are not
+reported where that size is below a floor. The scores that need no normaliser are always
+reported: the centred log-density error and the Fisher divergence against the data's exact
+score.
 """
 
 from __future__ import annotations
@@ -139,21 +141,44 @@ class LogZEstimate:
     ess: Tensor
 
 
+def _estimate(log_w: Tensor) -> LogZEstimate:
+    """log of the mean of the weights exp(log_w), with its standard error and their ESS."""
+    n = log_w.shape[0]
+    top = log_w.max()
+    w = (log_w - top).exp()
+    total = w.sum()
+    value = total.log() + top - math.log(n)
+    ess = total.square() / w.square().sum()
+    se = ((n / ess - 1).clamp_min(0) / n).sqrt()
+    return LogZEstimate(value, se, ess)
+
+
 class ImportanceNormaliser:
-    """log Z = log of the integral of exp(-f), by importance sampling from a fixed proposal.
+    """log Z = log of the integral of exp(-f), by importance sampling.
 
     The proposal is defensive (Hesterberg, "Weighted average importance sampling and defensive
-    mixture distributions", Technometrics 1995): r = w p_d + (1 - w) N(m, s^2 S), the data's
-    own density, which an EBM that learned it matches (its weights then stay below 1 / w),
-    and a Gaussian fitted to the held-out points (mean m, covariance S) widened by s, which
-    reaches the EBM's mass off the data. The points are drawn once, stratified (round(w n) of
-    p_d), from the evaluation seed's own stream, and r at them is computed once: every
-    evaluation of every run at that seed weighs the same points.
+    mixture distributions", Technometrics 1995), a mixture of three parts:
 
-    Importance sampling cannot see mass where the proposal puts none; the Gaussian makes that
-    region the far tails only, and the effective sample size says when the weights are too
-    uneven for the estimate to be trusted (``min_ess``: below it, no metric that needs log Z
-    is reported).
+    - the data's own density p_d (share w), which an EBM that learned it matches (its weights
+      then stay below 1 / w);
+    - a Gaussian fitted to the held-out points (mean m, covariance S) widened by s, which
+      reaches the EBM's mass off the data (share (1 - w - v));
+    - the EBM's own modes (share v): Gaussians at the minima of f that gradient descent finds
+      from ``modes`` starting points (half held-out-like data points, half the Gaussian's), each
+      with the covariance of f's Laplace approximation there (its Hessian's inverse, no wider
+      than the widened Gaussian), widened by s. They reach mass an EBM puts where neither the
+      data nor the Gaussian do: a narrow, deep mode between the data's, which a trained
+      energy can grow where its contrast never sampled, holds tens of nats a fixed
+      proposal would never see.
+
+    The first two parts' points are drawn once, stratified (round(w n) of p_d), from the
+    evaluation seed's ``eval/logz`` stream, with their densities; the modes' are the same
+    fixed noise moved onto the modes found at each call. Every term of r is evaluated at
+    every point, so the estimate is unbiased for Z whatever the modes are.
+
+    Importance sampling still cannot see mass that neither its proposal nor the descent
+    reaches; the effective sample size says when the weights are too uneven for the estimate
+    to be trusted (``min_ess``: below it, no metric that needs log Z is reported).
 
     Args:
         dataset: the data's distribution (samples and exact ``log_prob``).
@@ -163,6 +188,9 @@ class ImportanceNormaliser:
         min_ess: the least effective sample size at which log Z is reported.
         data_share: w, the data's share of the proposal.
         widen: s, the Gaussian's standard deviations over the data's.
+        modes: starting points of the descent (0: no modes' part).
+        mode_share: v, the modes' share of the proposal.
+        descent_steps: Adam steps of the descent.
     """
 
     def __init__(
@@ -174,50 +202,258 @@ class ImportanceNormaliser:
         min_ess: float = 100.0,
         data_share: float = 0.5,
         widen: float = 1.25,
+        modes: int = 64,
+        mode_share: float = 0.25,
+        descent_steps: int = 300,
     ) -> None:
-        if not 0 < data_share < 1:
-            raise ValueError(f"data_share={data_share}: must be in (0, 1)")
-        self.min_ess = float(min_ess)
+        mode_share = mode_share if modes else 0.0
+        if not (data_share > 0 and mode_share >= 0 and data_share + mode_share < 1):
+            raise ValueError(
+                f"data_share={data_share}, mode_share={mode_share}: must be positive "
+                "shares of the proposal that leave the Gaussian some"
+            )
+        self.dataset, self.min_ess, self.widen = dataset, float(min_ess), widen
+        self.device, self.dtype = reference.device, reference.dtype
+        self.log_shares = [math.log(data_share), math.log1p(-data_share - mode_share)]
         generator = make_generator(seed, "eval/logz")
-        k = round(data_share * n)
-        from_data = dataset.sample(k, generator, torch.float64)
+        k_data, k_modes = round(data_share * n), round(mode_share * n)
+        from_data = dataset.sample(k_data, generator, torch.float64)
         fitted = Gaussian.fit(reference.detach().cpu().double())
         mean, scale = fitted.transforms[0].mean.data, widen * fitted.transforms[0].scale_tril.data
-        gaussian = Gaussian(mean, scale)
-        noise = torch.randn(n - k, dataset.dim, generator=generator, dtype=torch.float64)
+        self.gaussian = Gaussian(mean, scale)
+        noise = torch.randn(
+            n - k_data - k_modes, dataset.dim, generator=generator, dtype=torch.float64
+        )
         with torch.no_grad():
-            points = torch.cat([from_data, gaussian.transform_noise(noise)[0]])
-            log_g = gaussian.log_prob(points)
+            points = torch.cat([from_data, self.gaussian.transform_noise(noise)[0]])
+            log_g = self.gaussian.log_prob(points)
         log_p = true_log_prob(dataset, points).cpu()
-        self.log_proposal = torch.logaddexp(
-            log_p + math.log(data_share), log_g + math.log1p(-data_share)
-        ).to(reference.device)
-        self.points = points.to(reference.device, reference.dtype)
+        self.fixed = (points, log_p, log_g)
+        self.log_fixed = self._mixture(log_p, log_g, None)
+        self.points = points.to(self.device, self.dtype)
+        self.log_proposal = self.log_fixed.to(self.device)
+        self.mode_noise = torch.randn(
+            k_modes, dataset.dim, generator=generator, dtype=torch.float64
+        )
+        # Half the starts are data points, a quarter the Gaussian's draws, a quarter those
+        # draws pulled toward its mean (the first one onto it): in high dimension a Gaussian
+        # draw is never near its own mode, so an energy contrasted with it is unchecked there.
+        half, quarter = modes // 2, modes // 4
+        drawn = points[k_data : k_data + modes - half].clone()
+        pull = torch.linspace(0, 0.5, quarter, dtype=torch.float64).unsqueeze(1)
+        drawn[:quarter] = mean + pull * (drawn[:quarter] - mean)
+        self.starts = torch.cat([from_data[:half], drawn])
+        self.mode_share, self.descent_steps = mode_share, descent_steps
+        variances = torch.linalg.eigvalsh(scale @ scale.T)
+        self.least_precision = 1 / float(variances.max())  # no mode wider than the Gaussian
+        self.step = 0.05 * float(variances.mean().sqrt()) / widen
 
-    def _log_weights(self, energy) -> Tensor:
-        return -_chunked(energy, self.points).double() - self.log_proposal
+    def _mixture(self, log_p: Tensor, log_g: Tensor, log_m: Tensor | None) -> Tensor:
+        parts = [log_p + self.log_shares[0], log_g + self.log_shares[1]]
+        if log_m is not None:
+            parts.append(log_m + math.log(self.mode_share))
+        return torch.stack(parts).logsumexp(0)
 
-    @torch.no_grad()
+    def find_modes(self, energy) -> tuple[Tensor, Tensor]:
+        """Minima of ``energy`` from the starting points (Adam on the points, the EBM left
+        untouched), and the Cholesky factors of their Laplace covariances, widened; both
+        double, on the CPU."""
+        x = self.starts.to(self.device, self.dtype).clone().requires_grad_(True)
+        descent = torch.optim.Adam([x], lr=self.step)
+        with torch.enable_grad():
+            for _ in range(self.descent_steps):
+                (x.grad,) = torch.autograd.grad(energy(x).sum(), x)
+                descent.step()
+            x = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(energy(x).sum(), x, create_graph=True)
+            rows = [
+                torch.autograd.grad(grad[:, i].sum(), x, retain_graph=True, allow_unused=True)[0]
+                for i in range(x.shape[1])
+            ]
+        dim = x.shape[1]
+        hessian = torch.stack([r if r is not None else x.new_zeros(x.shape) for r in rows], 1)
+        hessian = hessian.detach().cpu().double().nan_to_num(0.0, posinf=1e8, neginf=-1e8)
+        hessian = (0.5 * (hessian + hessian.transpose(1, 2))).clamp(-1e8, 1e8)
+        values, vectors = torch.linalg.eigh(hessian)
+        values = values.clamp(self.least_precision, 1e8)  # no wider than the Gaussian
+        cov = (vectors / values.unsqueeze(1)) @ vectors.transpose(1, 2) * self.widen**2
+        cov = cov + 1e-10 * torch.eye(dim, dtype=torch.float64)
+        return x.detach().cpu().double(), torch.linalg.cholesky(cov)
+
+    @staticmethod
+    def _log_modes(points: Tensor, means: Tensor, trils: Tensor) -> Tensor:
+        """log of the equal mixture of N(means[k], trils[k] trils[k]^T) at ``points``."""
+        dim = points.shape[1]
+        log_det = trils.diagonal(dim1=1, dim2=2).log().sum(1)
+        out = []
+        for start in range(0, points.shape[0], 1024):
+            part = points[start : start + 1024]
+            centred = (part.unsqueeze(0) - means.unsqueeze(1)).transpose(1, 2)  # (K, d, n)
+            z = torch.linalg.solve_triangular(trils, centred, upper=False)
+            log_n = -0.5 * z.square().sum(1) - log_det.unsqueeze(1)  # (K, n)
+            out.append(log_n.logsumexp(0))
+        return torch.cat(out) - math.log(means.shape[0]) - 0.5 * dim * math.log(2 * math.pi)
+
+    def proposal(self, energy) -> tuple[Tensor, Tensor]:
+        """The points and log r at them, the modes' part placed on ``energy``'s minima."""
+        if not self.mode_noise.shape[0]:
+            return self.points, self.log_proposal
+        means, trils = self.find_modes(energy)
+        which = torch.arange(self.mode_noise.shape[0]) % means.shape[0]  # stratified
+        moved = means[which] + (trils[which] @ self.mode_noise.unsqueeze(-1)).squeeze(-1)
+        fixed, log_p_fixed, log_g_fixed = self.fixed
+        points = torch.cat([fixed, moved])
+        with torch.no_grad():
+            log_g = torch.cat([log_g_fixed, self.gaussian.log_prob(moved)])
+            log_p = torch.cat([log_p_fixed, _chunked(self.dataset.log_prob, moved)])
+        log_r = self._mixture(log_p, log_g, self._log_modes(points, means, trils))
+        return points.to(self.device, self.dtype), log_r.to(self.device)
+
+    def _log_weights(self, energy) -> tuple[Tensor, Tensor]:
+        points, log_r = self.proposal(energy)
+        with torch.no_grad():
+            return points, -_chunked(energy, points).double() - log_r
+
     def __call__(self, energy) -> LogZEstimate:
         """The estimate of log of the integral of exp(-energy(x))."""
-        log_w = self._log_weights(energy)
-        n = log_w.shape[0]
-        top = log_w.max()
-        w = (log_w - top).exp()
-        total = w.sum()
-        value = total.log() + top - math.log(n)
-        ess = total.square() / w.square().sum()
-        se = ((n / ess - 1).clamp_min(0) / n).sqrt()
-        return LogZEstimate(value, se, ess)
+        return _estimate(self._log_weights(energy)[1])
 
     def trusted(self, estimate: LogZEstimate) -> bool:
         return bool(estimate.ess >= self.min_ess)
 
-    @torch.no_grad()
-    def weights(self, energy) -> Tensor:
-        """The self-normalised weights of the points (they sum to 1): resampling them draws
-        approximately from the normalised EBM (for figures)."""
-        return torch.softmax(self._log_weights(energy), dim=0)
+    def weights(self, energy) -> tuple[Tensor, Tensor]:
+        """The points and their self-normalised weights (they sum to 1): resampling them
+        draws approximately from the normalised EBM (for figures)."""
+        points, log_w = self._log_weights(energy)
+        return points, torch.softmax(log_w, dim=0)
+
+
+class AnnealedNormaliser:
+    """log Z = log of the integral of exp(-f), by annealed importance sampling (Neal,
+    "Annealed importance sampling", Statistics and Computing 2001): where importance
+    sampling's weights are too uneven, a path of distributions from a known one to the EBM.
+
+    Chains start at g, the Gaussian fitted to the held-out points widened by s (its log Z
+    known), and pass through pi_b = g^(1 - b) exp(-b f) for b on the sigmoid schedule of
+    Grosse, Maddison and Salakhutdinov ("Annealing between distributions by averaging
+    moments", NeurIPS 2013) from 0 to 1, with one Metropolis-adjusted Langevin (MALA)
+    transition at each b, which leaves pi_b invariant. A chain's log-weight is the sum over
+    the schedule of (b_t - b_(t-1)) (-f(x) - log g(x)) at its state before the t-th
+    transition; the weights' mean estimates Z without bias, and its log is the estimate, with
+    the same standard error and effective sample size as ``ImportanceNormaliser``'s.
+
+    The step size at each b is fixed before the chains run, by a pilot of ``pilot`` chains
+    that tunes it toward MALA's optimal acceptance rate (0.574, Roberts and Rosenthal 1998):
+    no chain's kernel depends on the chains' own path, so the weights stay valid. Every call
+    draws its chains and the pilot's from the evaluation seed's ``eval/ais`` stream afresh:
+    an evaluation is a function of the EBM alone, and a resumed run logs what an
+    uninterrupted one does.
+
+    Args:
+        reference: points of the data (the held-out ones) for the Gaussian's fit.
+        chains: the chains whose weights make the estimate.
+        steps: temperatures b_1 .. b_T of the schedule (one transition at each).
+        seed: the evaluation seed.
+        min_ess: the least effective sample size at which log Z is reported.
+        widen: s, the Gaussian's standard deviations over the data's.
+        pilot: the pilot's chains.
+    """
+
+    TARGET_ACCEPTANCE = 0.574
+
+    def __init__(
+        self,
+        reference: Tensor,
+        chains: int,
+        steps: int,
+        seed: int = 0,
+        min_ess: float = 100.0,
+        widen: float = 1.25,
+        pilot: int = 256,
+    ) -> None:
+        self.chains, self.steps, self.seed, self.pilot = chains, steps, seed, pilot
+        self.min_ess = float(min_ess)
+        self.device, self.dtype = reference.device, reference.dtype
+        x = reference.detach().cpu().double()  # the chains live on the CPU in double
+        self.mean = x.mean(0)
+        self.scale_tril = widen * torch.linalg.cholesky(torch.cov(x.T, correction=0))
+        dim = x.shape[1]
+        self.log_norm = self.scale_tril.diagonal().log().sum() + 0.5 * dim * math.log(2 * math.pi)
+        # MALA's step size for a Gaussian scales as its variance times d^(-1/3); the pilot
+        # tunes it from there.
+        self.first_step = float(self.scale_tril.diagonal().square().mean()) * dim ** (-1 / 3)
+        t = torch.linspace(-4.0, 4.0, steps + 1, dtype=torch.float64)
+        sigmoid = torch.sigmoid(t)
+        self.betas = (sigmoid - sigmoid[0]) / (sigmoid[-1] - sigmoid[0])
+
+    def _gaussian(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """log g(x) and its gradient, in closed form."""
+        centred = (x.double() - self.mean).T
+        z = torch.linalg.solve_triangular(self.scale_tril, centred, upper=False)
+        log_g = -0.5 * z.square().sum(0) - self.log_norm
+        grad = -torch.linalg.solve_triangular(self.scale_tril.T, z, upper=True).T
+        return log_g, grad
+
+    def _state(self, energy, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """f(x), log g(x) and their gradients (double)."""
+        point = x.to(self.device, self.dtype).requires_grad_(True)
+        with torch.enable_grad():
+            f = energy(point)
+            (grad_f,) = torch.autograd.grad(f.sum(), point)
+        log_g, grad_g = self._gaussian(x)
+        return f.detach().cpu().double(), log_g, grad_f.cpu().double(), grad_g
+
+    def _run(self, energy, n: int, generator: torch.Generator, sizes: Tensor | None):
+        """Anneal ``n`` chains; with ``sizes`` None, tune the step sizes as it goes (the
+        pilot) and return them; otherwise return the log-weights."""
+        dim = self.mean.shape[0]
+        noise = torch.randn(n, dim, generator=generator, dtype=torch.float64)
+        x = self.mean + noise @ self.scale_tril.T
+        f, log_g, grad_f, grad_g = self._state(energy, x)
+        log_w = torch.zeros(n, dtype=torch.float64)
+        tuned, size = [], self.first_step
+        for t in range(1, self.steps + 1):
+            b, db = float(self.betas[t]), float(self.betas[t] - self.betas[t - 1])
+            log_w += db * (-f - log_g)
+            eps = size if sizes is None else float(sizes[t - 1])
+            drift = (1 - b) * grad_g - b * grad_f
+            step = torch.randn(n, dim, generator=generator, dtype=torch.float64)
+            proposal = x + eps * drift + math.sqrt(2 * eps) * step
+            f2, log_g2, grad_f2, grad_g2 = self._state(energy, proposal)
+            drift2 = (1 - b) * grad_g2 - b * grad_f2
+            forward = (proposal - x - eps * drift).square().sum(1)
+            backward = (x - proposal - eps * drift2).square().sum(1)
+            log_ratio = ((1 - b) * (log_g2 - log_g) - b * (f2 - f)) + (forward - backward) / (
+                4 * eps
+            )
+            uniform = torch.rand(n, generator=generator, dtype=torch.float64)
+            accept = (uniform.log() < log_ratio) & log_ratio.isfinite()
+            keep = accept.unsqueeze(1)
+            x = torch.where(keep, proposal, x)
+            f, log_g = torch.where(accept, f2, f), torch.where(accept, log_g2, log_g)
+            grad_f, grad_g = torch.where(keep, grad_f2, grad_f), torch.where(keep, grad_g2, grad_g)
+            if sizes is None:
+                tuned.append(size)
+                rate = accept.double().mean().item()
+                size *= math.exp(2.0 * (rate - self.TARGET_ACCEPTANCE))
+        return torch.tensor(tuned, dtype=torch.float64) if sizes is None else log_w
+
+    def step_sizes(self, energy) -> Tensor:
+        """The pilot's step size at each temperature."""
+        generator = make_generator(self.seed, "eval/ais/pilot")
+        return self._run(energy, self.pilot, generator, None)
+
+    def log_weights(self, energy) -> Tensor:
+        """The chains' log-weights (the pilot run first)."""
+        sizes = self.step_sizes(energy)
+        return self._run(energy, self.chains, make_generator(self.seed, "eval/ais"), sizes)
+
+    def __call__(self, energy) -> LogZEstimate:
+        """The estimate of log of the integral of exp(-energy(x))."""
+        return _estimate(self.log_weights(energy))
+
+    def trusted(self, estimate: LogZEstimate) -> bool:
+        return bool(estimate.ess >= self.min_ess)
 
 
 def fisher_divergence(energy, points: Tensor, data_score: Tensor) -> Tensor:
@@ -286,8 +522,9 @@ class Evaluator:
                            (also in 2-D with ``fisher=True``; None: above 2-D only).
         logz_ess, logz_se  the effective sample size of ``normaliser``'s weights and the
                            standard error of its log Z.
-        nll_ebm, kl_data_ebm, logz_gap   as above with that log Z, only where logz_ess
-                           reaches the normaliser's floor.
+        logz_ais_ess, logz_ais_se   the same of ``annealer``'s estimate, where one is given.
+        nll_ebm, kl_data_ebm, logz_gap   as above with that log Z (the annealed one where
+                           an annealer is given), only where its ESS reaches the floor.
 
     The flow's samples y come from base noise drawn once, from ``seed``'s own stream: the
     same noise at every evaluation, as the held-out points are the same, so the training's
@@ -306,7 +543,9 @@ class Evaluator:
         score_points: int = 4096,
         panel_limit: float = 4.0,
         fisher: bool | None = None,
+        annealer: AnnealedNormaliser | None = None,
     ) -> None:
+        self.annealer = annealer
         self.dataset = dataset
         self.eval_points = eval_points
         self.grid = grid
@@ -409,7 +648,13 @@ class Evaluator:
             estimate = self.normaliser(ebm.energy)
             values["logz_ess"] = estimate.ess
             values["logz_se"] = estimate.se
-            if self.normaliser.trusted(estimate):
+            trusted = self.normaliser.trusted(estimate)
+            if self.annealer is not None:
+                estimate = self.annealer(ebm.energy)
+                values["logz_ais_ess"] = estimate.ess
+                values["logz_ais_se"] = estimate.se
+                trusted = self.annealer.trusted(estimate)
+            if trusted:
                 values["nll_ebm"] = estimate.value - neg_energy.double().mean()
                 values["logz_gap"] = ebm.log_z.double() - estimate.value
                 if self.log_p_true is not None:
@@ -487,14 +732,16 @@ class Evaluator:
             noise = torch.randn(PANEL_FLOW_SAMPLES, self.dataset.dim, generator=generator)
             self.panel_noise = noise.to(self.eval_points.device, self.eval_points.dtype)
         samples = _chunked(lambda z: flow.transform_noise(z)[0], self.panel_noise)
-        weights = None if self.normaliser is None else self.normaliser.weights(ebm.energy)
+        points, weights = None, None
+        if self.normaliser is not None:
+            points, weights = self.normaliser.weights(ebm.energy)
         rows = []
         for i in range(0, min(2 * pairs, self.dataset.dim), 2):
             columns = slice(i, i + 2)
             log_q = log_histogram(samples[:, columns], None, limit, cells)
             log_p = data.new_full((cells, cells), -math.inf, dtype=torch.float64)
             if weights is not None:
-                log_p = log_histogram(self.normaliser.points[:, columns], weights, limit, cells)
+                log_p = log_histogram(points[:, columns], weights, limit, cells)
             label = f"{self.dataset.name}: x{i + 1}, x{i + 2}"
             rows.append((label, data[:, columns], log_q, log_p))
         return rows

@@ -23,6 +23,8 @@ EVAL_METRICS = (
     "logz_gap",
     "logz_se",
     "logz_ess",
+    "logz_ais_se",
+    "logz_ais_ess",
     "flow_step_share",
 )
 # What an evaluation reports for an estimator that never trains the EBM (flow_mle).
@@ -36,9 +38,9 @@ FLOW_METRICS = (
 )
 # What only an evaluation above 2-D reports (its EBM has no grid: fce/metrics.py); and what
 # only a 2-D one does (the EBM normalised everywhere, on the grid).
-ABOVE_2D_ONLY = ("fisher_ebm", "logz_se", "logz_ess")
+ABOVE_2D_ONLY = ("fisher_ebm", "logz_se", "logz_ess", "logz_ais_se", "logz_ais_ess")
 GRID_ONLY = ("tv_ebm", "kl_ebm_data", "js_ebm_data")
-# Above 2-D, what needs the importance-sampled log Z: withheld where it is not trusted.
+# Above 2-D, what needs the estimated log Z: withheld where it is not trusted.
 NEEDS_LOG_Z = ("nll_ebm", "kl_data_ebm", "logz_gap")
 # What an evaluation reports for an estimator that never trains the flow (mle).
 EBM_METRICS = (
@@ -54,4 +56,6 @@ EBM_METRICS = (
     "logz_gap",
     "logz_se",
     "logz_ess",
+    "logz_ais_se",
+    "logz_ais_ess",
 )

@@ -479,6 +479,11 @@ class EvalConfig:
     logz_samples: int = checked(Count(limit=10_000_000))
     min_ess: int = checked(Count(limit=10_000_000))
     fisher: Any = checked(Switch())  # fisher_ebm: auto (above 2-D), true (also in 2-D), false
+    # dataset.dim > 2: the log Z that metrics use, by importance sampling or by annealed
+    # importance sampling (importance sampling's ESS and se logged beside it)
+    logz: str = checked(OneOf(("importance", "annealed")))
+    ais_chains: int = checked(Count(limit=1_000_000))
+    ais_steps: int = checked(Count(limit=1_000_000))
 
 
 @dataclass

@@ -16,7 +16,14 @@ from fce.config import validate
 from fce.data import DATASETS, DataSource, get_dataset, make_generator, product
 from fce.errors import ConfigError
 from fce.factory import build_trainer, make_evaluator
-from fce.metrics import Evaluator, Grid, ImportanceNormaliser, fisher_divergence, log_histogram
+from fce.metrics import (
+    AnnealedNormaliser,
+    Evaluator,
+    Grid,
+    ImportanceNormaliser,
+    fisher_divergence,
+    log_histogram,
+)
 
 
 def test_one_copy_is_the_dataset_itself():
@@ -80,6 +87,11 @@ def test_a_source_refuses_an_odd_or_empty_dimension(dim):
             "eval.min_ess=100: more than eval.logz_samples=50, so no log Z would ever be",
         ),
         ("dataset.dim=16 eval.n_points=10", "eval.n_points=10: must exceed dataset.dim=16"),
+        (
+            "dataset.dim=4 eval.logz=annealed eval.ais_chains=50",
+            "eval.min_ess=100: more than eval.ais_chains=50, so annealed importance sampling",
+        ),
+        ("eval.logz=grid", "eval.logz='grid': unknown; choose one of: importance, annealed"),
     ],
 )
 def test_the_config_refuses_a_bad_dimension(override, message):
@@ -151,6 +163,27 @@ def test_importance_sampled_log_z_of_a_known_normaliser_at_d16(name):
     assert truth.ess > 5_000
 
 
+@pytest.mark.parametrize("name", ["8gaussians", "rings"])
+def test_a_deep_narrow_mode_at_the_datas_centre_is_found(name):
+    # What NCE against a Gaussian grows in 16 dimensions: mass at the centre of the data,
+    # where the Gaussian's draws never land. Here p_d plus e^20 times N(mean, 0.2^2 I):
+    # log Z = log(1 + e^20), exactly.
+    dataset = product(get_dataset(name), 8)
+    x, mean, _ = data_moments(dataset)
+    spike = torch.distributions.MultivariateNormal(mean, 0.04 * torch.eye(16, dtype=mean.dtype))
+
+    def energy(points):
+        points = points.double()
+        return -torch.logaddexp(dataset.log_prob(points), 20.0 + spike.log_prob(points))
+
+    exact = math.log1p(math.exp(20.0))
+    fixed = ImportanceNormaliser(dataset, x, n=20_000, seed=3, modes=0)(energy)
+    assert fixed.value < exact - 10  # a fixed proposal never sees it
+    found = ImportanceNormaliser(dataset, x, n=20_000, seed=3)(energy)
+    assert found.ess >= 100
+    assert abs(found.value.item() - exact) < 4 * found.se.item() + 1e-3, (found, exact)
+
+
 def test_the_fisher_divergence_is_zero_at_the_truth_and_exact_for_a_gaussian():
     dataset = product(get_dataset("8gaussians"), 4)
     x, mean, cov = data_moments(dataset, 2_000)
@@ -162,13 +195,14 @@ def test_the_fisher_divergence_is_zero_at_the_truth_and_exact_for_a_gaussian():
     torch.testing.assert_close(fisher_divergence(quadratic, x, score), expected)
 
 
-class FarEnergy(nn.Module):
-    """A narrow bump far from the data: no proposal point lands near its mass."""
+class BroadEnergy(nn.Module):
+    """exp(-||x|| / 10): its mass lies at radii around 10 d, far beyond every part of the
+    proposal (its one mode, at the origin, is the data's centre)."""
 
     log_z = nn.Parameter(torch.tensor(0.0))
 
     def energy(self, x):
-        return 50 * (x - 6.0).pow(2).sum(1)
+        return 0.1 * x.norm(dim=1)
 
 
 def test_above_2d_an_untrusted_log_z_reports_no_metric_that_needs_it():
@@ -177,11 +211,92 @@ def test_above_2d_an_untrusted_log_z_reports_no_metric_that_needs_it():
     x = dataset.sample(2000, make_generator(0, "eval"))
     evaluator = make_evaluator(dataset, x, settings)
     assert evaluator.grid is None
-    far = FarEnergy()
-    values = evaluator(far, None)
+    values = evaluator(BroadEnergy(), None)
     assert values["logz_ess"] < settings.min_ess
     assert {"nll_ebm", "kl_data_ebm", "logz_gap"}.isdisjoint(values)
     assert {"mse_logp", "mse_logp_centered", "fisher_ebm", "logz_se"} <= set(values)
+    assert {"logz_ais_ess", "logz_ais_se"}.isdisjoint(values)
+
+
+class OffEnergy(nn.Module):
+    """A bump off the data, exp(-5 ||x - 6||^2): log Z = d/2 log(pi / 5)."""
+
+    log_z = nn.Parameter(torch.tensor(0.0))
+
+    def energy(self, x):
+        return 5 * (x - 6.0).pow(2).sum(1)
+
+
+def test_annealing_reports_its_own_log_z_with_importance_samplings_beside_it():
+    settings = compose(
+        [
+            "dataset.dim=8",
+            "eval.n_points=2000",
+            "eval.logz_samples=4000",
+            "eval.logz=annealed",
+            "eval.ais_chains=512",
+            "eval.ais_steps=1000",
+        ]
+    ).eval
+    dataset = DataSource("8gaussians", 10, 8).dataset
+    x = dataset.sample(2000, make_generator(0, "eval"))
+    values = make_evaluator(dataset, x, settings)(OffEnergy(), None)
+    assert values["logz_ais_ess"] >= settings.min_ess
+    # log Z = c - logz_gap with c = 0: OffEnergy's, within the annealed estimate's error
+    error = abs(-values["logz_gap"] - 4 * math.log(math.pi / 5))
+    assert error < 4 * values["logz_ais_se"] + 1e-3, (error, values["logz_ais_se"])
+    assert {"nll_ebm", "kl_data_ebm", "logz_ess", "logz_se"} <= set(values)
+
+
+def test_by_default_only_importance_sampling_runs():
+    settings = compose(["dataset.dim=4", "eval.n_points=2000", "eval.logz_samples=4000"]).eval
+    dataset = DataSource("8gaussians", 10, 4).dataset
+    x = dataset.sample(2000, make_generator(0, "eval"))
+    values = make_evaluator(dataset, x, settings)(TruthEnergy(dataset), None)
+    assert values["logz_ess"] >= settings.min_ess
+    assert "logz_ais_ess" not in values
+    assert abs(values["logz_gap"]) < 4 * values["logz_se"]
+
+
+class TruthEnergy(nn.Module):
+    """-log p_d, with c = 0: log Z = 0."""
+
+    log_z = nn.Parameter(torch.tensor(0.0))
+
+    def __init__(self, dataset) -> None:
+        super().__init__()
+        self.dataset = dataset
+
+    def energy(self, x):
+        return -self.dataset.log_prob(x.double()).to(x.dtype)
+
+
+@pytest.mark.parametrize("name", ["8gaussians", "rings"])
+def test_annealed_log_z_of_known_normalisers_at_d16(name):
+    dataset = product(get_dataset(name), 8)
+    x, mean, cov = data_moments(dataset)
+    annealer = AnnealedNormaliser(x.float(), chains=512, steps=1000, seed=3)
+    # A Gaussian energy with the data's moments, and one narrower and off-centre, where
+    # importance sampling from the data's proposal loses its effective sample size.
+    for energy in (
+        QuadraticEnergy(mean, cov),
+        QuadraticEnergy(mean + 1.0, 0.25 * torch.eye(16, dtype=torch.float64)),
+    ):
+        estimate = annealer(lambda p, e=energy: e(p.double()))
+        error = (estimate.value - energy.log_z_exact).abs().item()
+        assert estimate.ess >= annealer.min_ess
+        assert error < 4 * estimate.se.item() + 1e-3, (error, estimate.se.item())
+    # There a fixed proposal (the data and the widened Gaussian) is no estimate at all (its
+    # weights' ESS is about 1); the modes' part of the proposal finds the energy's mass ...
+    fixed = ImportanceNormaliser(dataset, x, n=20_000, seed=3, modes=0)(energy)
+    assert fixed.ess < 10
+    found = ImportanceNormaliser(dataset, x, n=20_000, seed=3)(energy)
+    assert found.ess >= 1000
+    assert (found.value - energy.log_z_exact).abs() < 4 * found.se + 1e-3
+    # ... and the same annealed call twice gives the same estimate: an evaluation is a
+    # function of the EBM alone.
+    again = annealer(lambda p, e=energy: e(p.double()))
+    assert again.value == estimate.value
 
 
 def test_a_run_above_2d_trains_every_flow_and_reports_honest_scores():
@@ -408,13 +523,13 @@ def test_the_reweighted_panel_of_the_datas_own_energy_is_the_datas_marginal():
     dataset = product(get_dataset("rings"), 2)
     x = dataset.sample(20_000, make_generator(0, "eval"), torch.float64)
     normaliser = ImportanceNormaliser(dataset, x, n=40_000, seed=2)
-    weights = normaliser.weights(lambda p: -dataset.log_prob(p))
+    points, weights = normaliser.weights(lambda p: -dataset.log_prob(p))
     cells, limit = 16, 4.0
 
     def distance(a, b):  # total variation between two histograms' densities
         return 0.5 * (a.exp() - b.exp()).abs().sum().item() * (2 * limit / cells) ** 2
 
-    reweighted = log_histogram(normaliser.points[:, :2], weights, limit, cells)
+    reweighted = log_histogram(points[:, :2], weights, limit, cells)
     sampled = log_histogram(x[:, :2], None, limit, cells)
     other = dataset.sample(20_000, make_generator(9, "t"), torch.float64)
     # As close to the data's histogram as another draw of the data is, up to sampling noise.

@@ -182,8 +182,8 @@ def run_worker(plan: StudyPlan, worker: int, compose: Composer, stopping: Stoppi
             why = f"sweep.objective={settings.objective}: not reported at the end"
             if settings.objective in NEEDS_LOG_Z:
                 why += (
-                    "; its log Z estimate's effective sample size (logz_ess) was below "
-                    "eval.min_ess"
+                    "; its log Z estimate's effective sample size (logz_ess, and "
+                    "logz_ais_ess where annealing ran) was below eval.min_ess"
                 )
             trial.set_user_attr("error", why)
             log.error("trial %d failed: %s", trial.number, why)
