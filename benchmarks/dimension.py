@@ -26,7 +26,8 @@ Above 2-D the EBM's KL(data || EBM) needs its log Z, estimated by importance sam
 below ``eval.min_ess`` the run reports no KL and the table says so (with the ESS), rather
 than a number. The Fisher divergence and the centred log-density error need no normaliser
 and are always reported. The JSON is rewritten after each run; a rerun skips the runs it
-holds. ``--report`` prints the tables; ``--write`` puts them and a figure (each score
+holds; ``--checkpoints DIR`` keeps every run's final checkpoint (its EBM among it) for a
+later scoring. ``--report`` prints the tables; ``--write`` puts them and a figure (each score
 against d, per estimator) into docs/dimension.md and docs/figures/dimension.png.
 
 ``--equal-time FILE`` runs every estimator again for the wall time FCE's run of the same
@@ -169,6 +170,12 @@ def jobs_of(
                     if label == "flow_mle" and steps_runs is None:
                         path.parent.mkdir(parents=True, exist_ok=True)
                         save = str(path.resolve())
+                    elif args.checkpoints is not None:  # every other run's, to score again
+                        kept = (
+                            args.checkpoints / f"d{dim}" / label / flow_file(Path(), dataset, seed)
+                        )
+                        kept.parent.mkdir(parents=True, exist_ok=True)
+                        save = str(kept.resolve())
                     if label in NEEDS_FLOW:
                         given += [
                             "estimator.noise=flow",
@@ -571,6 +578,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one core each")
     parser.add_argument("--flows", type=Path, default=Path("benchmarks/results/dimension_flows"))
     parser.add_argument("--out", type=Path, help="add the runs to this JSON file")
+    parser.add_argument(
+        "--checkpoints",
+        type=Path,
+        metavar="DIR",
+        help="also keep each run's final checkpoint (its EBM among it) under DIR",
+    )
     parser.add_argument(
         "--equal-time",
         type=Path,
