@@ -7,6 +7,7 @@
     python benchmarks/dimension.py --equal-time benchmarks/results/dimension.json \
         --out benchmarks/results/dimension_time.json
     python benchmarks/dimension.py --check-logz benchmarks/results/dimension_logz.json --write
+    python benchmarks/dimension.py --rescore f.json --set eval.logz=annealed --out g.json
 
 Each (dataset, d, seed, estimator) is one run of ``experiment=truth`` with ``dataset.dim=d``
 and ``train.max_steps=--steps`` (the same steps for every estimator), in its own process with
@@ -34,6 +35,10 @@ against d, per estimator) into docs/dimension.md and docs/figures/dimension.png.
 dataset, d and seed took in FILE (its equal-steps results): each label's steps are that time
 times its own steps per second there; a label whose noise flow_mle trained gets that time less
 flow_mle's (its pre-training is part of its cost). FCE's runs are copied from FILE.
+
+``--rescore FILE --out FILE2 [--set eval.KEY=VALUE ...]`` scores FILE's runs again from the
+checkpoints ``--checkpoints`` kept, with today's evaluator and those changes to the saved
+configs (the models are the same; only the scores are new), and writes them to FILE2.
 
 ``--check-logz FILE`` measures both estimators of log Z where the truth is known: importance
 sampling (in 2-D against the grid, 1,024^2 cells over [-9, 9]^2, for an energy near the
@@ -107,6 +112,58 @@ def run_job(job: tuple) -> dict:
     del result["timeline"]  # the final metrics are what the tables read
     budget = {} if target is None else {"budget": "time", "target_seconds": target}
     return {"label": label, "dim": dim, **result, **budget}
+
+
+def rescore_job(job: tuple[dict, list[str]]) -> dict:
+    """``run`` scored again from its kept checkpoint by today's evaluator (with ``overrides``
+    of its saved config, e.g. ``eval.logz=annealed``): the same models, today's metrics."""
+    import time
+
+    import torch
+    import yaml
+    from omegaconf import OmegaConf
+
+    from fce import checkpoint
+    from fce.factory import build
+    from fce.names import EVAL_METRICS
+
+    run, overrides = job
+    torch.set_num_threads(1)
+    state = checkpoint.load(Path(run["flow_file"]))
+    cfg = OmegaConf.create(state["config"])
+    for item in overrides:
+        name, value = item.split("=", 1)
+        OmegaConf.update(cfg, name, yaml.safe_load(value))
+    trainer = build(cfg, torch.device("cpu")).trainer()
+    trainer.load_state_dict(state["trainer"])
+    started = time.perf_counter()
+    metrics = trainer.metrics()
+    kept = {
+        k: v for k, v in run["final"].items() if k not in EVAL_METRICS or k == "flow_step_share"
+    }
+    return {
+        **run,
+        "final": kept | metrics,
+        "rescored": overrides,
+        "rescore_seconds": time.perf_counter() - started,
+    }
+
+
+def rescore(runs: list[dict], overrides: list[str], jobs: int) -> list[dict]:
+    """Every run with a kept checkpoint but flow_mle's (whose scores need no log Z) scored
+    again; the others as they were."""
+    todo = [
+        i
+        for i, r in enumerate(runs)
+        if r["error"] is None and r["label"] != "flow_mle" and r.get("flow_file")
+    ]
+    out = list(runs)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(jobs, maxtasksperchild=1) as pool:
+        for i, run in zip(todo, pool.imap(rescore_job, [(runs[i], overrides) for i in todo])):
+            out[i] = run
+            print(f"{run['label']} {run['dataset']} d={run['dim']} seed {run['seed']}", flush=True)
+    return out
 
 
 def equal_time_steps(
@@ -590,6 +647,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE",
         help="give each run FCE's wall time in FILE's equal-steps runs (FCE's own are copied)",
     )
+    parser.add_argument(
+        "--rescore",
+        type=Path,
+        metavar="FILE",
+        help="score FILE's runs again from their --checkpoints (into --out)",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --rescore: change the saved configs' evaluation, e.g. eval.logz=annealed",
+    )
     parser.add_argument("--report", type=Path, help="print the tables of this file")
     parser.add_argument("--write", action="store_true", help="with --report: update the docs")
     parser.add_argument(
@@ -603,6 +673,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.write:
             region = Region(DOC, "logz check", LOGZ_COMMAND, lambda: logz_table(rows))
             return write_regions([region], "benchmarks/dimension.py")
+        return 0
+    if args.rescore:
+        if not args.rescore.is_file():
+            parser.error(f"--rescore {args.rescore}: no such file")
+        if args.out is None:
+            parser.error("--out FILE: where the scored runs go")
+        bad = [item for item in args.set if "=" not in item or not item.startswith("eval.")]
+        if bad:
+            parser.error(f"--set {bad[0]}: must be eval.KEY=VALUE (only the scoring changes)")
+        runs = rescore(json.loads(args.rescore.read_text()), args.set, args.jobs)
+        args.out.write_text(json.dumps(runs, indent=1))
         return 0
     if args.report:
         if not args.report.is_file():

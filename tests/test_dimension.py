@@ -553,3 +553,36 @@ def test_fces_contrasts_run_above_2d(contrast):
     assert x.shape == (10, 8) and torch.isfinite(log_q).all()
     metrics = trainer.run()
     assert math.isfinite(metrics["mse_logp_centered"]) and math.isfinite(metrics["kl_data_flow"])
+
+
+@pytest.mark.slow  # trains one small run in a child process, then scores it twice
+def test_a_kept_checkpoint_is_scored_again_to_the_same_numbers_or_with_annealing(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    script = "benchmarks/dimension.py"
+    common = [sys.executable, script, "--jobs", "1"]
+    first = tmp_path / "runs.json"
+    train = ["--labels", "nce", "--datasets", "8gaussians", "--dims", "4", "--seeds", "5"]
+    train += ["--steps", "40", "--logz-samples", "4000", "--checkpoints", str(tmp_path / "k")]
+    subprocess.run([*common, *train, "--out", str(first)], check=True)
+    (run,) = json.loads(first.read_text())
+    assert run["error"] is None and "kl_data_ebm" in run["final"]
+    again, annealed = tmp_path / "again.json", tmp_path / "annealed.json"
+    subprocess.run([*common, "--rescore", str(first), "--out", str(again)], check=True)
+    subprocess.run(
+        [
+            *common,
+            *("--rescore", str(first), "--set", "eval.logz=annealed"),
+            *("eval.ais_chains=256", "eval.ais_steps=100", "--out", str(annealed)),
+        ],
+        check=True,
+    )
+    (same,) = json.loads(again.read_text())
+    for name in ("kl_data_ebm", "logz_ess", "mse_logp_centered", "fisher_ebm"):
+        assert same["final"][name] == run["final"][name], name
+    (other,) = json.loads(annealed.read_text())
+    assert other["rescored"][0] == "eval.logz=annealed"
+    assert other["final"]["logz_ais_ess"] > 0
+    assert other["final"]["logz_ess"] == run["final"]["logz_ess"]
