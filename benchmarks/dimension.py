@@ -114,14 +114,25 @@ def run_job(job: tuple) -> dict:
     return {"label": label, "dim": dim, **result, **budget}
 
 
+def rescore_config(run: dict, overrides: list[str]):
+    """``run``'s config composed again (its experiment, dataset, seed and overrides, as
+    ``one_run`` composed it), with ``overrides`` on top, validated."""
+    from fce.compose import compose
+    from fce.config import validate
+
+    given = [f"experiment={run['experiment']}", f"dataset={run['dataset']}"]
+    given += [f"seed={run['seed']}", "device=cpu", "tracking=none"]
+    cfg = compose([*given, *run["overrides"], *overrides])
+    validate(cfg)
+    return cfg
+
+
 def rescore_job(job: tuple[dict, list[str]]) -> dict:
     """``run`` scored again from its kept checkpoint by today's evaluator (with ``overrides``
-    of its saved config, e.g. ``eval.logz=annealed``): the same models, today's metrics."""
+    of its config, e.g. ``eval.logz=annealed``): the same models, today's metrics."""
     import time
 
     import torch
-    import yaml
-    from omegaconf import OmegaConf
 
     from fce import checkpoint
     from fce.factory import build
@@ -129,13 +140,8 @@ def rescore_job(job: tuple[dict, list[str]]) -> dict:
 
     run, overrides = job
     torch.set_num_threads(1)
-    state = checkpoint.load(Path(run["flow_file"]))
-    cfg = OmegaConf.create(state["config"])
-    for item in overrides:
-        name, value = item.split("=", 1)
-        OmegaConf.update(cfg, name, yaml.safe_load(value))
-    trainer = build(cfg, torch.device("cpu")).trainer()
-    trainer.load_state_dict(state["trainer"])
+    trainer = build(rescore_config(run, overrides), torch.device("cpu")).trainer()
+    trainer.load_state_dict(checkpoint.load(Path(run["flow_file"]))["trainer"])
     started = time.perf_counter()
     metrics = trainer.metrics()
     kept = {
@@ -682,7 +688,18 @@ def main(argv: list[str] | None = None) -> int:
         bad = [item for item in args.set if "=" not in item or not item.startswith("eval.")]
         if bad:
             parser.error(f"--set {bad[0]}: must be eval.KEY=VALUE (only the scoring changes)")
-        runs = rescore(json.loads(args.rescore.read_text()), args.set, args.jobs)
+        runs = json.loads(args.rescore.read_text())
+        from fce.compose import composition_error
+        from fce.errors import ConfigError
+
+        for run in runs[:1]:  # every run takes the same --set: one check before any starts
+            try:
+                rescore_config(run, args.set)
+            except ConfigError as error:
+                parser.error(f"--set: {error}")
+            except Exception as error:  # composition: an unknown key, a wrong type
+                parser.error(f"--set: {composition_error(error)}")
+        runs = rescore(runs, args.set, args.jobs)
         args.out.write_text(json.dumps(runs, indent=1))
         return 0
     if args.report:

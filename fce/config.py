@@ -282,7 +282,7 @@ def importance_sampling_can_report(cfg: DictConfig) -> None:
             f"eval.min_ess={cfg.eval.min_ess}: more than eval.logz_samples="
             f"{cfg.eval.logz_samples}, so no log Z would ever be reported; lower it"
         )
-    if cfg.eval.logz != "importance" and cfg.eval.ais_chains < cfg.eval.min_ess:
+    if cfg.eval.logz == "annealed" and cfg.eval.ais_chains < cfg.eval.min_ess:
         raise ConfigError(
             f"eval.min_ess={cfg.eval.min_ess}: more than eval.ais_chains="
             f"{cfg.eval.ais_chains}, so annealed importance sampling would never report a "

@@ -159,7 +159,7 @@ def make_evaluator(dataset: Dataset, eval_points: Tensor, settings: DictConfig) 
         normaliser = ImportanceNormaliser(
             dataset, eval_points, settings.logz_samples, settings.seed, settings.min_ess
         )
-        if settings.logz != "importance":
+        if settings.logz == "annealed":
             chains, steps = settings.ais_chains, settings.ais_steps
             annealer = AnnealedNormaliser(
                 eval_points, chains, steps, settings.seed, settings.min_ess

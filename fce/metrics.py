@@ -206,7 +206,6 @@ class ImportanceNormaliser:
         mode_share: float = 0.25,
         descent_steps: int = 300,
     ) -> None:
-        mode_share = mode_share if modes else 0.0
         if not (data_share > 0 and mode_share >= 0 and data_share + mode_share < 1):
             raise ValueError(
                 f"data_share={data_share}, mode_share={mode_share}: must be positive "
@@ -214,99 +213,122 @@ class ImportanceNormaliser:
             )
         self.dataset, self.min_ess, self.widen = dataset, float(min_ess), widen
         self.device, self.dtype = reference.device, reference.dtype
-        self.log_shares = [math.log(data_share), math.log1p(-data_share - mode_share)]
+        k_data, k_modes = round(data_share * n), round(mode_share * n) if modes else 0
+        k_gaussian = n - k_data - k_modes
+        if min(k_data, k_gaussian) < 1:
+            raise ValueError(f"n={n}: too few points for every part of the proposal")
+        # The parts' weights are the shares drawn (stratified sampling), exactly.
+        self.log_shares = [
+            math.log(k / n) if k else -math.inf for k in (k_data, k_gaussian, k_modes)
+        ]
         generator = make_generator(seed, "eval/logz")
-        k_data, k_modes = round(data_share * n), round(mode_share * n)
         from_data = dataset.sample(k_data, generator, torch.float64)
         fitted = Gaussian.fit(reference.detach().cpu().double())
         mean, scale = fitted.transforms[0].mean.data, widen * fitted.transforms[0].scale_tril.data
         self.gaussian = Gaussian(mean, scale)
-        noise = torch.randn(
-            n - k_data - k_modes, dataset.dim, generator=generator, dtype=torch.float64
-        )
+        noise = torch.randn(k_gaussian, dataset.dim, generator=generator, dtype=torch.float64)
         with torch.no_grad():
             points = torch.cat([from_data, self.gaussian.transform_noise(noise)[0]])
             log_g = self.gaussian.log_prob(points)
         log_p = true_log_prob(dataset, points).cpu()
         self.fixed = (points, log_p, log_g)
-        self.log_fixed = self._mixture(log_p, log_g, None)
         self.points = points.to(self.device, self.dtype)
-        self.log_proposal = self.log_fixed.to(self.device)
+        self.log_proposal = self._mixture(log_p, log_g, None).to(self.device)  # without modes
         self.mode_noise = torch.randn(
             k_modes, dataset.dim, generator=generator, dtype=torch.float64
         )
-        # Half the starts are data points, a quarter the Gaussian's draws, a quarter those
-        # draws pulled toward its mean (the first one onto it): in high dimension a Gaussian
-        # draw is never near its own mode, so an energy contrasted with it is unchecked there.
-        half, quarter = modes // 2, modes // 4
-        drawn = points[k_data : k_data + modes - half].clone()
+        # The starts come from a stream of their own (r at the sample's points must not
+        # depend on those points): half data points, a quarter the Gaussian's draws, a quarter
+        # those draws pulled toward its mean (the first one onto it): in high dimension a
+        # Gaussian draw is never near its own mode, so an energy contrasted with it is
+        # unchecked there.
+        starts = make_generator(seed, "eval/logz/starts")
+        half, quarter = (modes // 2, modes // 4) if k_modes else (0, 0)
+        drawn = self.gaussian.transform_noise(
+            torch.randn(modes - half, dataset.dim, generator=starts, dtype=torch.float64)
+        )[0].detach()
         pull = torch.linspace(0, 0.5, quarter, dtype=torch.float64).unsqueeze(1)
         drawn[:quarter] = mean + pull * (drawn[:quarter] - mean)
-        self.starts = torch.cat([from_data[:half], drawn])
-        self.mode_share, self.descent_steps = mode_share, descent_steps
+        self.starts = torch.cat([dataset.sample(half, starts, torch.float64), drawn])
+        self.descent_steps = descent_steps
         variances = torch.linalg.eigvalsh(scale @ scale.T)
         self.least_precision = 1 / float(variances.max())  # no mode wider than the Gaussian
-        self.step = 0.05 * float(variances.mean().sqrt()) / widen
+        self.descent_lr = 0.05 * float(variances.mean().sqrt()) / widen
+        # the Hessian by central differences of the gradient, this far apart
+        self.difference = 1e-2 * float(variances.mean().sqrt()) / widen
 
     def _mixture(self, log_p: Tensor, log_g: Tensor, log_m: Tensor | None) -> Tensor:
         parts = [log_p + self.log_shares[0], log_g + self.log_shares[1]]
         if log_m is not None:
-            parts.append(log_m + math.log(self.mode_share))
+            parts.append(log_m + self.log_shares[2])
         return torch.stack(parts).logsumexp(0)
+
+    def _gradient(self, energy, x: Tensor) -> Tensor:
+        point = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(energy(point).sum(), point)
+        return grad
 
     def find_modes(self, energy) -> tuple[Tensor, Tensor]:
         """Minima of ``energy`` from the starting points (Adam on the points, the EBM left
         untouched), and the Cholesky factors of their Laplace covariances, widened; both
-        double, on the CPU."""
+        double, on the CPU. The Hessian is the central difference of the gradient (any
+        energy whose first derivative is right, a flow's custom backward included); a start
+        whose descent ends off the finite numbers is dropped."""
         x = self.starts.to(self.device, self.dtype).clone().requires_grad_(True)
-        descent = torch.optim.Adam([x], lr=self.step)
-        with torch.enable_grad():
-            for _ in range(self.descent_steps):
-                (x.grad,) = torch.autograd.grad(energy(x).sum(), x)
-                descent.step()
-            x = x.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(energy(x).sum(), x, create_graph=True)
-            rows = [
-                torch.autograd.grad(grad[:, i].sum(), x, retain_graph=True, allow_unused=True)[0]
-                for i in range(x.shape[1])
-            ]
-        dim = x.shape[1]
-        hessian = torch.stack([r if r is not None else x.new_zeros(x.shape) for r in rows], 1)
-        hessian = hessian.detach().cpu().double().nan_to_num(0.0, posinf=1e8, neginf=-1e8)
-        hessian = (0.5 * (hessian + hessian.transpose(1, 2))).clamp(-1e8, 1e8)
+        descent = torch.optim.Adam([x], lr=self.descent_lr)
+        for _ in range(self.descent_steps):
+            x.grad = self._gradient(energy, x)
+            descent.step()
+        x = x.detach()
+        dim, h = x.shape[1], self.difference
+        columns = []
+        for i in range(dim):
+            shift = torch.zeros_like(x)
+            shift[:, i] = h
+            ahead, behind = self._gradient(energy, x + shift), self._gradient(energy, x - shift)
+            columns.append((ahead - behind).double().cpu() / (2 * h))
+        hessian = torch.stack(columns, 2)
+        hessian = 0.5 * (hessian + hessian.transpose(1, 2))
+        x = x.cpu().double()
+        finite = x.isfinite().all(1) & hessian.isfinite().all(2).all(1)
+        if not finite.any():
+            raise ValueError("no descent of the energy ended at finite numbers")
+        x, hessian = x[finite], hessian[finite]
         values, vectors = torch.linalg.eigh(hessian)
         values = values.clamp(self.least_precision, 1e8)  # no wider than the Gaussian
         cov = (vectors / values.unsqueeze(1)) @ vectors.transpose(1, 2) * self.widen**2
-        cov = cov + 1e-10 * torch.eye(dim, dtype=torch.float64)
-        return x.detach().cpu().double(), torch.linalg.cholesky(cov)
+        return x, torch.linalg.cholesky(cov)
 
     @staticmethod
-    def _log_modes(points: Tensor, means: Tensor, trils: Tensor) -> Tensor:
-        """log of the equal mixture of N(means[k], trils[k] trils[k]^T) at ``points``."""
+    def _log_modes(points: Tensor, means: Tensor, trils: Tensor, weights: Tensor) -> Tensor:
+        """log of the mixture of N(means[k], trils[k] trils[k]^T), weights[k] each, at
+        ``points``."""
         dim = points.shape[1]
-        log_det = trils.diagonal(dim1=1, dim2=2).log().sum(1)
+        log_w = weights.log() - trils.diagonal(dim1=1, dim2=2).log().sum(1)
         out = []
         for start in range(0, points.shape[0], 1024):
             part = points[start : start + 1024]
             centred = (part.unsqueeze(0) - means.unsqueeze(1)).transpose(1, 2)  # (K, d, n)
             z = torch.linalg.solve_triangular(trils, centred, upper=False)
-            log_n = -0.5 * z.square().sum(1) - log_det.unsqueeze(1)  # (K, n)
-            out.append(log_n.logsumexp(0))
-        return torch.cat(out) - math.log(means.shape[0]) - 0.5 * dim * math.log(2 * math.pi)
+            out.append((-0.5 * z.square().sum(1) + log_w.unsqueeze(1)).logsumexp(0))
+        return torch.cat(out) - 0.5 * dim * math.log(2 * math.pi)
 
     def proposal(self, energy) -> tuple[Tensor, Tensor]:
         """The points and log r at them, the modes' part placed on ``energy``'s minima."""
         if not self.mode_noise.shape[0]:
             return self.points, self.log_proposal
         means, trils = self.find_modes(energy)
-        which = torch.arange(self.mode_noise.shape[0]) % means.shape[0]  # stratified
+        count = self.mode_noise.shape[0]
+        which = torch.arange(count) % means.shape[0]  # stratified: each mode its share
+        weights = torch.bincount(which, minlength=means.shape[0]).double() / count
         moved = means[which] + (trils[which] @ self.mode_noise.unsqueeze(-1)).squeeze(-1)
         fixed, log_p_fixed, log_g_fixed = self.fixed
         points = torch.cat([fixed, moved])
         with torch.no_grad():
             log_g = torch.cat([log_g_fixed, self.gaussian.log_prob(moved)])
             log_p = torch.cat([log_p_fixed, _chunked(self.dataset.log_prob, moved)])
-        log_r = self._mixture(log_p, log_g, self._log_modes(points, means, trils))
+        log_r = self._mixture(log_p, log_g, self._log_modes(points, means, trils, weights))
         return points.to(self.device, self.dtype), log_r.to(self.device)
 
     def _log_weights(self, energy) -> tuple[Tensor, Tensor]:
@@ -345,7 +367,8 @@ class AnnealedNormaliser:
     The step size at each b is fixed before the chains run, by a pilot of ``pilot`` chains
     that tunes it toward MALA's optimal acceptance rate (0.574, Roberts and Rosenthal 1998):
     no chain's kernel depends on the chains' own path, so the weights stay valid. Every call
-    draws its chains and the pilot's from the evaluation seed's ``eval/ais`` stream afresh:
+    draws its chains and the pilot's afresh from the evaluation seed's ``eval/ais`` and
+    ``eval/ais/pilot`` streams:
     an evaluation is a function of the EBM alone, and a resumed run logs what an
     uninterrupted one does.
 
@@ -396,13 +419,14 @@ class AnnealedNormaliser:
 
     def _state(self, energy, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """f(x), log g(x) and their gradients (double)."""
-        point = x.to(self.device, self.dtype).requires_grad_(True)
+        point = x.detach().to(self.device, self.dtype).clone().requires_grad_(True)
         with torch.enable_grad():
             f = energy(point)
             (grad_f,) = torch.autograd.grad(f.sum(), point)
         log_g, grad_g = self._gaussian(x)
         return f.detach().cpu().double(), log_g, grad_f.cpu().double(), grad_g
 
+    @torch.no_grad()
     def _run(self, energy, n: int, generator: torch.Generator, sizes: Tensor | None):
         """Anneal ``n`` chains; with ``sizes`` None, tune the step sizes as it goes (the
         pilot) and return them; otherwise return the log-weights."""
@@ -415,6 +439,8 @@ class AnnealedNormaliser:
         for t in range(1, self.steps + 1):
             b, db = float(self.betas[t]), float(self.betas[t] - self.betas[t - 1])
             log_w += db * (-f - log_g)
+            if t == self.steps and sizes is not None:
+                break  # the weights are complete: no transition at b = 1 is needed
             eps = size if sizes is None else float(sizes[t - 1])
             drift = (1 - b) * grad_g - b * grad_f
             step = torch.randn(n, dim, generator=generator, dtype=torch.float64)
@@ -441,7 +467,7 @@ class AnnealedNormaliser:
     def step_sizes(self, energy) -> Tensor:
         """The pilot's step size at each temperature."""
         generator = make_generator(self.seed, "eval/ais/pilot")
-        return self._run(energy, self.pilot, generator, None)
+        return self._run(energy, min(self.pilot, self.chains), generator, None)
 
     def log_weights(self, energy) -> Tensor:
         """The chains' log-weights (the pilot run first)."""
@@ -522,9 +548,10 @@ class Evaluator:
                            (also in 2-D with ``fisher=True``; None: above 2-D only).
         logz_ess, logz_se  the effective sample size of ``normaliser``'s weights and the
                            standard error of its log Z.
-        logz_ais_ess, logz_ais_se   the same of ``annealer``'s estimate, where one is given.
-        nll_ebm, kl_data_ebm, logz_gap   as above with that log Z (the annealed one where
-                           an annealer is given), only where its ESS reaches the floor.
+        logz_ais_ess, logz_ais_se   the same of ``annealer``'s estimate, where one is given,
+                           and logz_ais_minus_is its log Z less importance sampling's.
+        nll_ebm, kl_data_ebm, logz_gap   as above with the larger of the log Z estimates
+                           whose ESS reaches the floor; none where neither does.
 
     The flow's samples y come from base noise drawn once, from ``seed``'s own stream: the
     same noise at every evaluation, as the held-out points are the same, so the training's
@@ -650,10 +677,16 @@ class Evaluator:
             values["logz_se"] = estimate.se
             trusted = self.normaliser.trusted(estimate)
             if self.annealer is not None:
-                estimate = self.annealer(ebm.energy)
-                values["logz_ais_ess"] = estimate.ess
-                values["logz_ais_se"] = estimate.se
-                trusted = self.annealer.trusted(estimate)
+                annealed = self.annealer(ebm.energy)
+                values["logz_ais_ess"] = annealed.ess
+                values["logz_ais_se"] = annealed.se
+                values["logz_ais_minus_is"] = annealed.value - estimate.value
+                # Both estimate Z without bias and miss only mass they never reach, so each
+                # log is low where it errs: the larger trusted one is reported.
+                if self.annealer.trusted(annealed) and (
+                    not trusted or annealed.value > estimate.value
+                ):
+                    estimate, trusted = annealed, True
             if trusted:
                 values["nll_ebm"] = estimate.value - neg_energy.double().mean()
                 values["logz_gap"] = ebm.log_z.double() - estimate.value

@@ -25,6 +25,7 @@ EVAL_METRICS = (
     "logz_ess",
     "logz_ais_se",
     "logz_ais_ess",
+    "logz_ais_minus_is",
     "flow_step_share",
 )
 # What an evaluation reports for an estimator that never trains the EBM (flow_mle).
@@ -38,7 +39,14 @@ FLOW_METRICS = (
 )
 # What only an evaluation above 2-D reports (its EBM has no grid: fce/metrics.py); and what
 # only a 2-D one does (the EBM normalised everywhere, on the grid).
-ABOVE_2D_ONLY = ("fisher_ebm", "logz_se", "logz_ess", "logz_ais_se", "logz_ais_ess")
+ABOVE_2D_ONLY = (
+    "fisher_ebm",
+    "logz_se",
+    "logz_ess",
+    "logz_ais_se",
+    "logz_ais_ess",
+    "logz_ais_minus_is",
+)
 GRID_ONLY = ("tv_ebm", "kl_ebm_data", "js_ebm_data")
 # Above 2-D, what needs the estimated log Z: withheld where it is not trusted.
 NEEDS_LOG_Z = ("nll_ebm", "kl_data_ebm", "logz_gap")
@@ -58,4 +66,5 @@ EBM_METRICS = (
     "logz_ess",
     "logz_ais_se",
     "logz_ais_ess",
+    "logz_ais_minus_is",
 )

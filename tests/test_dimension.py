@@ -164,13 +164,15 @@ def test_importance_sampled_log_z_of_a_known_normaliser_at_d16(name):
 
 
 @pytest.mark.parametrize("name", ["8gaussians", "rings"])
-def test_a_deep_narrow_mode_at_the_datas_centre_is_found(name):
-    # What NCE against a Gaussian grows in 16 dimensions: mass at the centre of the data,
-    # where the Gaussian's draws never land. Here p_d plus e^20 times N(mean, 0.2^2 I):
-    # log Z = log(1 + e^20), exactly.
+@pytest.mark.parametrize("offset", [0.0, 0.5])
+def test_a_deep_narrow_mode_near_the_datas_centre_is_found(name, offset):
+    # What NCE against a Gaussian can grow in 16 dimensions: mass near the centre of the
+    # data, where the Gaussian's draws never land. Here p_d plus e^20 times
+    # N(mean + offset, 0.2^2 I): log Z = log(1 + e^20), exactly.
     dataset = product(get_dataset(name), 8)
     x, mean, _ = data_moments(dataset)
-    spike = torch.distributions.MultivariateNormal(mean, 0.04 * torch.eye(16, dtype=mean.dtype))
+    centre = mean + offset
+    spike = torch.distributions.MultivariateNormal(centre, 0.04 * torch.eye(16, dtype=mean.dtype))
 
     def energy(points):
         points = points.double()
@@ -240,12 +242,29 @@ def test_annealing_reports_its_own_log_z_with_importance_samplings_beside_it():
     ).eval
     dataset = DataSource("8gaussians", 10, 8).dataset
     x = dataset.sample(2000, make_generator(0, "eval"))
-    values = make_evaluator(dataset, x, settings)(OffEnergy(), None)
-    assert values["logz_ais_ess"] >= settings.min_ess
-    # log Z = c - logz_gap with c = 0: OffEnergy's, within the annealed estimate's error
-    error = abs(-values["logz_gap"] - 4 * math.log(math.pi / 5))
-    assert error < 4 * values["logz_ais_se"] + 1e-3, (error, values["logz_ais_se"])
+    evaluator = make_evaluator(dataset, x, settings)
+    energy = OffEnergy()
+    values = evaluator(energy, None)
+    annealed = evaluator.annealer(energy.energy)
+    importance = evaluator.normaliser(energy.energy)
+    assert values["logz_ais_ess"] == annealed.ess.item() >= settings.min_ess
+    assert values["logz_ais_minus_is"] == (annealed.value - importance.value).item()
+    # Both trusted: the larger log Z is the one the metrics use (c = 0, so log Z = -gap) ...
+    assert -values["logz_gap"] == max(annealed.value.item(), importance.value.item())
+    # ... and annealing alone is within its error of OffEnergy's exact log Z.
+    error = abs(annealed.value.item() - 4 * math.log(math.pi / 5))
+    assert error < 4 * annealed.se.item() + 1e-3, (error, annealed.se.item())
     assert {"nll_ebm", "kl_data_ebm", "logz_ess", "logz_se"} <= set(values)
+
+
+def test_a_small_proposal_still_has_every_part():
+    settings = compose(
+        ["dataset.dim=4", "eval.n_points=500", "eval.logz_samples=100", "eval.min_ess=10"]
+    ).eval
+    dataset = DataSource("8gaussians", 10, 4).dataset
+    x = dataset.sample(500, make_generator(0, "eval"))
+    values = make_evaluator(dataset, x, settings)(TruthEnergy(dataset), None)
+    assert values["logz_ess"] >= 10 and abs(values["logz_gap"]) < 4 * values["logz_se"]
 
 
 def test_by_default_only_importance_sampling_runs():

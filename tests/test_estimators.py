@@ -201,7 +201,7 @@ def test_bad_estimator_settings_are_one_line(tmp_path, args, message):
             "nll_flow",
             "estimator=mle trains no flow; choose one of: nll_ebm, nll_data, kl_data_ebm, "
             "kl_ebm_data, js_ebm_data, tv_ebm, mse_logp, mse_logp_centered, fisher_ebm, "
-            "logz_gap, logz_se, logz_ess, logz_ais_se, logz_ais_ess",
+            "logz_gap, logz_se, logz_ess, logz_ais_se, logz_ais_ess, logz_ais_minus_is",
         ),
     ],
 )
