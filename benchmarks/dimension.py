@@ -461,16 +461,17 @@ LOGZ_COMMAND = (
 )
 
 
-def check_logz(
-    samples: int = 20_000, chains: int = 1024, steps: int = 500, seed: int = 3
-) -> list[dict]:
+def check_logz(samples: int = 20_000, seed: int = 3) -> list[dict]:
     """Each case's exact log Z, and each estimator's estimate, standard error and ESS: by
     importance sampling from ``samples`` points and by annealing ``chains`` chains through
     ``steps`` temperatures (the eval group's defaults; see the module)."""
     import torch
 
+    from fce.config import ANNEALING_DEFAULTS
     from fce.data import get_dataset, make_generator, product
     from fce.metrics import AnnealedNormaliser, Grid, ImportanceNormaliser
+
+    chains, steps = ANNEALING_DEFAULTS["ais_chains"], ANNEALING_DEFAULTS["ais_steps"]
 
     torch.set_num_threads(1)
     rows = []
