@@ -36,9 +36,10 @@ dataset, d and seed took in FILE (its equal-steps results): each label's steps a
 times its own steps per second there; a label whose noise flow_mle trained gets that time less
 flow_mle's (its pre-training is part of its cost). FCE's runs are copied from FILE.
 
-``--rescore FILE --out FILE2 [--set eval.KEY=VALUE ...]`` scores FILE's runs again from the
-checkpoints ``--checkpoints`` kept, with today's evaluator and those changes to the saved
-configs (the models are the same; only the scores are new), and writes them to FILE2.
+``--rescore FILE --out FILE2 [--set eval.KEY=VALUE ...]`` scores FILE's runs (those the
+``--labels``, ``--datasets``, ``--dims`` and ``--seeds`` name) again from the checkpoints
+``--checkpoints`` kept, with today's evaluator and those changes to the runs' configs (the
+models are the same; only the scores are new), and writes them to FILE2.
 
 ``--check-logz FILE`` measures both estimators of log Z where the truth is known: importance
 sampling (in 2-D against the grid, 1,024^2 cells over [-9, 9]^2, for an energy near the
@@ -281,8 +282,8 @@ def metric_cell(runs: list[dict], metric: str) -> str:
 
 
 TABLE_METRICS = {
-    "kl_data_ebm": "KL(data ‖ EBM) in nats: log Z by importance sampling (d = 2: on the grid "
-    "over [-4, 4]², as every 2-D run)",
+    "kl_data_ebm": "KL(data ‖ EBM) in nats: log Z by importance sampling, the EBM's own modes "
+    "in the proposal (d = 2: on the grid over [-4, 4]², as every 2-D run)",
     "fisher_rel": "Fisher divergence of the EBM, ½ E‖∇log p_θ − ∇log p_d‖², over the data's "
     "own ½ E‖∇log p_d‖² (0: the data's score; 1: a flat energy's)",
     "mse_logp_centered": "centred log-density error of the EBM, Var(log p_θ − log p_d)",
@@ -689,7 +690,14 @@ def main(argv: list[str] | None = None) -> int:
         bad = [item for item in args.set if "=" not in item or not item.startswith("eval.")]
         if bad:
             parser.error(f"--set {bad[0]}: must be eval.KEY=VALUE (only the scoring changes)")
-        runs = json.loads(args.rescore.read_text())
+        runs = [  # those --labels, --datasets, --dims and --seeds name (all by default)
+            r
+            for r in json.loads(args.rescore.read_text())
+            if r["label"] in args.labels
+            and r["dataset"] in args.datasets
+            and r["dim"] in args.dims
+            and r["seed"] in args.seeds
+        ]
         from fce.compose import composition_error
         from fce.errors import ConfigError
 

@@ -589,6 +589,7 @@ def test_a_kept_checkpoint_is_scored_again_to_the_same_numbers_or_with_annealing
     (run,) = json.loads(first.read_text())
     assert run["error"] is None and "kl_data_ebm" in run["final"]
     again, annealed = tmp_path / "again.json", tmp_path / "annealed.json"
+    common += ["--dims", "4", "--seeds", "5"]  # --rescore scores the runs they name
     subprocess.run([*common, "--rescore", str(first), "--out", str(again)], check=True)
     subprocess.run(
         [
