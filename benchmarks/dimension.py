@@ -103,6 +103,13 @@ RESULTS = ROOT / "benchmarks" / "results" / "dimension.json"
 COMMAND = "python benchmarks/dimension.py --report benchmarks/results/dimension.json --write"
 
 
+def read_runs(parser: argparse.ArgumentParser, option: str, path: Path) -> list[dict]:
+    """The runs of the JSON file an option names, or exit with one line."""
+    if not path.is_file():
+        parser.error(f"{option} {path}: no such file")
+    return json.loads(path.read_text())
+
+
 def key(run: dict) -> tuple[str, str, int, int]:
     return run["label"], run["dataset"], run["dim"], run["seed"]
 
@@ -270,7 +277,7 @@ def metric_cell(runs: list[dict], metric: str) -> str:
     text = cell(values)
     refused = len(finals) - len(values)
     if refused and metric in ("kl_data_ebm", "nll_ebm"):
-        # the annealed estimate's ESS where it ran (it replaces importance sampling's)
+        # neither estimate reached the floor; the annealed one's ESS where it ran
         ess = [
             f.get("logz_ais_ess", f.get("logz_ess", math.nan)) for f in finals if metric not in f
         ]
@@ -723,8 +730,7 @@ def main(argv: list[str] | None = None) -> int:
             return write_regions([region], "benchmarks/dimension.py")
         return 0
     if args.rescore:
-        if not args.rescore.is_file():
-            parser.error(f"--rescore {args.rescore}: no such file")
+        saved = read_runs(parser, "--rescore", args.rescore)
         if args.out is None:
             parser.error("--out FILE: where the scored runs go")
         bad = [item for item in args.set if "=" not in item or not item.startswith("eval.")]
@@ -732,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--set {bad[0]}: must be eval.KEY=VALUE (only the scoring changes)")
         runs = [  # those --labels, --datasets, --dims and --seeds name (all by default)
             r
-            for r in json.loads(args.rescore.read_text())
+            for r in saved
             if r["label"] in args.labels
             and r["dataset"] in args.datasets
             and r["dim"] in args.dims
@@ -752,18 +758,14 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(runs, indent=1))
         return 0
     if args.annealed:
-        if not args.annealed.is_file():
-            parser.error(f"--annealed {args.annealed}: no such file")
-        rows = json.loads(args.annealed.read_text())
+        rows = read_runs(parser, "--annealed", args.annealed)
         print(annealed_table(rows))
         if args.write:
             region = Region(DOC, "annealed check", ANNEALED_COMMAND, lambda: annealed_table(rows))
             return write_regions([region], "benchmarks/dimension.py")
         return 0
     if args.report:
-        if not args.report.is_file():
-            parser.error(f"--report {args.report}: no such file")
-        runs = json.loads(args.report.read_text())
+        runs = read_runs(parser, "--report", args.report)
         print(tables(runs))
         return write(runs) if args.write else 0
     if args.write:
@@ -794,9 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = json.loads(args.out.read_text()) if args.out.exists() else []
     steps_runs = None
     if args.equal_time:
-        if not args.equal_time.is_file():
-            parser.error(f"--equal-time {args.equal_time}: no such file")
-        steps_runs = json.loads(args.equal_time.read_text())
+        steps_runs = read_runs(parser, "--equal-time", args.equal_time)
         # FCE's runs are its own equal-time runs; flow_mle's flows are the noise as trained.
         held = {key(r) for r in previous}
         previous += [

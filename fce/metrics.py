@@ -141,6 +141,23 @@ class LogZEstimate:
     ess: Tensor
 
 
+def _energy_and_gradient(energy, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``energy`` at the rows of ``x`` and its gradient there, by autograd with respect to the
+    points alone (no graph kept, the energy's parameters' gradients untouched)."""
+    point = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        f = energy(point)
+        (grad,) = torch.autograd.grad(f.sum(), point)
+    return f.detach(), grad
+
+
+def _widened_gaussian(reference: Tensor, widen: float) -> Gaussian:
+    """The Gaussian fitted to ``reference`` (double, on the CPU), its standard deviations
+    times ``widen``: the part of both normalisers' proposals that reaches off the data."""
+    fitted = Gaussian.fit(reference.detach().cpu().double()).transforms[0]
+    return Gaussian(fitted.mean.data, widen * fitted.scale_tril.data)
+
+
 def _estimate(log_w: Tensor) -> LogZEstimate:
     """log of the mean of the weights exp(log_w), with its standard error and their ESS."""
     n = log_w.shape[0]
@@ -223,9 +240,11 @@ class ImportanceNormaliser:
         ]
         generator = make_generator(seed, "eval/logz")
         from_data = dataset.sample(k_data, generator, torch.float64)
-        fitted = Gaussian.fit(reference.detach().cpu().double())
-        mean, scale = fitted.transforms[0].mean.data, widen * fitted.transforms[0].scale_tril.data
-        self.gaussian = Gaussian(mean, scale)
+        self.gaussian = _widened_gaussian(reference, widen)
+        mean, scale = (
+            self.gaussian.transforms[0].mean.data,
+            self.gaussian.transforms[0].scale_tril.data,
+        )
         noise = torch.randn(k_gaussian, dataset.dim, generator=generator, dtype=torch.float64)
         with torch.no_grad():
             points = torch.cat([from_data, self.gaussian.transform_noise(noise)[0]])
@@ -263,12 +282,6 @@ class ImportanceNormaliser:
             parts.append(log_m + self.log_shares[2])
         return torch.stack(parts).logsumexp(0)
 
-    def _gradient(self, energy, x: Tensor) -> Tensor:
-        point = x.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            (grad,) = torch.autograd.grad(energy(point).sum(), point)
-        return grad
-
     def find_modes(self, energy) -> tuple[Tensor, Tensor]:
         """Minima of ``energy`` from the starting points (Adam on the points, the EBM left
         untouched), and the Cholesky factors of their Laplace covariances, widened; both
@@ -278,7 +291,7 @@ class ImportanceNormaliser:
         x = self.starts.to(self.device, self.dtype).clone().requires_grad_(True)
         descent = torch.optim.Adam([x], lr=self.descent_lr)
         for _ in range(self.descent_steps):
-            x.grad = self._gradient(energy, x)
+            x.grad = _energy_and_gradient(energy, x)[1]
             descent.step()
         x = x.detach()
         dim, h = x.shape[1], self.difference
@@ -286,7 +299,8 @@ class ImportanceNormaliser:
         for i in range(dim):
             shift = torch.zeros_like(x)
             shift[:, i] = h
-            ahead, behind = self._gradient(energy, x + shift), self._gradient(energy, x - shift)
+            ahead = _energy_and_gradient(energy, x + shift)[1]
+            behind = _energy_and_gradient(energy, x - shift)[1]
             columns.append((ahead - behind).double().cpu() / (2 * h))
         hessian = torch.stack(columns, 2)
         hessian = 0.5 * (hessian + hessian.transpose(1, 2))
@@ -397,10 +411,10 @@ class AnnealedNormaliser:
         self.chains, self.steps, self.seed, self.pilot = chains, steps, seed, pilot
         self.min_ess = float(min_ess)
         self.device, self.dtype = reference.device, reference.dtype
-        x = reference.detach().cpu().double()  # the chains live on the CPU in double
-        self.mean = x.mean(0)
-        self.scale_tril = widen * torch.linalg.cholesky(torch.cov(x.T, correction=0))
-        dim = x.shape[1]
+        # the chains live on the CPU in double
+        gaussian = _widened_gaussian(reference, widen).transforms[0]
+        self.mean, self.scale_tril = gaussian.mean.data, gaussian.scale_tril.data
+        dim = reference.shape[1]
         self.log_norm = self.scale_tril.diagonal().log().sum() + 0.5 * dim * math.log(2 * math.pi)
         # MALA's step size for a Gaussian scales as its variance times d^(-1/3); the pilot
         # tunes it from there.
@@ -419,10 +433,7 @@ class AnnealedNormaliser:
 
     def _state(self, energy, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """f(x), log g(x) and their gradients (double)."""
-        point = x.detach().to(self.device, self.dtype).clone().requires_grad_(True)
-        with torch.enable_grad():
-            f = energy(point)
-            (grad_f,) = torch.autograd.grad(f.sum(), point)
+        f, grad_f = _energy_and_gradient(energy, x.to(self.device, self.dtype))
         log_g, grad_g = self._gaussian(x)
         return f.detach().cpu().double(), log_g, grad_f.cpu().double(), grad_g
 
@@ -487,9 +498,7 @@ def fisher_divergence(energy, points: Tensor, data_score: Tensor) -> Tensor:
     score is -grad f (no normaliser enters it), ``data_score`` the data's exact one there."""
     out = points.new_zeros((), dtype=torch.float64)
     for start in range(0, points.shape[0], EVAL_CHUNK):
-        part = points[start : start + EVAL_CHUNK].detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            (grad,) = torch.autograd.grad(energy(part).sum(), part)
+        _, grad = _energy_and_gradient(energy, points[start : start + EVAL_CHUNK])
         error = -grad.double() - data_score[start : start + EVAL_CHUNK]
         out = out + error.square().sum()
     return 0.5 * out / points.shape[0]
