@@ -32,15 +32,20 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	touch $@
 
 # Remakes the lock from a fresh venv: the CPU build of the locked torch (TORCH_VERSION=<release>
-# for another), then the project with every extra at the newest versions pip finds.
+# for another), then the project with every extra at the newest versions pip finds; with
+# KEEP=1 every package the lock lists stays at its pin and only new ones (a dependency just
+# added) come at their newest.
 LOCK_VENV ?= /tmp/fce-lock-venv
 TORCH_VERSION ?=
+KEEP ?=
+KEPT := $(if $(KEEP),-c $(LOCK_VENV)/kept.txt)
 lock:
 	rm -rf $(LOCK_VENV)
 	$(PYTHON) -m venv $(LOCK_VENV)
-	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade pip setuptools
+	grep -iv '^torch==' $(LOCK) > $(LOCK_VENV)/kept.txt
+	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade $(KEPT) pip setuptools
 	$(LOCK_VENV)/bin/python sweeps/install.py torch --build cpu --version '$(TORCH_VERSION)'
-	$(LOCK_VENV)/bin/python -m pip install --quiet -e '.[dev,cluster,notebooks]'
+	$(LOCK_VENV)/bin/python -m pip install --quiet $(KEPT) -e '.[dev,cluster,notebooks]'
 	$(LOCK_VENV)/bin/python -m pip check
 	$(LOCK_VENV)/bin/python sweeps/install.py freeze --out $(LOCK)
 	rm -rf $(LOCK_VENV)
@@ -74,7 +79,7 @@ cluster-down:
 test-cluster: cluster-install
 	@status=0; $(CLUSTER) up || status=$$?; \
 	if [ $$status -eq 0 ]; then \
-		FCE_CLUSTER_DIR=$(CLUSTER_DIR) $(PY) -m pytest -m cluster tests/cluster $(ARGS) || status=$$?; \
+		FCE_CLUSTER_DIR=$(CLUSTER_DIR) $(PY) -m pytest -n 0 -m cluster tests/cluster $(ARGS) || status=$$?; \
 	fi; \
 	$(CLUSTER) down || status=1; \
 	$(CLUSTER) check-clean || status=1; \
