@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -19,34 +20,54 @@ from typing import TYPE_CHECKING
 
 from omegaconf import OmegaConf
 
+from fce.compose import composition_error
 from fce.config import name_options, validate
 from fce.errors import EXIT_FAILED, ConfigError, fail
-from fce.preflight import exit_quietly_on_signals, preflight, resume_in_place, with_saved_run
+from fce.preflight import (
+    SingleRunChecks,
+    check_group_choices,
+    exit_quietly_on_signals,
+    is_single_run,
+    preflight,
+    resume_in_place,
+    with_saved_run,
+)
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
 __all__ = ["fail", "launch", "run_job"]
 
-# The overrides of a single run that ``launch`` composed and validated: its job (composed
-# again by Hydra from the same overrides) is not validated a second time.
-_checked: list[str] | None = None
+# Whether a job of this process has started (``run_job``): an exception before it is
+# Hydra's composition of the command line.
+_started = False
 
 
 def launch(main: Callable[[], object], conf_dir: Path) -> None:
     """Run ``main`` (a ``@hydra.main`` function) on this process's command line, checked first.
 
     A Ctrl-C before the run exists is one line; ``train.resume=<run>`` gets the saved run's
-    settings (``with_saved_run``) and, for a run directory, its directory as Hydra's; then
-    every job the command line asks for is composed and validated before any starts.
+    settings (``with_saved_run``) and, for a run directory, its directory as Hydra's. A grid's
+    every value is composed and validated before any job starts (``preflight``). A single run
+    is composed once, by Hydra, and checked on that config (``SingleRunChecks``); what Hydra
+    cannot compose is one line here, not its multi-line report.
     """
-    global _checked
     exit_quietly_on_signals()  # until a run installs its own handlers: no traceback on Ctrl-C
     argv = with_saved_run(sys.argv[1:], conf_dir)
     argv += resume_in_place(argv)
-    _checked = preflight(argv, conf_dir)
     sys.argv[1:] = argv  # Hydra reads its command line from sys.argv
-    main()
+    if not is_single_run(argv):
+        preflight(argv, conf_dir)
+        main()
+        return
+    check_group_choices([a for a in argv if not a.startswith("-")], conf_dir)  # ~group too
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises what it cannot compose, to here
+    try:
+        main()
+    except Exception as error:
+        if _started:
+            raise  # the run's own failures are mapped in run_job; this is a defect
+        fail(composition_error(error))
 
 
 def run_job(cfg: DictConfig, project_root: Path) -> float:
@@ -58,6 +79,8 @@ def run_job(cfg: DictConfig, project_root: Path) -> float:
     """
     from hydra.core.hydra_config import HydraConfig
 
+    global _started
+    _started = True
     hydra_cfg = HydraConfig.get()
     try:
         name_options(cfg, hydra_cfg.runtime.choices)
@@ -67,7 +90,7 @@ def run_job(cfg: DictConfig, project_root: Path) -> float:
     # As typed: a value may interpolate a node's name (``tracking.run_name=x-${flow.name}``),
     # which Hydra's own copy of the config never gets.
     overrides = list(OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False))
-    if overrides != _checked:  # else launch validated this very config
+    if not SingleRunChecks.done:  # a grid's job: the grid's preflight checked its values
         try:
             validate(cfg)
         except ConfigError as error:

@@ -14,12 +14,17 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob, Override
+from hydra.experimental.callback import Callback
 
 from fce.errors import ConfigError, fail
 from fce.schema import options
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 USER_GROUPS = (
     "dataset",
@@ -285,14 +290,13 @@ def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
     return found
 
 
-def preflight(
-    argv: Sequence[str], conf_dir: Path, config_name: str = "config"
-) -> list[str] | None:
-    """Compose the config the command line asks for and validate it, or exit with one line.
+def preflight(argv: Sequence[str], conf_dir: Path, config_name: str = "config") -> None:
+    """Compose the configs a grid's command line asks for (each value of each swept key) and
+    validate them, or exit with one line: before any job starts, so that a bad later value
+    does not fail after the first jobs have run.
 
-    Hydra's own messages for these cases span several lines; this gives one, within a
-    fraction of a second, before any job starts. Returns the overrides of the one job a
-    single run composes from them (validated here), None for a grid or an informational flag.
+    Hydra's own messages for these cases span several lines; this gives one. A single run is
+    composed once, by Hydra, and checked by ``SingleRunChecks``.
     """
     overrides = [a for a in argv if ("=" in a or a.startswith("~")) and not a.startswith("-")]
     if any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c") for a in argv):
@@ -333,7 +337,43 @@ def preflight(
         check_store(cfg.tracking.get("uri"))
     except (ConfigError, TrackingError) as error:
         fail(str(error))
-    return None if multirun else jobs[0]
+
+
+def is_single_run(argv: Sequence[str]) -> bool:
+    """A command line that runs one job (not a grid, not an informational flag)."""
+    flags = ("-m", "--multirun", "--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c")
+    return not any(a in flags for a in argv)
+
+
+class SingleRunChecks(Callback):
+    """The checks of a single run on the config Hydra composed for it (conf/config.yaml's
+    ``hydra.callbacks``), before Hydra makes the run's directory and before torch loads:
+    the directory writable, the config valid, the store usable; else one line, exit 2.
+
+    A grid's jobs are checked by ``preflight`` before the first starts, and each again by the
+    job (``fce.cli.run_job``) where its launcher runs it.
+    """
+
+    done = False  # whether this process's single run was checked
+
+    def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
+        from omegaconf import OmegaConf, open_dict
+
+        from fce.config import name_options, validate
+        from fce.tracking import TrackingError
+
+        run_dir = OmegaConf.to_container(config.hydra.run)["dir"]  # as typed, interpolations kept
+        check_writable_dir(f"hydra.run.dir={run_dir}", run_dir)
+        job = config.copy()
+        with open_dict(job):
+            del job["hydra"]
+        try:
+            name_options(job, config.hydra.runtime.choices)
+            validate(job)
+            check_store(job.tracking.get("uri"))
+        except (ConfigError, TrackingError) as error:
+            fail(str(error))
+        SingleRunChecks.done = True
 
 
 def check_store(uri: str | None) -> None:
