@@ -1,0 +1,122 @@
+"""run.py's entry in process: a single run composed once, by Hydra, and checked on that config."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import hydra
+import pytest
+from hydra.core.global_hydra import GlobalHydra
+
+import fce.compose
+import fce.preflight
+from fce.cli import launch
+from fce.config import register_configs
+from fce.preflight import SingleRunChecks
+from tests.helpers import ROOT
+
+CONF = ROOT / "conf"
+
+
+@pytest.fixture
+def entry(monkeypatch):
+    """``launch`` as run.py calls it, on a job that records its config instead of training;
+    Hydra's compositions counted, and this process's state (signals, Hydra, the callback's
+    flag, HYDRA_FULL_ERROR) restored after."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.setattr(SingleRunChecks, "done", False)
+    compositions = []  # "hydra.main" for each of @hydra.main's, "fce" for each of the suite's
+    original = hydra._internal.hydra.Hydra.compose_config
+    inside = []
+
+    def counted(self, *args, **kwargs):
+        if not inside:
+            compositions.append("hydra.main")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(hydra._internal.hydra.Hydra, "compose_config", counted)
+
+    def outside_hydra(*args, **kwargs):
+        compositions.append("fce")
+        inside.append(True)
+        try:
+            return original_compose(*args, **kwargs)
+        finally:
+            inside.pop()
+
+    original_compose = fce.compose.compose
+    monkeypatch.setattr(fce.compose, "compose", outside_hydra)
+    jobs = []
+    register_configs()
+
+    @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
+    def main(cfg):
+        jobs.append(cfg)
+
+    def call(*args: str) -> None:
+        monkeypatch.setattr(sys, "argv", ["run.py", *args])
+        try:
+            launch(main, CONF)
+        finally:
+            GlobalHydra.instance().clear()
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+
+    yield call, compositions, jobs
+
+
+def test_a_single_run_is_composed_once_and_validated_before_its_job(entry, tmp_path):
+    call, compositions, jobs = entry
+    run_dir = tmp_path / "run"
+    call("tracking=none", "train.max_steps=3", f"hydra.run.dir={run_dir}")
+    # None of the suite's: @hydra.main's own two (Hydra 1.3 composes once to read hydra.mode,
+    # then the run's), which the suite cannot remove without going below @hydra.main.
+    assert compositions == ["hydra.main", "hydra.main"]
+    assert SingleRunChecks.done  # the callback validated it, so run_job does not again
+    assert [job.train.max_steps for job in jobs] == [3]
+
+
+def test_a_bad_single_run_is_one_line_before_its_directory_exists(entry, tmp_path, capsys):
+    call, compositions, jobs = entry
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        call("tracking=none", "train.max_steps=-1", f"hydra.run.dir={run_dir}")
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "error: train.max_steps=-1: must be a positive integer\n"
+    assert not run_dir.exists() and jobs == [] and "fce" not in compositions
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.max_steps=abc", "Error merging override train.max_steps=abc; Value 'abc'"),
+        ("nope=1", "nope: no such setting"),
+    ],
+)
+def test_what_hydra_cannot_compose_is_one_line(entry, tmp_path, capsys, override, message):
+    call, _, jobs = entry
+    with pytest.raises(SystemExit) as exit_:
+        call("tracking=none", override, f"hydra.run.dir={tmp_path / 'run'}")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and jobs == []
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
+
+
+def test_a_grid_is_composed_and_validated_for_every_value_before_a_job(entry, tmp_path, capsys):
+    call, compositions, jobs = entry
+    with pytest.raises(SystemExit) as exit_:
+        call("-m", "tracking=none", "train.max_steps=3,-1", f"hydra.sweep.dir={tmp_path}/grid")
+    assert exit_.value.code == 2 and jobs == []
+    assert "train.max_steps=-1: must be a positive integer" in capsys.readouterr().err
+    assert compositions == ["fce", "fce"]  # one per value, and no job composed
+
+
+def test_the_checks_are_a_callback_of_the_run_config():
+    cfg = fce.compose.compose([], return_hydra_config=True)
+    targets = [c._target_ for c in cfg.hydra.callbacks.values()]
+    assert "fce.preflight.SingleRunChecks" in targets
+    assert fce.preflight.is_single_run(["train.max_steps=3"])
+    assert not fce.preflight.is_single_run(["-m", "seed=0,1"])
+    assert not fce.preflight.is_single_run(["--cfg", "job"])
