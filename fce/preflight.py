@@ -249,10 +249,9 @@ def with_saved_run(argv: Sequence[str], conf_dir: Path) -> list[str]:
         base = [str(o) for o in OmegaConf.load(overrides_yaml)]
     else:
         base = [
-            f"{group}={saved[group]['name']}"
+            f"{group}={option}"
             for group in USER_GROUPS
-            if isinstance(saved.get(group), dict)
-            and saved[group].get("name") in group_options(conf_dir, group)
+            if (option := saved_option(conf_dir, group, saved.get(group))) is not None
         ]
     base = [o for o in base if not _covers(given | {"train.resume"}, _key(o))]
     flags = [a for a in argv if a.startswith("-")]
@@ -277,6 +276,28 @@ def with_saved_run(argv: Sequence[str], conf_dir: Path) -> list[str]:
     finally:
         GlobalHydra.instance().clear()
     return [*flags, *args, *restored]
+
+
+def saved_option(conf_dir: Path, group: str, node: object) -> str | None:
+    """The option of ``group`` a saved run's config chose: the name its node carries, else
+    (a group whose node has no name, as ``tracking``) the one option whose ``_target_`` is
+    the node's; None where neither tells."""
+    if not isinstance(node, dict):
+        return None
+    choices = group_options(conf_dir, group)
+    if node.get("name") in choices:
+        return node["name"]
+    target = node.get("_target_")
+    if target is None:
+        return None
+    from omegaconf import OmegaConf
+
+    same = [
+        o
+        for o in choices
+        if OmegaConf.load(conf_dir / group / f"{o}.yaml").get("_target_") == target
+    ]
+    return same[0] if len(same) == 1 else None
 
 
 def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:

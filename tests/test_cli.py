@@ -120,3 +120,21 @@ def test_the_checks_are_a_callback_of_the_run_config():
     assert fce.preflight.is_single_run(["train.max_steps=3"])
     assert not fce.preflight.is_single_run(["-m", "seed=0,1"])
     assert not fce.preflight.is_single_run(["--cfg", "job"])
+
+
+@pytest.mark.parametrize("tracking", ["none", "mlflow"])
+def test_a_resume_without_hydras_record_keeps_the_runs_tracking_group(tmp_path, tracking):
+    # A run made with hydra.output_subdir=null keeps no overrides.yaml: the groups come from
+    # its config, and the tracking node, which carries no name, by its _target_.
+    from omegaconf import OmegaConf
+
+    from fce.preflight import with_saved_run
+
+    saved = fce.compose.compose(["experiment=smoke", f"tracking={tracking}"])
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    try:
+        argv = with_saved_run([f"train.resume={tmp_path}"], CONF)
+    finally:
+        GlobalHydra.instance().clear()
+    assert f"tracking={tracking}" in argv
+    assert "dataset=8gaussians" in argv
