@@ -44,7 +44,8 @@ lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	grep -iv '^torch==' $(LOCK) > $(LOCK_VENV)/kept.txt
 	$(LOCK_VENV)/bin/python -m pip install --quiet --upgrade $(KEPT) pip setuptools
-	$(LOCK_VENV)/bin/python sweeps/install.py torch --build cpu --version '$(TORCH_VERSION)'
+	$(LOCK_VENV)/bin/python sweeps/install.py torch --build cpu --version '$(TORCH_VERSION)' \
+		$(if $(KEEP),--constraint $(LOCK_VENV)/kept.txt)
 	$(LOCK_VENV)/bin/python -m pip install --quiet $(KEPT) -e '.[dev,cluster,notebooks]'
 	$(LOCK_VENV)/bin/python -m pip check
 	$(LOCK_VENV)/bin/python sweeps/install.py freeze --out $(LOCK)
@@ -56,7 +57,9 @@ run: setup
 # Every test, the slow ones too (the end-to-end runs of run.py, tune.py and the scripts), but
 # not the cluster's (they need its servers: `make test-cluster`). `.venv/bin/pytest` alone runs
 # the fast default suite. What each takes: docs/performance.md, "The test suite".
-test: setup
+# The notebooks extra goes in first: its test (`make notebooks`) would otherwise reinstall the
+# project while other test workers import it.
+test: setup $(VENV)/.notebooks
 	$(PY) -m pytest -m "not cluster" $(ARGS)
 
 # A throwaway PostgreSQL + MLflow tracking server + one-node SLURM cluster on 127.0.0.1, run by

@@ -22,12 +22,12 @@ from omegaconf import OmegaConf
 
 from fce.compose import composition_error
 from fce.config import name_options, validate
-from fce.errors import EXIT_FAILED, ConfigError, fail
+from fce.errors import EXIT_FAILED, ConfigError, fail, first_line
 from fce.preflight import (
     SingleRunChecks,
     check_group_choices,
+    command_mode,
     exit_quietly_on_signals,
-    is_single_run,
     preflight,
     resume_in_place,
     with_saved_run,
@@ -41,6 +41,9 @@ __all__ = ["fail", "launch", "run_job"]
 # Whether a job of this process has started (``run_job``): an exception before it is
 # Hydra's composition of the command line.
 _started = False
+# HYDRA_FULL_ERROR as it was before ``launch`` set it for the composition ("": unset; None:
+# launch did not set it).
+_full_error: str | None = None
 
 
 def launch(main: Callable[[], object], conf_dir: Path) -> None:
@@ -49,25 +52,41 @@ def launch(main: Callable[[], object], conf_dir: Path) -> None:
     A Ctrl-C before the run exists is one line; ``train.resume=<run>`` gets the saved run's
     settings (``with_saved_run``) and, for a run directory, its directory as Hydra's. A grid's
     every value is composed and validated before any job starts (``preflight``). A single run
-    is composed once, by Hydra, and checked on that config (``SingleRunChecks``); what Hydra
+    is composed by Hydra alone and checked on that config (``SingleRunChecks``); what Hydra
     cannot compose is one line here, not its multi-line report.
     """
+    global _full_error
     exit_quietly_on_signals()  # until a run installs its own handlers: no traceback on Ctrl-C
     argv = with_saved_run(sys.argv[1:], conf_dir)
     argv += resume_in_place(argv)
     sys.argv[1:] = argv  # Hydra reads its command line from sys.argv
-    if not is_single_run(argv):
+    if command_mode(argv) != "run":
         preflight(argv, conf_dir)
         main()
         return
     check_group_choices([a for a in argv if not a.startswith("-")], conf_dir)  # ~group too
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises what it cannot compose, to here
+    # Until the job starts, Hydra raises what it fails on instead of reporting it.
+    _full_error = os.environ.get("HYDRA_FULL_ERROR", "")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
     except Exception as error:
         if _started:
             raise  # the run's own failures are mapped in run_job; this is a defect
+        if isinstance(error, OSError):  # a fault, not the input: Hydra writing its files
+            fail(f"{error.strerror or first_line(error)}: {error.filename}", code=EXIT_FAILED)
         fail(composition_error(error))
+
+
+def _job_started() -> None:
+    """From here a failure is the run's: Hydra reports what run_job does not map, as ever."""
+    global _started, _full_error
+    _started = True
+    if _full_error == "":
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+    elif _full_error is not None:
+        os.environ["HYDRA_FULL_ERROR"] = _full_error
+    _full_error = None
 
 
 def run_job(cfg: DictConfig, project_root: Path) -> float:
@@ -79,8 +98,7 @@ def run_job(cfg: DictConfig, project_root: Path) -> float:
     """
     from hydra.core.hydra_config import HydraConfig
 
-    global _started
-    _started = True
+    _job_started()
     hydra_cfg = HydraConfig.get()
     try:
         name_options(cfg, hydra_cfg.runtime.choices)

@@ -21,7 +21,7 @@ from hydra.core.override_parser.types import Glob, Override
 from hydra.experimental.callback import Callback
 
 from fce.errors import ConfigError, fail
-from fce.schema import options
+from fce.schema import NAMED_GROUPS, options
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -248,10 +248,11 @@ def with_saved_run(argv: Sequence[str], conf_dir: Path) -> list[str]:
     if overrides_yaml is not None and overrides_yaml.is_file():
         base = [str(o) for o in OmegaConf.load(overrides_yaml)]
     else:
+        directories = [conf_dir, *search_path(parse(argv) or [])]
         base = [
             f"{group}={option}"
             for group in USER_GROUPS
-            if (option := saved_option(conf_dir, group, saved.get(group))) is not None
+            if (option := saved_option(directories, group, saved.get(group))) is not None
         ]
     base = [o for o in base if not _covers(given | {"train.resume"}, _key(o))]
     flags = [a for a in argv if a.startswith("-")]
@@ -278,26 +279,29 @@ def with_saved_run(argv: Sequence[str], conf_dir: Path) -> list[str]:
     return [*flags, *args, *restored]
 
 
-def saved_option(conf_dir: Path, group: str, node: object) -> str | None:
-    """The option of ``group`` a saved run's config chose: the name its node carries, else
-    (a group whose node has no name, as ``tracking``) the one option whose ``_target_`` is
-    the node's; None where neither tells."""
+def saved_option(conf_dirs: Sequence[Path], group: str, node: object) -> str | None:
+    """The option of ``group`` a saved run's config chose: the name its node carries, else,
+    for a group whose nodes carry no name (``tracking``) and whose every option declares a
+    ``_target_`` of its own, the option with the node's; None where neither tells."""
     if not isinstance(node, dict):
         return None
-    choices = group_options(conf_dir, group)
+    choices = sorted({o for d in conf_dirs for o in options(group, d)})
     if node.get("name") in choices:
         return node["name"]
-    target = node.get("_target_")
-    if target is None:
+    if group in NAMED_GROUPS or node.get("_target_") is None:
         return None
     from omegaconf import OmegaConf
 
-    same = [
-        o
-        for o in choices
-        if OmegaConf.load(conf_dir / group / f"{o}.yaml").get("_target_") == target
-    ]
-    return same[0] if len(same) == 1 else None
+    targets = {}
+    for directory in conf_dirs:
+        for option in options(group, directory):
+            target = OmegaConf.load(directory / group / f"{option}.yaml").get("_target_")
+            if target is None or option in targets:
+                return None  # inherited from a default, or an option in two places
+            targets[option] = target
+    same = [o for o, t in targets.items() if t == node["_target_"]]
+    unique = len(set(targets.values())) == len(targets)
+    return same[0] if unique and len(same) == 1 else None
 
 
 def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -344,7 +348,7 @@ def preflight(argv: Sequence[str], conf_dir: Path, config_name: str = "config") 
     finally:
         GlobalHydra.instance().clear()
     cfg = composed[0]
-    multirun = any(a in ("-m", "--multirun") for a in argv)
+    multirun = command_mode(argv) == "multirun"
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     given = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith(f"{key}=")]
     node = cfg.hydra.sweep if key == "hydra.sweep.dir" else cfg.hydra.run
@@ -360,10 +364,22 @@ def preflight(argv: Sequence[str], conf_dir: Path, config_name: str = "config") 
         fail(str(error))
 
 
-def is_single_run(argv: Sequence[str]) -> bool:
-    """A command line that runs one job (not a grid, not an informational flag)."""
-    flags = ("-m", "--multirun", "--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c")
-    return not any(a in flags for a in argv)
+def command_mode(argv: Sequence[str]) -> str:
+    """What a command line asks Hydra for, read by Hydra's own argument parser (so that its
+    abbreviations, ``--multir``, count): ``"run"`` (one job), ``"multirun"`` (a grid: ``-m``
+    or ``hydra.mode=MULTIRUN``) or ``"info"`` (help, ``--cfg``, ``--info``, completion)."""
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        args, _ = get_args_parser().parse_known_args(list(argv))
+    except SystemExit:  # a flag Hydra refuses: Hydra says so itself
+        return "info"
+    if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
+        return "info"
+    modes = [a.split("=", 1)[1] for a in args.overrides if a.lstrip("+").startswith("hydra.mode=")]
+    if args.multirun or (modes and modes[-1] == "MULTIRUN"):
+        return "multirun"
+    return "run"
 
 
 class SingleRunChecks(Callback):
@@ -371,29 +387,35 @@ class SingleRunChecks(Callback):
     ``hydra.callbacks``), before Hydra makes the run's directory and before torch loads:
     the directory writable, the config valid, the store usable; else one line, exit 2.
 
-    A grid's jobs are checked by ``preflight`` before the first starts, and each again by the
-    job (``fce.cli.run_job``) where its launcher runs it.
+    Hydra turns a callback's exception into a warning and goes on, so every failure here
+    ends the process itself (``fail``). A grid's jobs are checked by ``preflight`` before the
+    first starts, and each again by the job (``fce.cli.run_job``) where its launcher runs it.
     """
 
     done = False  # whether this process's single run was checked
 
     def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
+        from hydra.core.hydra_config import HydraConfig
         from omegaconf import OmegaConf, open_dict
 
+        from fce.compose import composition_error
         from fce.config import name_options, validate
         from fce.tracking import TrackingError
 
-        run_dir = OmegaConf.to_container(config.hydra.run)["dir"]  # as typed, interpolations kept
-        check_writable_dir(f"hydra.run.dir={run_dir}", run_dir)
-        job = config.copy()
-        with open_dict(job):
-            del job["hydra"]
         try:
+            HydraConfig.instance().set_config(config)  # for ${hydra:...} in the job's values
+            run_dir = OmegaConf.to_container(config.hydra.run)["dir"]  # as typed
+            check_writable_dir(f"hydra.run.dir={run_dir}", run_dir)
+            job = config.copy()
+            with open_dict(job):
+                del job["hydra"]
             name_options(job, config.hydra.runtime.choices)
             validate(job)
             check_store(job.tracking.get("uri"))
         except (ConfigError, TrackingError) as error:
             fail(str(error))
+        except Exception as error:  # an interpolation that does not resolve, say
+            fail(composition_error(error))
         SingleRunChecks.done = True
 
 

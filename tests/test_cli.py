@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import sys
 
@@ -9,6 +11,7 @@ import hydra
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
+import fce.cli
 import fce.compose
 import fce.preflight
 from fce.cli import launch
@@ -25,8 +28,12 @@ def entry(monkeypatch):
     Hydra's compositions counted, and this process's state (signals, Hydra, the callback's
     flag, HYDRA_FULL_ERROR) restored after."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    root = logging.getLogger()
+    logging_state = (root.level, list(root.handlers))
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     monkeypatch.setattr(SingleRunChecks, "done", False)
+    monkeypatch.setattr(fce.cli, "_started", False)
+    monkeypatch.setattr(fce.cli, "_full_error", None)
     compositions = []  # "hydra.main" for each of @hydra.main's, "fce" for each of the suite's
     original = hydra._internal.hydra.Hydra.compose_config
     inside = []
@@ -53,7 +60,10 @@ def entry(monkeypatch):
 
     @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
     def main(cfg):
-        jobs.append(cfg)
+        fce.cli._job_started()  # as run_job does first
+        jobs.append((cfg, os.environ.get("HYDRA_FULL_ERROR")))
+        if cfg.train.max_steps == 13:
+            raise RuntimeError("a defect in the job")
 
     def call(*args: str) -> None:
         monkeypatch.setattr(sys, "argv", ["run.py", *args])
@@ -63,11 +73,16 @@ def entry(monkeypatch):
             GlobalHydra.instance().clear()
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
+            for handler in root.handlers[:]:
+                if handler not in logging_state[1]:
+                    root.removeHandler(handler)
+                    handler.close()
+            root.setLevel(logging_state[0])
 
     yield call, compositions, jobs
 
 
-def test_a_single_run_is_composed_once_and_validated_before_its_job(entry, tmp_path):
+def test_a_single_run_is_composed_by_hydra_alone_and_validated_before_its_job(entry, tmp_path):
     call, compositions, jobs = entry
     run_dir = tmp_path / "run"
     call("tracking=none", "train.max_steps=3", f"hydra.run.dir={run_dir}")
@@ -75,7 +90,8 @@ def test_a_single_run_is_composed_once_and_validated_before_its_job(entry, tmp_p
     # then the run's), which the suite cannot remove without going below @hydra.main.
     assert compositions == ["hydra.main", "hydra.main"]
     assert SingleRunChecks.done  # the callback validated it, so run_job does not again
-    assert [job.train.max_steps for job in jobs] == [3]
+    # The job sees HYDRA_FULL_ERROR as the user left it (unset): Hydra reports its failures.
+    assert [(job.train.max_steps, full_error) for job, full_error in jobs] == [(3, None)]
 
 
 def test_a_bad_single_run_is_one_line_before_its_directory_exists(entry, tmp_path, capsys):
@@ -117,9 +133,11 @@ def test_the_checks_are_a_callback_of_the_run_config():
     cfg = fce.compose.compose([], return_hydra_config=True)
     targets = [c._target_ for c in cfg.hydra.callbacks.values()]
     assert "fce.preflight.SingleRunChecks" in targets
-    assert fce.preflight.is_single_run(["train.max_steps=3"])
-    assert not fce.preflight.is_single_run(["-m", "seed=0,1"])
-    assert not fce.preflight.is_single_run(["--cfg", "job"])
+    mode = fce.preflight.command_mode
+    assert mode(["train.max_steps=3"]) == mode(["hydra.mode=RUN", "seed=1"]) == "run"
+    assert mode(["-m", "seed=0,1"]) == mode(["--multirun"]) == mode(["--multir"]) == "multirun"
+    assert mode(["hydra.mode=MULTIRUN", "seed=0,1"]) == "multirun"
+    assert mode(["--cfg", "job"]) == mode(["--help"]) == mode(["--info"]) == "info"
 
 
 @pytest.mark.parametrize("tracking", ["none", "mlflow"])
@@ -138,3 +156,55 @@ def test_a_resume_without_hydras_record_keeps_the_runs_tracking_group(tmp_path, 
         GlobalHydra.instance().clear()
     assert f"tracking={tracking}" in argv
     assert "dataset=8gaussians" in argv
+
+
+def test_a_failure_of_the_job_itself_is_not_called_bad_input(entry, tmp_path, capsys):
+    # Once the job runs, Hydra reports what run_job does not map, as without the suite's entry.
+    call, _, jobs = entry
+    with pytest.raises(SystemExit) as exit_:
+        call("tracking=none", "train.max_steps=13", f"hydra.run.dir={tmp_path / 'run'}")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and len(jobs) == 1
+    assert "RuntimeError: a defect in the job" in err and "error: " not in err
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("seed=${hydra:job.num}", "While dereferencing interpolation '${hydra:job.num}'"),
+        ("train.max_steps=${oops:1}", "Unsupported interpolation type oops"),
+    ],
+)
+def test_a_value_that_fails_in_the_checks_is_one_line_not_a_warning(
+    entry, tmp_path, capsys, value, message
+):
+    # Hydra turns a callback's exception into a warning and goes on: the checks end the run.
+    call, _, jobs = entry
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        call("tracking=none", value, f"hydra.run.dir={run_dir}")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and jobs == [] and not run_dir.exists()
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("grid", [["-m"], ["--multir"], ["hydra.mode=MULTIRUN"]])
+def test_every_spelling_of_a_grid_is_checked_before_its_first_job(entry, tmp_path, capsys, grid):
+    call, _, jobs = entry
+    with pytest.raises(SystemExit) as exit_:
+        call(*grid, "tracking=none", "train.max_steps=3,-1", f"hydra.sweep.dir={tmp_path}/g")
+    assert exit_.value.code == 2 and jobs == []
+    assert "train.max_steps=-1: must be a positive integer" in capsys.readouterr().err
+
+
+def test_a_group_is_restored_by_target_only_where_each_option_declares_its_own():
+    from fce.preflight import saved_option
+
+    assert saved_option([CONF], "tracking", {"_target_": "fce.tracking.NullTracker"}) == "none"
+    assert saved_option([CONF], "tracking", {"_target_": "fce.tracking.MLflowTracker"}) == (
+        "mlflow"
+    )
+    # ebm's options inherit their _target_ from reference.yaml: the target cannot tell them
+    ebm = fce.compose.compose(["ebm=silu"]).ebm
+    assert saved_option([CONF], "ebm", dict(ebm)) is None
+    assert saved_option([CONF], "flow", {"name": "maf", "_target_": "x"}) == "maf"
