@@ -272,6 +272,8 @@ def cell(values: list[float], digits: int = 3) -> str:
 
 
 def metric_cell(runs: list[dict], metric: str) -> str:
+    if not runs:
+        return "not run"
     finals = [r["final"] for r in runs if r["error"] is None]
     values = [f[metric] for f in finals if metric in f]
     text = cell(values)
