@@ -626,6 +626,7 @@ SUMMARY_LABELS = {
     "nce": "NCE (fitted Gaussian)",
     "fce": "FCE",
     "nce_flow": "NCE (flow-MLE's flow)",
+    "fce_mixture": "the covering recipe (the EBM against flow + Gaussian)",
     "nce_flow_base": "the energy on flow-MLE's flow",
     "flow_mle": "flow-MLE's flow itself",
 }
@@ -633,7 +634,8 @@ SUMMARY_LABELS = {
 
 def summary(runs: list[dict]) -> str:
     """Per dataset, each estimator's mean KL(data || model) over the seeds at every d (the
-    EBM's; flow-MLE's flow's), "—" where some seed's was withheld or failed."""
+    EBM's; flow-MLE's flow's): "—" where some seed's was withheld or failed, "not run" where
+    none ran."""
     lines = []
     for dataset in sorted({r["dataset"] for r in runs}):
         part = [r for r in runs if r["dataset"] == dataset]
@@ -646,7 +648,9 @@ def summary(runs: list[dict]) -> str:
                 found = [r for r in part if (r["label"], r["dim"]) == (label, dim)]
                 kls = [r["final"].get(metric) for r in found if r["error"] is None]
                 complete = found and len(kls) == len(found) and None not in kls
-                values.append(f"{statistics.fmean(kls):.2f}" if complete else "—")
+                values.append(
+                    f"{statistics.fmean(kls):.2f}" if complete else "—" if found else "not run"
+                )
             cells.append(f"{title} {'/'.join(values)}")
         lines.append(f"{dataset}, d = {'/'.join(map(str, dims))}: " + "; ".join(cells) + ".")
     return "\n".join(lines) + "\n"
