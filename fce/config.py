@@ -139,8 +139,11 @@ def load_run_config(path: Path) -> DictConfig:
     beside it, as the job named them)."""
     saved = OmegaConf.load(path)
     hydra_yaml = path.parent / "hydra.yaml"
+    # A run stopped while Hydra wrote its files may leave hydra.yaml empty: no names then.
+    choices = None
     if path.parent.name == ".hydra" and hydra_yaml.is_file():
-        choices = OmegaConf.load(hydra_yaml).hydra.runtime.choices
+        choices = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.runtime.choices")
+    if choices is not None:
         for group in NAMED_GROUPS:
             node = saved.get(group)
             if node is not None and (

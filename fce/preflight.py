@@ -215,7 +215,10 @@ def _saved_config(target: Path) -> tuple[Path | None, dict | None]:
 
     for path in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml") if run_dir else ():
         if path.is_file():
-            return run_dir, OmegaConf.to_container(load_run_config(path))
+            try:
+                return run_dir, OmegaConf.to_container(load_run_config(path))
+            except Exception:  # cut short by a kill while it was written: fce.resume says
+                return run_dir, None
     return run_dir, None
 
 

@@ -208,3 +208,21 @@ def test_a_group_is_restored_by_target_only_where_each_option_declares_its_own()
     ebm = fce.compose.compose(["ebm=silu"]).ebm
     assert saved_option([CONF], "ebm", dict(ebm)) is None
     assert saved_option([CONF], "flow", {"name": "maf", "_target_": "x"}) == "maf"
+
+
+def test_a_run_killed_while_hydra_wrote_its_files_resumes_from_the_command_line(tmp_path):
+    # Killed after .hydra/config.yaml, before hydra.yaml was written: no traceback; the
+    # command line as typed runs in the run's directory.
+    from omegaconf import OmegaConf
+
+    from fce.preflight import with_saved_run
+
+    (tmp_path / ".hydra").mkdir()
+    saved = fce.compose.compose(["experiment=smoke", "tracking=none"])
+    (tmp_path / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    (tmp_path / ".hydra" / "hydra.yaml").write_text("")
+    argv = ["experiment=smoke", "tracking=none", f"train.resume={tmp_path}"]
+    try:
+        assert with_saved_run(argv, CONF)[-3:] == argv
+    finally:
+        GlobalHydra.instance().clear()

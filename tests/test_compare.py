@@ -8,12 +8,13 @@ import math
 import os
 import re
 import shlex
+import sqlite3
 
 import pandas as pd
 import pytest
 
 from analysis.compare import comparison_table, verdict
-from tests.helpers import GRID_TINY, ROOT, run_cli, store_uri
+from tests.helpers import GRID_TINY, HANG_GUARD_S, ROOT, run_cli, store_uri
 
 
 def compare_script():
@@ -197,7 +198,19 @@ def test_ctrl_c_ends_in_one_line_that_says_how_to_continue(tmp_path):
     )
     first = proc.stdout.readline()  # the plan, printed before the grid starts
     assert first.startswith("4 runs"), first
-    time.sleep(8)  # into the first run (a run of 100,000 steps: still running)
+    # Into the first run (of 100,000 steps: still running), once the store holds it: on a
+    # loaded machine (tests in parallel) a fixed sleep may end before the grid's first run.
+    store = tmp_path / "mlflow.db"
+    deadline = time.monotonic() + HANG_GUARD_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with sqlite3.connect(store) as connection:
+                if connection.execute("SELECT count(*) FROM runs").fetchone()[0]:
+                    break
+        except sqlite3.Error:  # not created, or not migrated, yet
+            pass
+        time.sleep(0.5)
+    time.sleep(2)
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate()
     assert proc.returncode == 130, stderr[-3000:]
